@@ -1,0 +1,48 @@
+"""API layer: models of the custom resources and of the compiled gateway config.
+
+Imports nothing else of Portcullis, so every other layer may import it.
+"""
+
+from portcullis.api.config import (
+    ConnectionConfig,
+    ExposedPrompt,
+    ExposedResource,
+    ExposedTool,
+    GatewayConfig,
+    ServerInfo,
+    TokenPolicy,
+)
+from portcullis.api.resources import (
+    API_VERSION,
+    GROUP,
+    VERSION,
+    CredentialSpec,
+    MCPConnection,
+    MCPConnectionSpec,
+    ObjectMeta,
+    ToolMapping,
+    ToolMappingSpec,
+    VirtualMCPServer,
+    VirtualMCPServerSpec,
+)
+
+__all__ = [
+    "API_VERSION",
+    "GROUP",
+    "VERSION",
+    "ConnectionConfig",
+    "CredentialSpec",
+    "ExposedPrompt",
+    "ExposedResource",
+    "ExposedTool",
+    "GatewayConfig",
+    "MCPConnection",
+    "MCPConnectionSpec",
+    "ObjectMeta",
+    "ServerInfo",
+    "TokenPolicy",
+    "ToolMapping",
+    "ToolMappingSpec",
+    "VirtualMCPServer",
+    "VirtualMCPServerSpec",
+]

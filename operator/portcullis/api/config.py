@@ -1,0 +1,80 @@
+"""The compiled gateway configuration: what one gateway process needs, and no secrets.
+
+`compile()` produces it from the custom resources; the operator stores it in a
+ConfigMap and `portcullis serve` builds it in memory. The gateway reads nothing
+else about the world, so a manifest behaves the same on a laptop and in a cluster.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from portcullis.api.resources import CredentialSpec, Model
+
+CONFIG_VERSION = 1
+
+
+class ServerInfo(Model):
+    name: str
+    namespace: str
+    url: str = Field(description="The public MCP URL; session tokens carry it as their audience.")
+    issuer: str = Field(description="`iss` of the session tokens this server mints.")
+
+
+class TokenPolicy(Model):
+    default_ttl_seconds: int = 900
+    max_ttl_seconds: int = 3600
+
+
+class ConnectionConfig(Model):
+    name: str
+    url: str
+    timeout_seconds: int = 30
+    credential: CredentialSpec = Field(default_factory=CredentialSpec)
+
+
+class ExposedTool(Model):
+    """One allowlisted tool: `name` is what agents see, `upstream_name` what the upstream calls it."""
+
+    name: str
+    connection: str
+    upstream_name: str
+    description: str | None = None
+    mapping: str
+
+
+class ExposedPrompt(Model):
+    name: str
+    connection: str
+    upstream_name: str
+    mapping: str
+
+
+class ExposedResource(Model):
+    uri: str
+    connection: str
+    mapping: str
+
+
+class GatewayConfig(Model):
+    """Everything a gateway serves. Lists are sorted so equal inputs give equal bytes."""
+
+    version: Literal[1] = CONFIG_VERSION
+    server: ServerInfo
+    tenant: str = Field(description="The tenant is the server's namespace.")
+    vault_namespace: str
+    tokens: TokenPolicy = Field(default_factory=TokenPolicy)
+    audit_retention_days: int = 90
+    connections: dict[str, ConnectionConfig] = Field(default_factory=dict)
+    tools: tuple[ExposedTool, ...] = ()
+    prompts: tuple[ExposedPrompt, ...] = ()
+    resources: tuple[ExposedResource, ...] = ()
+
+    def user_connections(self) -> list[str]:
+        """Connections whose tools are exposed and that need the calling user's own credential."""
+        used = {t.connection for t in self.tools} | {p.connection for p in self.prompts} | {
+            r.connection for r in self.resources
+        }
+        return sorted(c for c in used if self.connections[c].credential.source == "user")

@@ -1,0 +1,322 @@
+"""The three custom resources of `portcullis.dev/v1alpha1`, as pydantic models.
+
+These models are the single source of truth for the resources: the CRDs under
+`crds/` are generated from them (`portcullis crds`), the operator parses every
+`spec` into them at the edge, and `portcullis serve` loads the same YAML into
+them. Field names follow Kubernetes' camelCase on the wire (aliases) and
+Python's snake_case in code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from portcullis.api.durations import parse_duration
+
+GROUP = "portcullis.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+
+# MCP tool names: 1-128 characters of A-Z a-z 0-9 _ . -  (MCP spec, "Tool names").
+TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.\-]{1,128}$"
+TOOL_NAME_RE = re.compile(TOOL_NAME_PATTERN)
+# RFC 1123 DNS label / subdomain, as Kubernetes names objects.
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# RFC 9110 field-name token.
+HEADER_NAME_PATTERN = r"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$"
+DURATION_PATTERN = r"^([0-9]+(ms|s|m|h|d))+$"
+
+
+class Model(BaseModel):
+    """Base of every API model: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="forbid", frozen=True)
+
+
+def _camel(name: str) -> str:
+    head, *rest = name.split("_")
+    return head + "".join(part[:1].upper() + part[1:] for part in rest)
+
+
+class WireModel(Model):
+    model_config = ConfigDict(
+        populate_by_name=True, extra="forbid", frozen=True, alias_generator=_camel
+    )
+
+
+# --- shared pieces -----------------------------------------------------------------
+
+
+class ObjectMeta(Model):
+    """The part of Kubernetes metadata Portcullis reads."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore", frozen=True)
+
+    name: Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN)]
+    namespace: str = "default"
+    generation: int | None = None
+    uid: str | None = None
+    labels: dict[str, str] = Field(default_factory=dict)
+    annotations: dict[str, str] = Field(default_factory=dict)
+
+
+class LocalObjectReference(WireModel):
+    """A reference to an object in the same namespace."""
+
+    name: Annotated[
+        str,
+        Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN, description="Name of the object."),
+    ]
+
+
+class SecretKeyReference(WireModel):
+    """One key of a Secret in the resource's own namespace."""
+
+    name: Annotated[str, Field(min_length=1, max_length=253, description="Name of the Secret.")]
+    key: Annotated[str, Field(min_length=1, max_length=253, description="Key inside the Secret's data.")]
+
+
+# --- MCPConnection -----------------------------------------------------------------
+
+
+class CredentialSpec(WireModel):
+    """How a credential reaches the upstream on each call.
+
+    `user`: the calling user's own credential from the tenant vault.
+    `shared`: one credential for everybody, from `secretRef`.
+    `none`: the upstream needs no credential.
+    """
+
+    source: Annotated[
+        Literal["user", "shared", "none"],
+        Field(description="Where the credential comes from: user (per-user, from the vault), shared (secretRef) or none."),
+    ] = "none"
+    header: Annotated[
+        str,
+        Field(min_length=1, max_length=256, pattern=HEADER_NAME_PATTERN, description="HTTP header that carries the credential upstream."),
+    ] = "Authorization"
+    scheme: Annotated[
+        str,
+        Field(max_length=64, description='Prefix of the header value ("Bearer" gives "Bearer <secret>"); empty sends the secret alone.'),
+    ] = "Bearer"
+    secret_ref: Annotated[
+        SecretKeyReference | None,
+        Field(description="The shared credential; required when source is shared, forbidden otherwise."),
+    ] = None
+
+    @model_validator(mode="after")
+    def _secret_ref_matches_source(self) -> CredentialSpec:
+        if self.source == "shared" and self.secret_ref is None:
+            raise ValueError("secretRef is required when source is shared")
+        if self.source != "shared" and self.secret_ref is not None:
+            raise ValueError("secretRef is only allowed when source is shared")
+        return self
+
+    def header_value(self, secret: str) -> str:
+        return f"{self.scheme} {secret}" if self.scheme else secret
+
+
+class MCPConnectionSpec(WireModel):
+    """One upstream MCP server, configured once and reused by many virtual servers."""
+
+    url: Annotated[
+        str,
+        Field(min_length=1, max_length=2048, pattern=r"^https?://", description="Streamable HTTP endpoint of the upstream MCP server."),
+    ]
+    timeout_seconds: Annotated[
+        int, Field(ge=1, le=600, description="Per-call timeout towards the upstream, in seconds.")
+    ] = 30
+    credential: Annotated[
+        CredentialSpec, Field(description="How the calling user's credential reaches the upstream.")
+    ] = Field(default_factory=CredentialSpec)
+
+
+class MCPConnection(Model):
+    api_version: Literal["portcullis.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["MCPConnection"] = "MCPConnection"
+    metadata: ObjectMeta
+    spec: MCPConnectionSpec
+
+
+# --- VirtualMCPServer -------------------------------------------------------------
+
+
+class AutoscalingSpec(WireModel):
+    """Horizontal autoscaling of the gateway Deployment (an HPA on CPU)."""
+
+    min_replicas: Annotated[int, Field(ge=1, le=100, description="Lower bound of replicas.")] = 1
+    max_replicas: Annotated[int, Field(ge=1, le=100, description="Upper bound of replicas.")]
+    target_cpu_utilization_percentage: Annotated[
+        int, Field(ge=1, le=100, alias="targetCPUUtilizationPercentage", description="Average CPU utilization to aim for.")
+    ] = 80
+
+    @model_validator(mode="after")
+    def _bounds_ordered(self) -> AutoscalingSpec:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("minReplicas must not exceed maxReplicas")
+        return self
+
+
+class SessionTokenSpec(WireModel):
+    """Lifetime of the session tokens minted for this server."""
+
+    default_ttl: Annotated[
+        str, Field(alias="defaultTTL", pattern=DURATION_PATTERN, description="TTL when the minting call names none, e.g. 15m.")
+    ] = "15m"
+    max_ttl: Annotated[
+        str, Field(alias="maxTTL", pattern=DURATION_PATTERN, description="Longest TTL a minting call may ask for, e.g. 1h.")
+    ] = "1h"
+
+    @model_validator(mode="after")
+    def _default_within_max(self) -> SessionTokenSpec:
+        if parse_duration(self.default_ttl) > parse_duration(self.max_ttl):
+            raise ValueError("defaultTTL must not exceed maxTTL")
+        return self
+
+    @property
+    def default_ttl_seconds(self) -> int:
+        return parse_duration(self.default_ttl)
+
+    @property
+    def max_ttl_seconds(self) -> int:
+        return parse_duration(self.max_ttl)
+
+
+class VaultSpec(WireModel):
+    """Where this tenant's credential Secrets live."""
+
+    namespace: Annotated[
+        str | None,
+        Field(max_length=63, pattern=DNS_LABEL_PATTERN, description="Vault namespace; defaults to the server's own namespace."),
+    ] = None
+
+
+class AuditSpec(WireModel):
+    retention_days: Annotated[
+        int, Field(ge=1, le=3650, description="How long audit events are kept, in days.")
+    ] = 90
+
+
+class VirtualMCPServerSpec(WireModel):
+    """One agent role: a scoped MCP endpoint."""
+
+    replicas: Annotated[
+        int, Field(ge=0, le=100, description="Gateway replicas when autoscaling is not set.")
+    ] = 1
+    autoscaling: Annotated[
+        AutoscalingSpec | None, Field(description="Run an HPA instead of a fixed replica count.")
+    ] = None
+    session_tokens: Annotated[SessionTokenSpec, Field(description="Session token lifetimes.")] = Field(
+        default_factory=SessionTokenSpec
+    )
+    vault: Annotated[VaultSpec, Field(description="Where user credentials live.")] = Field(
+        default_factory=VaultSpec
+    )
+    audit: Annotated[AuditSpec, Field(description="Audit retention.")] = Field(default_factory=AuditSpec)
+    image: Annotated[
+        str | None, Field(max_length=512, description="Gateway image; defaults to the operator's own.")
+    ] = None
+
+
+class VirtualMCPServer(Model):
+    api_version: Literal["portcullis.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["VirtualMCPServer"] = "VirtualMCPServer"
+    metadata: ObjectMeta
+    spec: VirtualMCPServerSpec = Field(default_factory=VirtualMCPServerSpec)
+
+    @property
+    def vault_namespace(self) -> str:
+        return self.spec.vault.namespace or self.metadata.namespace
+
+
+# --- ToolMapping ------------------------------------------------------------------
+
+
+class ToolSelector(WireModel):
+    """One upstream tool to expose."""
+
+    name: Annotated[str, Field(min_length=1, max_length=128, description="The tool's name on the upstream.")]
+    as_: Annotated[
+        str | None,
+        Field(alias="as", min_length=1, max_length=128, description="Name to expose it under; defaults to name."),
+    ] = None
+    description: Annotated[
+        str | None, Field(max_length=8192, description="Replaces the upstream's description.")
+    ] = None
+
+    @property
+    def exposed_name(self) -> str:
+        return self.as_ or self.name
+
+
+class PromptSelector(WireModel):
+    name: Annotated[str, Field(min_length=1, max_length=128, description="The prompt's name on the upstream.")]
+    as_: Annotated[
+        str | None, Field(alias="as", min_length=1, max_length=128, description="Name to expose it under.")
+    ] = None
+
+    @property
+    def exposed_name(self) -> str:
+        return self.as_ or self.name
+
+
+class ResourceSelector(WireModel):
+    uri: Annotated[str, Field(min_length=1, max_length=2048, description="Exact URI of an upstream resource to expose.")]
+
+
+class ToolMappingSpec(WireModel):
+    """Which tools (and prompts, resources) of one connection one server may expose."""
+
+    server_ref: Annotated[LocalObjectReference, Field(description="The VirtualMCPServer this mapping feeds.")]
+    connection_ref: Annotated[LocalObjectReference, Field(description="The MCPConnection whose tools are mapped.")]
+    tools: Annotated[
+        list[ToolSelector], Field(max_length=1024, description="Tools to expose; anything not listed is denied.")
+    ] = Field(default_factory=list)
+    prompts: Annotated[
+        list[PromptSelector], Field(max_length=1024, description="Prompts to expose; deny by default.")
+    ] = Field(default_factory=list)
+    resources: Annotated[
+        list[ResourceSelector], Field(max_length=1024, description="Resources to expose; deny by default.")
+    ] = Field(default_factory=list)
+
+    @field_validator("tools")
+    @classmethod
+    def _no_duplicate_upstream_names(cls, tools: list[ToolSelector]) -> list[ToolSelector]:
+        # Exposed-name collisions are reported by compile(), which sees every mapping;
+        # here we only keep a mapping from listing the same upstream tool twice.
+        seen: set[tuple[str, str]] = set()
+        for tool in tools:
+            key = (tool.name, tool.exposed_name)
+            if key in seen:
+                raise ValueError(f"tool {tool.name!r} is listed twice")
+            seen.add(key)
+        return tools
+
+
+class ToolMapping(Model):
+    api_version: Literal["portcullis.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    kind: Literal["ToolMapping"] = "ToolMapping"
+    metadata: ObjectMeta
+    spec: ToolMappingSpec
+
+
+Resource = MCPConnection | VirtualMCPServer | ToolMapping
+
+KINDS: dict[str, type[MCPConnection] | type[VirtualMCPServer] | type[ToolMapping]] = {
+    "MCPConnection": MCPConnection,
+    "VirtualMCPServer": VirtualMCPServer,
+    "ToolMapping": ToolMapping,
+}
+
+
+def parse_resource(doc: dict[str, Any]) -> Resource:
+    """Parse one Kubernetes-style document into its model (raises pydantic.ValidationError)."""
+    kind = doc.get("kind")
+    model = KINDS.get(str(kind))
+    if model is None:
+        raise ValueError(f"unknown kind {kind!r}; expected one of {', '.join(KINDS)}")
+    return model.model_validate(doc)

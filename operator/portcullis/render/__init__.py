@@ -1,0 +1,1 @@
+"""Pure builders: a VirtualMCPServer (and its compiled config) in, Kubernetes object dicts out."""

@@ -1,0 +1,1 @@
+"""Per-user credentials: AES-256-GCM sealing and the storage backends behind one interface."""
