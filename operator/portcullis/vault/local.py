@@ -1,0 +1,173 @@
+"""The directory-backed vault that ``portcullis serve`` uses on a laptop.
+
+Layout::
+
+    <state_dir>/vault/<tenant>/            mode 0700
+        tenant.key                         mode 0600, base64 of 32 random bytes
+        <sha256(user)[:32]>.<connection>.sealed   mode 0600, one sealed value
+
+The user id is hashed into the file name rather than encoded: user ids are emails or contain
+'/', an encoding can exceed the 255-byte file-name limit, and base64 breaks on case-insensitive
+file systems (macOS). Nothing needs the user back from a file name; the sealed value's
+associated data binds the real user id, so even a colliding or renamed file does not open.
+
+Writes are atomic (a private temp file in the same directory, then ``os.replace``), so a
+concurrent reader sees the old value or the new one. The tenant key is created with a
+link-based exclusive create, so two processes starting at once agree on one key. File I/O is
+done inline: reads of a few hundred bytes from local disk cost less than a thread hop.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import hashlib
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from portcullis.vault.sealing import KEY_BYTES, new_key, seal, unseal
+
+_SAFE_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
+# Kubernetes object names (DNS-1123 subdomain), which is what connection names are.
+_SAFE_CONNECTION = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
+_USER_HASH_CHARS = 32
+_SUFFIX = ".sealed"
+
+
+def _user_file_prefix(user: str) -> str:
+    return hashlib.sha256(user.encode("utf-8")).hexdigest()[:_USER_HASH_CHARS] + "."
+
+
+def _check_tenant(tenant: str) -> None:
+    if not _SAFE_TENANT.fullmatch(tenant) or tenant in {".", ".."}:
+        raise ValueError(f"invalid tenant name {tenant!r}")
+
+
+def _check_connection(connection: str) -> None:
+    if not _SAFE_CONNECTION.fullmatch(connection):
+        raise ValueError(f"invalid connection name {connection!r}")
+
+
+def write_private_file(path: Path, data: bytes) -> None:
+    """Atomically replace ``path`` with ``data``, mode 0600 from the first byte."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")  # mkstemp creates 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def create_private_file_once(path: Path, data: bytes) -> bytes:
+    """Create ``path`` with ``data`` unless it exists; return what the file holds afterwards.
+
+    The content is written to a temp file first and hard-linked into place: ``link`` fails if
+    the name exists, so a concurrent creator's complete file wins and nobody sees a partial one.
+    """
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            return path.read_bytes()
+        return data
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+
+
+def make_private_dir(path: Path) -> None:
+    """Create ``path`` (and parents) and make sure it is 0700 whatever the umask."""
+    path.mkdir(parents=True, exist_ok=True, mode=0o700)
+    os.chmod(path, 0o700)
+
+
+class LocalVault:
+    """Sealed credentials in files under ``<state_dir>/vault``."""
+
+    def __init__(self, state_dir: Path) -> None:
+        self._root = Path(state_dir) / "vault"
+        # Tenant keys are cached once read: they never change in place, and re-reading one per
+        # call would double the file I/O on the hot path. Plaintext credentials are not cached.
+        self._keys: dict[str, bytes] = {}
+
+    def _tenant_dir(self, tenant: str) -> Path:
+        _check_tenant(tenant)
+        return self._root / tenant
+
+    def _path(self, tenant: str, user: str, connection: str) -> Path:
+        _check_connection(connection)
+        return self._tenant_dir(tenant) / f"{_user_file_prefix(user)}{connection}{_SUFFIX}"
+
+    def _key(self, tenant: str, *, create: bool) -> bytes | None:
+        key = self._keys.get(tenant)
+        if key is not None:
+            return key
+        directory = self._tenant_dir(tenant)
+        path = directory / "tenant.key"
+        try:
+            encoded = path.read_bytes()
+        except FileNotFoundError:
+            if not create:
+                return None
+            make_private_dir(self._root)
+            make_private_dir(directory)
+            encoded = create_private_file_once(path, base64.b64encode(new_key()) + b"\n")
+        try:
+            key = base64.b64decode(encoded.strip(), validate=True)
+        except binascii.Error:
+            raise ValueError(f"tenant key file {path} is not base64") from None
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"tenant key file {path} does not hold {KEY_BYTES} bytes")
+        self._keys[tenant] = key
+        return key
+
+    async def get(self, tenant: str, user: str, connection: str) -> str | None:
+        path = self._path(tenant, user, connection)
+        try:
+            sealed = path.read_text("ascii").strip()
+        except FileNotFoundError:
+            return None
+        key = self._key(tenant, create=False)
+        if key is None:
+            # A credential without its tenant key can never open; say so rather than "absent".
+            raise ValueError(f"tenant key for {tenant!r} is missing; stored credentials cannot be opened")
+        return unseal(key, sealed, tenant=tenant, user=user, connection=connection)
+
+    async def put(self, tenant: str, user: str, connection: str, secret: str) -> None:
+        path = self._path(tenant, user, connection)
+        key = self._key(tenant, create=True)
+        assert key is not None  # created on demand
+        sealed = seal(key, secret, tenant=tenant, user=user, connection=connection)
+        write_private_file(path, sealed.encode("ascii") + b"\n")
+
+    async def delete(self, tenant: str, user: str, connection: str) -> bool:
+        try:
+            os.unlink(self._path(tenant, user, connection))
+        except FileNotFoundError:
+            return False
+        return True
+
+    async def connections_of(self, tenant: str, user: str) -> list[str]:
+        prefix = _user_file_prefix(user)
+        try:
+            names = os.listdir(self._tenant_dir(tenant))
+        except FileNotFoundError:
+            return []
+        return sorted(
+            name[len(prefix):-len(_SUFFIX)]
+            for name in names
+            if name.startswith(prefix) and name.endswith(_SUFFIX)
+        )
