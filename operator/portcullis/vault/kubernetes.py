@@ -1,0 +1,153 @@
+"""The cluster vault: one Secret per user in the tenant's vault namespace.
+
+Names (shared with the operator's RBAC): the tenant key is the Secret ``portcullis-tenant-key``
+(data key ``key``: 32 random bytes), created here on the first ``put`` if missing; each user's
+credentials are the Secret ``portcullis-cred-<sha256(user)[:16]>``, labelled
+``portcullis.dev/credential=true``, annotated ``portcullis.dev/user=<user>``, with one data key
+per connection holding the sealed value. The hash keeps the name a valid object name whatever
+the user id; the annotation is checked on read, so a hash collision reads as "absent", and the
+sealing's associated data would refuse a foreign value anyway.
+
+Every ``get`` reads the user's Secret from the API server: deleting a credential then cuts
+access at the very next call, and no plaintext is cached. The tenant key is cached once read
+(it is never rewritten in place). Adding and removing one connection are merge patches, so
+concurrent writers touching different connections do not overwrite each other; the Secret is
+deleted with its last key, guarded by its resourceVersion so a concurrent put is not lost.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from typing import Any
+
+from portcullis.kube import KubeClient, KubeError
+from portcullis.vault.sealing import KEY_BYTES, SealError, new_key, seal, unseal
+
+TENANT_KEY_SECRET = "portcullis-tenant-key"
+TENANT_KEY_FIELD = "key"
+CREDENTIAL_PREFIX = "portcullis-cred-"
+CREDENTIAL_LABEL = "portcullis.dev/credential"
+USER_ANNOTATION = "portcullis.dev/user"
+_LABELS = {"app.kubernetes.io/part-of": "portcullis", "app.kubernetes.io/managed-by": "portcullis-gateway"}
+
+
+def credential_secret_name(user: str) -> str:
+    return CREDENTIAL_PREFIX + hashlib.sha256(user.encode("utf-8")).hexdigest()[:16]
+
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+class KubernetesVault:
+    """Sealed credentials in Secrets of one vault namespace."""
+
+    def __init__(self, client: KubeClient, namespace: str) -> None:
+        self._client = client
+        self._namespace = namespace
+        self._secrets = f"/api/v1/namespaces/{namespace}/secrets"
+        self._key: bytes | None = None
+
+    def _path(self, name: str) -> str:
+        return f"{self._secrets}/{name}"
+
+    async def _tenant_key(self, *, create: bool) -> bytes | None:
+        if self._key is not None:
+            return self._key
+        secret = await self._client.get(self._path(TENANT_KEY_SECRET))
+        if secret is None:
+            if not create:
+                return None
+            body = {
+                "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {"name": TENANT_KEY_SECRET, "namespace": self._namespace, "labels": dict(_LABELS)},
+                "data": {TENANT_KEY_FIELD: base64.b64encode(new_key()).decode("ascii")},
+            }
+            try:
+                secret = await self._client.create(self._secrets, body)
+            except KubeError as e:
+                if e.status != 409:
+                    raise
+                # Another replica created it first: use theirs, so all agree on one key.
+                secret = await self._client.get(self._path(TENANT_KEY_SECRET))
+                if secret is None:
+                    raise
+        try:
+            key = base64.b64decode((secret.get("data") or {}).get(TENANT_KEY_FIELD, ""), validate=True)
+        except binascii.Error:
+            key = b""
+        if len(key) != KEY_BYTES:
+            raise SealError(f"Secret {self._namespace}/{TENANT_KEY_SECRET} does not hold a {KEY_BYTES}-byte key")
+        self._key = key
+        return key
+
+    async def _user_secret(self, user: str) -> dict[str, Any] | None:
+        secret = await self._client.get(self._path(credential_secret_name(user)))
+        if secret is None:
+            return None
+        if ((secret.get("metadata") or {}).get("annotations") or {}).get(USER_ANNOTATION) != user:
+            return None  # a different user whose id hashes to the same name
+        return secret
+
+    async def get(self, tenant: str, user: str, connection: str) -> str | None:
+        secret = await self._user_secret(user)
+        encoded = ((secret or {}).get("data") or {}).get(connection)
+        if encoded is None:
+            return None
+        key = await self._tenant_key(create=False)
+        if key is None:
+            raise SealError(f"Secret {self._namespace}/{TENANT_KEY_SECRET} is missing; credentials cannot be opened")
+        try:
+            sealed = base64.b64decode(encoded, validate=True).decode("ascii")
+        except (binascii.Error, UnicodeDecodeError):
+            raise SealError(f"stored credential for connection {connection!r} is not a sealed value") from None
+        return unseal(key, sealed, tenant=tenant, user=user, connection=connection)
+
+    async def put(self, tenant: str, user: str, connection: str, secret: str) -> None:
+        key = await self._tenant_key(create=True)
+        assert key is not None  # created on demand
+        value = _b64(seal(key, secret, tenant=tenant, user=user, connection=connection))
+        name = credential_secret_name(user)
+        existing = await self._user_secret(user)
+        if existing is None:
+            body = {
+                "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                "metadata": {
+                    "name": name, "namespace": self._namespace,
+                    "labels": {**_LABELS, CREDENTIAL_LABEL: "true"},
+                    "annotations": {USER_ANNOTATION: user},
+                },
+                "data": {connection: value},
+            }
+            try:
+                await self._client.create(self._secrets, body)
+                return
+            except KubeError as e:
+                if e.status != 409:
+                    raise
+                # Created concurrently (e.g. another connection of the same user): add our key.
+        await self._client.merge_patch(self._path(name), {"data": {connection: value}})
+
+    async def delete(self, tenant: str, user: str, connection: str) -> bool:
+        for _ in range(3):
+            secret = await self._user_secret(user)
+            data = (secret or {}).get("data") or {}
+            if secret is None or connection not in data:
+                return False
+            path = self._path(credential_secret_name(user))
+            if set(data) != {connection}:
+                await self._client.merge_patch(path, {"data": {connection: None}})
+                return True
+            try:
+                return await self._client.delete(path, resource_version=secret["metadata"].get("resourceVersion"))
+            except KubeError as e:
+                if e.status != 409:
+                    raise
+                # A connection was added since we read: read again and remove only ours.
+        raise KubeError(409, "Conflict", f"credential Secret {path} keeps changing; try again")
+
+    async def connections_of(self, tenant: str, user: str) -> list[str]:
+        secret = await self._user_secret(user)
+        return sorted(((secret or {}).get("data") or {}))
