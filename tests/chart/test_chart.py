@@ -151,13 +151,8 @@ def test_default_render() -> None:
     assert deployment["spec"]["replicas"] == 1
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
     assert container["image"] == "portcullis:0.1.0"
-    assert container["args"] == [
-        "operator",
-        "--liveness=http://0.0.0.0:8080/healthz",
-        "--gateway-image=portcullis:0.1.0",
-        "--peering=portcullis",
-        "--all-namespaces",
-    ]
+    assert container["args"] == ["operator", "--liveness-port=8080", "--peering=portcullis", "--all-namespaces"]
+    assert {"name": "PORTCULLIS_IMAGE", "value": "portcullis:0.1.0"} in container["env"]
     assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "portcullis"
 
 
@@ -171,14 +166,9 @@ def test_custom_render() -> None:
     assert container["image"] == "registry.example/portcullis:1.2.3"
     assert container["imagePullPolicy"] == "Always"
     assert container["args"] == [
-        "operator",
-        "--liveness=http://0.0.0.0:8080/healthz",
-        "--gateway-image=registry.example/portcullis-gateway:1.2.3",
-        "--peering=portcullis",
-        "--namespace=acme",
-        "--namespace=globex",
-        "--verbose",
+        "operator", "--liveness-port=8080", "--peering=portcullis", "--namespace=acme", "--namespace=globex", "--verbose",
     ]
+    assert {"name": "PORTCULLIS_IMAGE", "value": "registry.example/portcullis-gateway:1.2.3"} in container["env"]
     # Helm merges maps: the default CPU limit stays unless it is overridden too.
     assert container["resources"] == {
         "requests": {"cpu": "100m", "memory": "200Mi"},
@@ -198,7 +188,7 @@ def test_custom_render() -> None:
 def test_without_peering_the_operator_runs_standalone() -> None:
     docs = render({"peering": {"enabled": False}})
     (container,) = one(docs, "Deployment")["spec"]["template"]["spec"]["containers"]
-    assert "--standalone" in container["args"]
+    assert not [a for a in container["args"] if a.startswith("--peering")]
     assert not [d for d in docs if "Peering" in d["kind"]]
 
 

@@ -108,15 +108,18 @@ _CONDITIONS_FIELD = Field(
 class SchemaTokens(WireModel):
     """Estimated tokens the tool schemas cost an agent's context."""
 
-    exposed: Annotated[int, Field(ge=0, description="Tokens of the exposed tools' schemas.")] = 0
-    upstream: Annotated[int, Field(ge=0, description="Tokens of all upstream tools' schemas.")] = 0
+    exposed: Annotated[int | None, Field(ge=0, description="Tokens of the exposed tools' schemas.")] = None
+    upstream: Annotated[int | None, Field(ge=0, description="Tokens of all upstream tools' schemas.")] = None
 
 
 class ToolCounts(WireModel):
     """How much of the upstreams' tool surface this server exposes."""
 
-    exposed: Annotated[int, Field(ge=0, description="Tools agents see.")] = 0
-    upstream: Annotated[int, Field(ge=0, description="Tools the mapped connections offer.")] = 0
+    # No defaults: an absent count means "not known yet", which 0 would misstate.
+    exposed: Annotated[int | None, Field(ge=0, description="Tools agents see.")] = None
+    upstream: Annotated[
+        int | None, Field(ge=0, description="Tools the mapped connections offer; absent until a gateway reports.")
+    ] = None
     schema_tokens: Annotated[SchemaTokens | None, Field(description="Tool-schema size, exposed vs upstream.")] = None
 
 
