@@ -1,0 +1,335 @@
+"""Every kopf handler of the operator, in one registry module.
+
+Handlers are thin: they gather inputs from kopf (bodies, indexes, settings) and hand off
+to named functions in `reconcile.py`. kopf has no cross-resource triggers, so ToolMappings
+and MCPConnections are kept in kopf indexes (in memory, by namespace); a change to one
+re-reconciles exactly the servers it touches. Children are watched through their
+`managed-by` label, so an edited or deleted child is put back at once; the per-server
+resync daemon covers what no watch sees (the cluster-scoped binding, the vault
+namespace) and refreshes the gateway-reported tool counts and the key schedule.
+
+Mappings, connections and children are observed with `on.event`, which writes nothing
+to the objects it watches (no finalizers, no kopf annotations); only servers get kopf's
+change handlers, because only their deletion needs a finalizer.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any
+
+import kopf
+
+from portcullis.api.resources import GROUP, VERSION
+from portcullis.controller import options as options_module
+from portcullis.controller.cluster import JsonObject, KopfCluster
+from portcullis.controller.reconcile import (
+    Memory,
+    ServerKey,
+    World,
+    clean_up_server,
+    mapping_connection_ref,
+    mapping_server_ref,
+    reconcile_server,
+    report_orphan_mapping,
+    write_connection_statuses,
+)
+from portcullis.render.metadata import MANAGED_BY, MANAGED_BY_LABEL, SERVER_LABEL
+
+SERVERS = (GROUP, VERSION, "virtualmcpservers")
+MAPPINGS = (GROUP, VERSION, "toolmappings")
+CONNECTIONS = (GROUP, VERSION, "mcpconnections")
+# Namespaced children, watched by label. (The ClusterRoleBinding and the vault-namespace
+# Role are left to the resync: watching them would need cluster-wide list/watch RBAC.)
+CHILDREN = (
+    ("", "v1", "configmaps"),
+    ("", "v1", "secrets"),
+    ("", "v1", "services"),
+    ("", "v1", "serviceaccounts"),
+    ("apps", "v1", "deployments"),
+    ("rbac.authorization.k8s.io", "v1", "roles"),
+    ("rbac.authorization.k8s.io", "v1", "rolebindings"),
+    ("autoscaling", "v2", "horizontalpodautoscalers"),
+    ("policy", "v1", "poddisruptionbudgets"),
+)
+OURS = {MANAGED_BY_LABEL: MANAGED_BY}
+FINALIZER = "portcullis.dev/cleanup"
+
+# kopf passes every index to handlers by name; indexes are not in kopf's handler
+# protocols, so they take a default to keep the handlers assignable to those protocols.
+Index = Any  # kopf.Index[key, value]: a mapping of key -> iterable store of values
+
+
+def _ns(namespace: str | None) -> str:
+    # All three kinds are namespaced; kopf types namespace as optional for cluster-scoped kinds.
+    if namespace is None:
+        raise kopf.PermanentError("expected a namespaced object")
+    return namespace
+
+
+def _snapshot(body: Any) -> JsonObject:
+    return {k: copy.deepcopy(dict(body.get(k) or {})) for k in ("metadata", "spec", "status")}
+
+
+def _cluster(memo: Any, logger: Any) -> KopfCluster:
+    # kopf hands `settings` to activity handlers only; the startup handler keeps them.
+    return KopfCluster(_memory(memo).settings, logger)
+
+
+def _memory(memo: Any) -> Memory:
+    memory: Memory = memo.portcullis
+    return memory
+
+
+def _world(mappings_by_namespace: Index, connections_by_namespace: Index) -> World:
+    def world(namespace: str) -> tuple[list[JsonObject], list[JsonObject]]:
+        return (
+            list(mappings_by_namespace.get(namespace, [])),
+            list(connections_by_namespace.get(namespace, [])),
+        )
+
+    return world
+
+
+def _known_servers(servers_by_key: Index, keys: set[ServerKey]) -> list[ServerKey]:
+    return sorted(k for k in keys if k in servers_by_key)
+
+
+# --- startup --------------------------------------------------------------------------
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    """Fires once when the operator starts: settings and per-operator memory."""
+    memo.portcullis = Memory(settings=settings)
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="portcullis.dev")
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
+        prefix="portcullis.dev", key="last-handled-configuration"
+    )
+    # kopf reports every handler run as a Kubernetes Event; keep only the ones worth reading.
+    settings.posting.level = logging.WARNING
+    for group, version, plural in CHILDREN:
+        settings.watching.label_selectors[group, version, plural] = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
+
+
+# --- indexes ------------------------------------------------------------------------
+
+
+@kopf.index(*SERVERS)
+def servers_by_key(namespace: str | None, name: str, **_: Any) -> dict[ServerKey, bool]:
+    """Indexes every VirtualMCPServer so mapping and child events can find it."""
+    return {(_ns(namespace), name): True}
+
+
+@kopf.index(*MAPPINGS)
+def mappings_by_namespace(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, JsonObject]:
+    """Indexes every ToolMapping by namespace (the compile input of its servers)."""
+    return {_ns(namespace): _snapshot(body)}
+
+
+@kopf.index(*CONNECTIONS)
+def connections_by_namespace(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, JsonObject]:
+    """Indexes every MCPConnection by namespace (the compile input of its servers)."""
+    return {_ns(namespace): _snapshot(body)}
+
+
+# --- servers ------------------------------------------------------------------------
+
+
+@kopf.on.resume(*SERVERS)
+@kopf.on.create(*SERVERS)
+@kopf.on.update(*SERVERS)
+async def server_changed(
+    *,
+    namespace: str | None,
+    name: str,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    mappings_by_namespace: Index = None,
+    connections_by_namespace: Index = None,
+    **_: Any,
+) -> None:
+    """Fires when a VirtualMCPServer is created, changed, or found at startup: reconcile it."""
+    await reconcile_server(
+        _cluster(memo, logger),
+        (_ns(namespace), name),
+        _world(mappings_by_namespace, connections_by_namespace),
+        options=options_module.current(),
+        memory=_memory(memo),
+    )
+
+
+@kopf.on.delete(*SERVERS)
+async def server_deleted(
+    *,
+    body: kopf.Body,
+    namespace: str | None,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    mappings_by_namespace: Index = None,
+    **_: Any,
+) -> None:
+    """Fires when a VirtualMCPServer is deleted: remove what owner references cannot."""
+    cluster = _cluster(memo, logger)
+    await clean_up_server(cluster, _snapshot(body), _memory(memo))
+    for raw in mappings_by_namespace.get(namespace, []):
+        if mapping_server_ref(raw) == body.get("metadata", {}).get("name"):
+            await report_orphan_mapping(cluster, raw)
+
+
+@kopf.daemon(*SERVERS, cancellation_timeout=5.0)
+async def server_resync(
+    *,
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    stopped: kopf.DaemonStopped,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    mappings_by_namespace: Index = None,
+    connections_by_namespace: Index = None,
+    **_: Any,
+) -> None:
+    """Runs for each live VirtualMCPServer: refresh tool counts, rotate keys when due, repair drift."""
+    from portcullis.controller.reconcile import parse_server
+
+    memory = _memory(memo)
+    while not stopped:
+        options = options_module.current()
+        await stopped.wait(options.resync_seconds)
+        if stopped:
+            break
+        try:
+            gateway = await options.fetch_status(parse_server(_snapshot(body)))
+        except Exception as exc:  # a bad spec or a broken fetch must not end the daemon
+            logger.debug(f"No gateway status: {exc!r}")
+            gateway = None
+        if gateway is not None:
+            memory.gateway_status[(_ns(namespace), name)] = gateway
+        try:
+            await reconcile_server(
+                _cluster(memo, logger),
+                (_ns(namespace), name),
+                _world(mappings_by_namespace, connections_by_namespace),
+                options=options,
+                memory=memory,
+            )
+        except kopf.PermanentError:
+            raise
+        except Exception as exc:  # retried at the next resync; the change handlers retry on their own
+            logger.warning(f"Resync failed, will retry: {exc!r}")
+
+
+# --- mappings and connections -----------------------------------------------------
+
+
+@kopf.on.event(*MAPPINGS)
+async def mapping_event(
+    *,
+    event: kopf.RawEvent,
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    servers_by_key: Index = None,
+    mappings_by_namespace: Index = None,
+    connections_by_namespace: Index = None,
+    **_: Any,
+) -> None:
+    """Fires on every ToolMapping event: re-reconcile the servers it names now and named before."""
+    namespace = _ns(namespace)
+    memory = _memory(memo)
+    cluster = _cluster(memo, logger)
+    raw = _snapshot(body)
+    target = mapping_server_ref(raw)
+    previous = memory.mapping_targets.pop((namespace, name), None)
+    if event.get("type") != "DELETED" and target is not None:
+        memory.mapping_targets[(namespace, name)] = target
+    keys = {(namespace, t) for t in (target, previous) if t is not None}
+    for key in _known_servers(servers_by_key, keys):
+        await reconcile_server(
+            cluster, key, _world(mappings_by_namespace, connections_by_namespace),
+            options=options_module.current(), memory=memory,
+        )
+    if event.get("type") != "DELETED" and target is not None and (namespace, target) not in servers_by_key:
+        await report_orphan_mapping(cluster, raw)
+
+
+@kopf.on.event(*CONNECTIONS)
+async def connection_event(
+    *,
+    event: kopf.RawEvent,
+    namespace: str | None,
+    name: str,
+    body: kopf.Body,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    servers_by_key: Index = None,
+    mappings_by_namespace: Index = None,
+    connections_by_namespace: Index = None,
+    **_: Any,
+) -> None:
+    """Fires on every MCPConnection event: re-reconcile the servers whose mappings use it."""
+    namespace = _ns(namespace)
+    cluster = _cluster(memo, logger)
+    mappings = list(mappings_by_namespace.get(namespace, []))
+    servers = {
+        (namespace, target)
+        for m in mappings
+        if mapping_connection_ref(m) == name and (target := mapping_server_ref(m)) is not None
+    }
+    known = _known_servers(servers_by_key, servers)
+    for key in known:
+        await reconcile_server(
+            cluster, key, _world(mappings_by_namespace, connections_by_namespace),
+            options=options_module.current(), memory=_memory(memo),
+        )
+    if not known and event.get("type") != "DELETED":
+        # No server reconcile will speak for it: report its own acceptance.
+        from portcullis.controller.reconcile import now_utc, parse_world
+
+        stamp = now_utc().isoformat().replace("+00:00", "Z")
+        raw = _snapshot(body)
+        await write_connection_statuses(cluster, [raw], mappings, parse_world([], [raw]).invalid, stamp)
+
+
+# --- children -------------------------------------------------------------------------
+
+
+async def child_event(
+    *,
+    event: kopf.RawEvent,
+    namespace: str | None,
+    labels: kopf.Labels,
+    memo: kopf.Memo,
+    logger: kopf.Logger,
+    servers_by_key: Index = None,
+    mappings_by_namespace: Index = None,
+    connections_by_namespace: Index = None,
+    **_: Any,
+) -> None:
+    """Fires on every event of a labelled child: put it back if it drifted, refresh readiness."""
+    server = labels.get(SERVER_LABEL)
+    if server is None or namespace is None or (namespace, server) not in servers_by_key:
+        return
+    await reconcile_server(
+        _cluster(memo, logger),
+        (namespace, server),
+        _world(mappings_by_namespace, connections_by_namespace),
+        options=options_module.current(),
+        memory=_memory(memo),
+    )
+
+
+for _group, _version, _plural in CHILDREN:
+    kopf.on.event(_group, _version, _plural, labels=OURS, id=f"child_event/{_plural}")(child_event)
+
+
+@kopf.on.probe(id="servers")
+def servers_known(servers_by_key: Index = None, **_: Any) -> int:
+    """Answers liveness probes with the number of servers this operator tracks."""
+    return len(servers_by_key)
+

@@ -1,0 +1,352 @@
+"""Reconciling one VirtualMCPServer: parse, compile, render, apply, report.
+
+Everything here is a named function over plain data and a `Cluster`; the kopf handlers
+only gather inputs (from kopf's in-memory indexes of servers, mappings and connections)
+and call in. That keeps the control flow readable top to bottom and testable.
+
+Apply is create-if-missing, else merge-patch-if-different (see `desired.py`), so an
+unchanged world produces reads and no writes. Status is written the same way: built
+from what was observed, compared with what is there, patched only when it differs.
+
+Reconciles of one server are serialised by a per-server lock: a server can be triggered
+by its own change, by a mapping, by a connection, by a child's event and by the resync
+daemon, all at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from pydantic import ValidationError
+
+from portcullis.api.manifests import format_validation_error
+from portcullis.api.resources import API_VERSION, MCPConnection, ToolMapping, VirtualMCPServer
+from portcullis.api.status import ConditionType, Reason
+from portcullis.compile import Problem, cluster_url, compile
+from portcullis.controller.cluster import Cluster, JsonObject, Ref
+from portcullis.controller.conditions import (
+    Condition,
+    ServerState,
+    accepted_status,
+    mapping_condition,
+    server_status,
+)
+from portcullis.controller.desired import is_subset, without
+from portcullis.controller.keys import decide_keys
+from portcullis.controller.options import Options
+from portcullis.render.autoscaler import build_autoscaler
+from portcullis.render.children import build_children
+from portcullis.render.disruption_budget import build_disruption_budget
+from portcullis.render.metadata import signing_keys_name
+
+ServerKey = tuple[str, str]
+# The namespace's mappings and connections as kopf's indexes hold them right now.
+World = Callable[[str], tuple[list[JsonObject], list[JsonObject]]]
+
+
+@dataclass
+class Memory:
+    """Per-operator state that outlives one handler call."""
+
+    settings: Any = None  # kopf.OperatorSettings, for kopf's API client
+    locks: dict[ServerKey, asyncio.Lock] = field(default_factory=dict)
+    waiting: set[ServerKey] = field(default_factory=set)
+    # (namespace, mapping) -> the server it named when last seen, to re-reconcile the old
+    # server when a mapping is retargeted or deleted.
+    mapping_targets: dict[ServerKey, str] = field(default_factory=dict)
+    gateway_status: dict[ServerKey, JsonObject] = field(default_factory=dict)
+
+    def lock(self, key: ServerKey) -> asyncio.Lock:
+        return self.locks.setdefault(key, asyncio.Lock())
+
+
+def now_utc() -> datetime:
+    return datetime.now(UTC).replace(microsecond=0)
+
+
+def server_key(raw: JsonObject) -> ServerKey:
+    meta = raw.get("metadata") or {}
+    return (str(meta.get("namespace", "default")), str(meta.get("name")))
+
+
+# --- parsing at the edge -------------------------------------------------------------
+
+
+def parse_server(raw: JsonObject) -> VirtualMCPServer:
+    return VirtualMCPServer.model_validate({"metadata": raw["metadata"], "spec": raw.get("spec") or {}})
+
+
+@dataclass(frozen=True)
+class Parsed:
+    mappings: list[ToolMapping]
+    connections: list[MCPConnection]
+    invalid: list[Problem]
+
+
+def parse_world(raw_mappings: Iterable[JsonObject], raw_connections: Iterable[JsonObject]) -> Parsed:
+    """Parse what can be parsed; an unparseable object is a Problem, not a failure of all."""
+    mappings, connections, invalid = [], [], []
+    for raw in raw_mappings:
+        try:
+            mappings.append(ToolMapping.model_validate({"metadata": raw["metadata"], "spec": raw.get("spec") or {}}))
+        except ValidationError as exc:
+            invalid.append(_invalid("ToolMapping", raw, exc))
+    for raw in raw_connections:
+        try:
+            connections.append(MCPConnection.model_validate({"metadata": raw["metadata"], "spec": raw.get("spec") or {}}))
+        except ValidationError as exc:
+            invalid.append(_invalid("MCPConnection", raw, exc))
+    return Parsed(mappings, connections, invalid)
+
+
+def _invalid(kind: str, raw: JsonObject, exc: ValidationError) -> Problem:
+    name = str((raw.get("metadata") or {}).get("name"))
+    return Problem(kind, name, "spec", Reason.INVALID_SPEC, format_validation_error(exc).strip())
+
+
+def mapping_server_ref(raw: JsonObject) -> str | None:
+    ref = (raw.get("spec") or {}).get("serverRef") or {}
+    name = ref.get("name")
+    return name if isinstance(name, str) else None
+
+
+def mapping_connection_ref(raw: JsonObject) -> str | None:
+    ref = (raw.get("spec") or {}).get("connectionRef") or {}
+    name = ref.get("name")
+    return name if isinstance(name, str) else None
+
+
+# --- applying children --------------------------------------------------------------
+
+# Fields we create but do not keep in step: the keys (rotated by their own schedule, not by
+# drift) and the revocation list (written by the gateways).
+_UNOWNED_FIELDS: dict[tuple[str, str], tuple[str, ...]] = {
+    ("Secret", "-signing-keys"): ("data",),
+    ("ConfigMap", "-revocations"): ("data",),
+}
+
+
+def owned_part(obj: JsonObject) -> JsonObject:
+    name = obj["metadata"]["name"]
+    for (kind, suffix), keys in _UNOWNED_FIELDS.items():
+        if obj["kind"] == kind and name.endswith(suffix):
+            return without(obj, *keys)
+    return obj
+
+
+async def apply(cluster: Cluster, desired: JsonObject) -> JsonObject:
+    """Create `desired` if missing; else patch it only where it differs. Returns the observed object."""
+    ref = Ref.of(desired)
+    observed = await cluster.get(ref)
+    if observed is None:
+        return await cluster.create(desired)
+    owned = owned_part(desired)
+    if is_subset(owned, observed):
+        return observed
+    patched = await cluster.patch(ref, owned)
+    return patched if patched is not None else await cluster.create(desired)
+
+
+async def remove_if_present(cluster: Cluster, ref: Ref) -> None:
+    if await cluster.get(ref) is not None:
+        await cluster.delete(ref)
+
+
+async def write_status(cluster: Cluster, ref: Ref, current: JsonObject | None, desired: JsonObject) -> bool:
+    if is_subset(desired, current or {}):
+        return False
+    await cluster.patch(ref, {"status": desired}, subresource="status")
+    return True
+
+
+# --- the reconcile ------------------------------------------------------------------
+
+
+async def reconcile_server(cluster: Cluster, key: ServerKey, world: World, *, options: Options, memory: Memory) -> None:
+    """Bring one server's children and status (and its mappings' and connections' status) in line.
+
+    Triggers coalesce: while one reconcile of a server runs, at most one more waits, and it
+    reads the server and the indexes only once it runs, so it sees every change made meanwhile.
+    """
+    if key in memory.waiting:
+        return
+    memory.waiting.add(key)
+    try:
+        async with memory.lock(key):
+            memory.waiting.discard(key)
+            # Re-read the server: a trigger's copy may be stale, and a server being
+            # deleted must not get its children back.
+            fresh = await cluster.get(Ref(API_VERSION, "VirtualMCPServer", key[1], key[0]))
+            if fresh is None or (fresh.get("metadata") or {}).get("deletionTimestamp"):
+                return
+            mappings, connections = world(key[0])
+            await _reconcile_locked(cluster, fresh, mappings, connections, options, memory)
+    finally:
+        memory.waiting.discard(key)
+
+
+async def _reconcile_locked(
+    cluster: Cluster,
+    raw_server: JsonObject,
+    raw_mappings: list[JsonObject],
+    raw_connections: list[JsonObject],
+    options: Options,
+    memory: Memory,
+) -> None:
+    now = now_utc()
+    stamp = now.isoformat().replace("+00:00", "Z")
+    key = server_key(raw_server)
+    ref = Ref(API_VERSION, "VirtualMCPServer", key[1], key[0])
+    generation = (raw_server.get("metadata") or {}).get("generation")
+    previous_status = raw_server.get("status") or {}
+
+    try:
+        server = parse_server(raw_server)
+    except ValidationError as exc:
+        state = ServerState(url="", generation=generation, invalid_spec=format_validation_error(exc).strip())
+        await write_status(cluster, ref, previous_status, server_status(state, previous_status, now=stamp))
+        return
+
+    parsed = parse_world(raw_mappings, raw_connections)
+    compilation = compile(server, parsed.mappings, parsed.connections)
+
+    secret_ref = Ref("v1", "Secret", signing_keys_name(server), server.metadata.namespace)
+    secret = await cluster.get(secret_ref)
+    decision = decide_keys(
+        secret,
+        server_annotations=server.metadata.annotations,
+        now=now,
+        rotation_seconds=options.key_rotation_seconds,
+        keep_seconds=server.spec.session_tokens.max_ttl_seconds,
+    )
+    children = build_children(server, compilation.config, image=server.spec.image or options.image, keys_json=decision.keys_json)
+    observed: dict[str, JsonObject] = {}
+    for child in children:
+        if child["kind"] == "Secret" and secret is not None:
+            if decision.changed:
+                patch = {**child, "metadata": {**child["metadata"], "annotations": decision.annotations}}
+                await cluster.patch(secret_ref, patch)
+            else:
+                await apply(cluster, child)
+            continue
+        if child["kind"] == "Secret":
+            child = {**child, "metadata": {**child["metadata"], "annotations": decision.annotations}}
+        observed[child["kind"]] = await apply(cluster, child)
+
+    ns = server.metadata.namespace
+    if build_autoscaler(server) is None:
+        await remove_if_present(cluster, Ref("autoscaling/v2", "HorizontalPodAutoscaler", server.metadata.name, ns))
+    if build_disruption_budget(server) is None:
+        await remove_if_present(cluster, Ref("policy/v1", "PodDisruptionBudget", server.metadata.name, ns))
+
+    # --- status of the server
+    gateway = memory.gateway_status.get(key)
+    mine = [m for m in raw_mappings if mapping_server_ref(m) == server.metadata.name]
+    mine_names = {str(m["metadata"]["name"]) for m in mine}
+    problems = [p for p in compilation.problems] + [
+        p for p in parsed.invalid if p.kind == "ToolMapping" and p.name in mine_names
+    ]
+    rejected = {p.name for p in problems if p.kind == "ToolMapping"}
+    deployment_status = observed.get("Deployment", {}).get("status") or {}
+    wanted = server.spec.autoscaling.min_replicas if server.spec.autoscaling else server.spec.replicas
+    state = ServerState(
+        url=cluster_url(server),
+        generation=generation,
+        problems=problems,
+        rejected_mappings=len(rejected),
+        exposed_tools=len(compilation.config.tools),
+        available_replicas=int(deployment_status.get("availableReplicas") or 0),
+        wanted_replicas=wanted,
+        gateway=gateway,
+    )
+    await write_status(cluster, ref, previous_status, server_status(state, previous_status, now=stamp))
+
+    # --- status of the mappings that name this server, and of the namespace's connections
+    unknown = _unknown_tools(gateway)
+    for raw in mine:
+        name = str(raw["metadata"]["name"])
+        mapping_problems = [p for p in problems if p.kind == "ToolMapping" and p.name == name]
+        if not mapping_problems and unknown.get(name):
+            mapping_problems = [
+                Problem(
+                    "ToolMapping",
+                    name,
+                    "spec.tools",
+                    Reason.UNKNOWN_UPSTREAM_TOOL,
+                    f"the upstream does not offer {', '.join(sorted(unknown[name]))}",
+                )
+            ]
+        await write_accepted(cluster, "ToolMapping", raw, mapping_condition(mapping_problems), stamp)
+    await write_connection_statuses(cluster, raw_connections, raw_mappings, parsed.invalid, stamp)
+
+
+def _unknown_tools(gateway: JsonObject | None) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for item in (gateway or {}).get("unknownTools") or []:
+        if isinstance(item, dict) and isinstance(item.get("mapping"), str) and isinstance(item.get("name"), str):
+            out.setdefault(item["mapping"], set()).add(item["name"])
+    return out
+
+
+async def write_accepted(cluster: Cluster, kind: str, raw: JsonObject, condition: Condition, stamp: str) -> None:
+    meta = raw.get("metadata") or {}
+    ref = Ref(API_VERSION, kind, str(meta.get("name")), str(meta.get("namespace", "default")))
+    previous = raw.get("status") or {}
+    desired = accepted_status(condition, previous, generation=meta.get("generation"), now=stamp)
+    await write_status(cluster, ref, previous, desired)
+
+
+async def write_connection_statuses(
+    cluster: Cluster,
+    raw_connections: Iterable[JsonObject],
+    raw_mappings: Iterable[JsonObject],
+    invalid: Iterable[Problem],
+    stamp: str,
+) -> None:
+    used = {mapping_connection_ref(m) for m in raw_mappings}
+    bad = {p.name: p for p in invalid if p.kind == "MCPConnection"}
+    for raw in raw_connections:
+        name = str((raw.get("metadata") or {}).get("name"))
+        if name in bad:
+            condition = Condition(ConditionType.ACCEPTED, False, Reason.INVALID_SPEC, bad[name].message)
+        elif name in used:
+            condition = Condition(ConditionType.ACCEPTED, True, Reason.ACCEPTED, "referenced by a ToolMapping")
+        else:
+            condition = Condition(ConditionType.ACCEPTED, True, Reason.UNUSED, "no ToolMapping references it")
+        await write_accepted(cluster, "MCPConnection", raw, condition, stamp)
+
+
+async def report_orphan_mapping(cluster: Cluster, raw: JsonObject) -> None:
+    """A mapping whose server does not exist: say so on the mapping."""
+    meta = raw.get("metadata") or {}
+    server = mapping_server_ref(raw)
+    condition = Condition(
+        ConditionType.ACCEPTED,
+        False,
+        Reason.SERVER_NOT_FOUND,
+        f"no VirtualMCPServer {server!r} in namespace {meta.get('namespace')!r}",
+    )
+    await write_accepted(cluster, "ToolMapping", raw, condition, now_utc().isoformat().replace("+00:00", "Z"))
+
+
+# --- deletion ---------------------------------------------------------------------
+
+
+async def clean_up_server(cluster: Cluster, raw_server: JsonObject, memory: Memory) -> None:
+    """Delete what owner references cannot reach: the cluster-scoped binding and the vault-namespace RBAC."""
+    key = server_key(raw_server)
+    ns, name = key
+    vault_ns = ((raw_server.get("spec") or {}).get("vault") or {}).get("namespace") or ns
+    async with memory.lock(key):
+        await cluster.delete(
+            Ref("rbac.authorization.k8s.io/v1", "ClusterRoleBinding", f"portcullis:{ns}:{name}:auth-delegator")
+        )
+        if vault_ns != ns:
+            await cluster.delete(Ref("rbac.authorization.k8s.io/v1", "RoleBinding", f"{name}-vault", vault_ns))
+            await cluster.delete(Ref("rbac.authorization.k8s.io/v1", "Role", f"{name}-vault", vault_ns))
+    memory.gateway_status.pop(key, None)
+    memory.locks.pop(key, None)
