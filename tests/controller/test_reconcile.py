@@ -116,3 +116,199 @@ async def test_create_makes_every_child_and_reports_status() -> None:
         assert condition(server, "Ready")["reason"] == "DeploymentProgressing"
         await eventually(lambda: condition(obj(k8s, TMAPS, "summarizer-gmail"), "Accepted").get("status") == "True")
         await eventually(lambda: condition(obj(k8s, CONNS, "gmail"), "Accepted").get("reason") == "Accepted")
+
+
+@pytest.mark.anyio
+async def test_mapping_added_changed_and_removed_update_the_config() -> None:
+    async with operator_emulator() as k8s, running_operator(k8s):
+        await create_world(k8s)
+        await eventually(lambda: exists(k8s, "v1/configmaps", "summarizer-config"))
+        assert config_tools(k8s) == ["fetch_mails"]
+
+        await patch(k8s, crd_path("toolmappings", "summarizer-gmail"),
+                    {"spec": {"tools": [{"name": "fetch_mails"}, {"name": "send_mail", "as": "gmail_send"}]}})
+        await eventually(lambda: config_tools(k8s) == ["fetch_mails", "gmail_send"])
+
+        await post(k8s, crd_path("toolmappings"), {
+            "apiVersion": API_VERSION, "kind": "ToolMapping", "metadata": {"name": "summarizer-more", "namespace": NS},
+            "spec": {"serverRef": {"name": "summarizer"}, "connectionRef": {"name": "gmail"}, "tools": [{"name": "label"}]},
+        })
+        await eventually(lambda: config_tools(k8s) == ["fetch_mails", "gmail_send", "label"])
+
+        await delete(k8s, crd_path("toolmappings", "summarizer-gmail"))
+        await eventually(lambda: config_tools(k8s) == ["label"])
+        await eventually(lambda: (obj(k8s, VMS, "summarizer").get("status") or {}).get("tools") == {"exposed": 1})
+
+
+@pytest.mark.anyio
+async def test_connection_change_updates_the_config() -> None:
+    async with operator_emulator() as k8s, running_operator(k8s):
+        await create_world(k8s)
+        await eventually(lambda: exists(k8s, "v1/configmaps", "summarizer-config"))
+
+        def connection_url() -> str:
+            config = json.loads(obj(k8s, "v1/configmaps", "summarizer-config")["data"]["config.json"])
+            return str(config["connections"]["gmail"]["url"])
+
+        assert connection_url() == "http://gmail-mcp.tools.svc:8080/mcp"
+        await patch(k8s, crd_path("mcpconnections", "gmail"), {"spec": {"url": "http://gmail-v2.tools.svc:8080/mcp"}})
+        await eventually(lambda: connection_url() == "http://gmail-v2.tools.svc:8080/mcp")
+
+
+@pytest.mark.anyio
+async def test_server_deletion_removes_the_cluster_scoped_binding_and_vault_rbac() -> None:
+    async with operator_emulator() as k8s, running_operator(k8s):
+        await create_world(k8s, server_spec={"vault": {"namespace": "acme-vault"}})
+        crb = ("rbac.authorization.k8s.io/v1/clusterrolebindings", "portcullis:acme:summarizer:auth-delegator", None)
+        vault_role = ("rbac.authorization.k8s.io/v1/roles", "summarizer-vault", "acme-vault")
+        await eventually(lambda: exists(k8s, *crb) and exists(k8s, *vault_role))
+        await eventually(lambda: "portcullis.dev/cleanup" in obj(k8s, VMS, "summarizer")["metadata"].get("finalizers", []))
+
+        await delete(k8s, crd_path("virtualmcpservers", "summarizer"))
+        await eventually(lambda: not exists(k8s, VMS, "summarizer"))
+        assert not exists(k8s, *crb)
+        assert not exists(k8s, *vault_role)
+        assert not exists(k8s, "rbac.authorization.k8s.io/v1/rolebindings", "summarizer-vault", "acme-vault")
+        await eventually(lambda: condition(obj(k8s, TMAPS, "summarizer-gmail"), "Accepted").get("reason") == "ServerNotFound")
+
+
+@pytest.mark.anyio
+async def test_edited_and_deleted_children_are_put_back() -> None:
+    async with operator_emulator() as k8s, running_operator(k8s):
+        await create_world(k8s)
+        await eventually(lambda: all(exists(k8s, *c) for c in CHILDREN))
+        deployment = "/apis/apps/v1/namespaces/acme/deployments/summarizer"
+        await patch(k8s, deployment, {"spec": {"replicas": 7}})
+        await eventually(lambda: obj(k8s, "apps/v1/deployments", "summarizer")["spec"]["replicas"] == 2)
+
+        await delete(k8s, "/api/v1/namespaces/acme/services/summarizer")
+        await eventually(lambda: exists(k8s, "v1/services", "summarizer"))
+        assert [p["port"] for p in obj(k8s, "v1/services", "summarizer")["spec"]["ports"]] == [8080, 8081, 9090]
+
+
+WRITES = {"POST", "PUT", "PATCH", "DELETE"}
+
+
+def request_log(k8s: Emulator) -> list[Any]:
+    """The emulator's log of every request it served, oldest first."""
+    return list(k8s)
+
+
+def writes_since(k8s: Emulator, start: int) -> list[str]:
+    """Every write request after the `start`-th request, except kopf's own Events."""
+    return [
+        f"{r.method.value} {r.url.path}"
+        for r in request_log(k8s)[start:]
+        if r.method.value in WRITES and "/events" not in r.url.path
+    ]
+
+
+@pytest.mark.anyio
+async def test_reconciling_an_unchanged_world_writes_nothing() -> None:
+    from portcullis.controller.options import Options
+
+    async with operator_emulator() as k8s:
+        async with running_operator(k8s):
+            await create_world(k8s)
+            await eventually(lambda: condition(obj(k8s, TMAPS, "summarizer-gmail"), "Accepted").get("status") == "True")
+            await eventually(lambda: condition(obj(k8s, CONNS, "gmail"), "Accepted").get("status") == "True")
+            await eventually(lambda: condition(obj(k8s, VMS, "summarizer"), "ConfigValid").get("status") == "True")
+        # A restarted operator resumes every object and, with a fast resync, reconciles the
+        # server again and again: none of that may write.
+        start = len(request_log(k8s))
+        resyncs = Options(resync_seconds=0.05)
+        async with running_operator(k8s, options=resyncs):
+            gets = "/apis/portcullis.dev/v1alpha1/namespaces/acme/virtualmcpservers/summarizer"
+
+            def reconciles() -> int:
+                return sum(1 for r in request_log(k8s)[start:] if r.method.value == "GET" and r.url.path == gets)
+
+            await eventually(lambda: reconciles() >= 5, what="five reconciles")
+        assert writes_since(k8s, start) == []
+
+
+@pytest.mark.anyio
+async def test_invalid_specs_become_conditions_with_reasons() -> None:
+    async with operator_emulator() as k8s, running_operator(k8s):
+        await create_world(k8s, tools=[{"name": "fetch_mails", "as": "bad name!"}])
+        await post(k8s, crd_path("toolmappings"), {
+            "apiVersion": API_VERSION, "kind": "ToolMapping", "metadata": {"name": "no-conn", "namespace": NS},
+            "spec": {"serverRef": {"name": "summarizer"}, "connectionRef": {"name": "nope"}, "tools": [{"name": "x"}]},
+        })
+        await post(k8s, crd_path("toolmappings"), {
+            "apiVersion": API_VERSION, "kind": "ToolMapping", "metadata": {"name": "good", "namespace": NS},
+            "spec": {"serverRef": {"name": "summarizer"}, "connectionRef": {"name": "gmail"}, "tools": [{"name": "ok"}]},
+        })
+        await post(k8s, crd_path("toolmappings"), {
+            "apiVersion": API_VERSION, "kind": "ToolMapping", "metadata": {"name": "orphan", "namespace": NS},
+            "spec": {"serverRef": {"name": "ghost"}, "connectionRef": {"name": "gmail"}, "tools": [{"name": "y"}]},
+        })
+
+        def reason(name: str) -> str | None:
+            return condition(obj(k8s, TMAPS, name), "Accepted").get("reason")
+
+        await eventually(lambda: reason("summarizer-gmail") == "InvalidToolName")
+        await eventually(lambda: reason("no-conn") == "ConnectionNotFound")
+        await eventually(lambda: reason("orphan") == "ServerNotFound")
+        await eventually(lambda: reason("good") == "Accepted")
+        # The bad mappings are left out; the good one is still served.
+        await eventually(lambda: exists(k8s, "v1/configmaps", "summarizer-config") and config_tools(k8s) == ["ok"])
+        server = obj(k8s, VMS, "summarizer")
+        assert condition(server, "ConfigValid")["reason"] == "SomeMappingsRejected"
+        assert condition(server, "ConfigValid")["observedGeneration"] == server["metadata"]["generation"]
+
+
+@pytest.mark.anyio
+async def test_an_invalid_server_spec_fails_without_children() -> None:
+    async with operator_emulator() as k8s, running_operator(k8s):
+        await create_world(k8s, server_spec={"autoscaling": {"minReplicas": 5, "maxReplicas": 2}})
+        await eventually(lambda: (obj(k8s, VMS, "summarizer").get("status") or {}).get("phase") == "Failed")
+        server = obj(k8s, VMS, "summarizer")
+        assert condition(server, "ConfigValid")["reason"] == "InvalidSpec"
+        assert "minReplicas" in condition(server, "ConfigValid")["message"]
+        assert not exists(k8s, "apps/v1/deployments", "summarizer")
+
+
+@pytest.mark.anyio
+async def test_an_available_deployment_makes_the_server_ready_with_gateway_counts() -> None:
+    from portcullis.controller.options import Options
+
+    async def gateway_status(server: Any) -> dict[str, Any]:
+        return {"exposed": 1, "upstream": 30, "schemaTokens": {"exposed": 180, "upstream": 6100}}
+
+    async with operator_emulator() as k8s, running_operator(k8s, options=Options(resync_seconds=0.05, fetch_status=gateway_status)):
+        await create_world(k8s)
+        await eventually(lambda: exists(k8s, "apps/v1/deployments", "summarizer"))
+        await patch(k8s, "/apis/apps/v1/namespaces/acme/deployments/summarizer/status",
+                    {"status": {"availableReplicas": 2, "readyReplicas": 2}})
+        await eventually(lambda: (obj(k8s, VMS, "summarizer").get("status") or {}).get("phase") == "Ready")
+        await eventually(lambda: (obj(k8s, VMS, "summarizer").get("status") or {}).get("toolsSummary") == "1/30")
+        status = obj(k8s, VMS, "summarizer")["status"]
+        assert status["tools"] == {"exposed": 1, "upstream": 30, "schemaTokens": {"exposed": 180, "upstream": 6100}}
+        assert condition(obj(k8s, VMS, "summarizer"), "Ready")["reason"] == "DeploymentAvailable"
+
+
+@pytest.mark.anyio
+async def test_rotate_keys_annotation_rotates_and_rolls_the_pods() -> None:
+    from portcullis.gateway.tokens import SigningKeys
+
+    async with operator_emulator() as k8s, running_operator(k8s):
+        await create_world(k8s)
+        await eventually(lambda: exists(k8s, "apps/v1/deployments", "summarizer"))
+
+        def digest() -> str:
+            template = obj(k8s, "apps/v1/deployments", "summarizer")["spec"]["template"]
+            return str(template["metadata"]["annotations"]["portcullis.dev/signing-keys-digest"])
+
+        def key_count() -> int:
+            import base64
+
+            data = obj(k8s, "v1/secrets", "summarizer-signing-keys")["data"]["keys.json"]
+            return len(SigningKeys.from_json(base64.b64decode(data).decode()).keys)
+
+        before = digest()
+        assert key_count() == 1
+        await patch(k8s, crd_path("virtualmcpservers", "summarizer"),
+                    {"metadata": {"annotations": {"portcullis.dev/rotate-keys": "2026-11-22T05:00:00Z"}}})
+        await eventually(lambda: key_count() == 2)
+        await eventually(lambda: digest() != before)
