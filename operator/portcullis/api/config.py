@@ -13,7 +13,7 @@ from pydantic import Field
 
 from portcullis.api.resources import CredentialSpec, Model
 
-CONFIG_VERSION = 1
+CONFIG_VERSION: Literal[1] = 1
 
 
 class ServerInfo(Model):
@@ -61,7 +61,7 @@ class ExposedResource(Model):
 class GatewayConfig(Model):
     """Everything a gateway serves. Lists are sorted so equal inputs give equal bytes."""
 
-    version: Literal[1] = CONFIG_VERSION
+    version: Literal[1] = 1
     server: ServerInfo
     tenant: str = Field(description="The tenant is the server's namespace.")
     vault_namespace: str

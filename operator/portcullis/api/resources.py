@@ -136,7 +136,7 @@ class MCPConnectionSpec(WireModel):
 
 
 class MCPConnection(Model):
-    api_version: Literal["portcullis.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["portcullis.dev/v1alpha1"] = Field("portcullis.dev/v1alpha1", alias="apiVersion")
     kind: Literal["MCPConnection"] = "MCPConnection"
     metadata: ObjectMeta
     spec: MCPConnectionSpec
@@ -223,7 +223,7 @@ class VirtualMCPServerSpec(WireModel):
 
 
 class VirtualMCPServer(Model):
-    api_version: Literal["portcullis.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["portcullis.dev/v1alpha1"] = Field("portcullis.dev/v1alpha1", alias="apiVersion")
     kind: Literal["VirtualMCPServer"] = "VirtualMCPServer"
     metadata: ObjectMeta
     spec: VirtualMCPServerSpec = Field(default_factory=VirtualMCPServerSpec)
@@ -298,7 +298,7 @@ class ToolMappingSpec(WireModel):
 
 
 class ToolMapping(Model):
-    api_version: Literal["portcullis.dev/v1alpha1"] = Field(API_VERSION, alias="apiVersion")
+    api_version: Literal["portcullis.dev/v1alpha1"] = Field("portcullis.dev/v1alpha1", alias="apiVersion")
     kind: Literal["ToolMapping"] = "ToolMapping"
     metadata: ObjectMeta
     spec: ToolMappingSpec

@@ -1,0 +1,327 @@
+"""The `portcullis` command line.
+
+    portcullis demo [--serve]                    the whole idea in one run
+    portcullis serve -f PATH...                  a gateway from the operator's YAML, no cluster
+    portcullis compile -f PATH...                print the compiled config, or the errors
+    portcullis token mint|revoke ...             through a running gateway's admin API
+    portcullis credentials set|delete|list ...   the local vault
+    portcullis gateway --in-cluster ...          the gateway as the operator deploys it
+    portcullis operator                          the Kubernetes operator
+    portcullis crds                              the CustomResourceDefinitions, as YAML
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import getpass
+import json
+import os
+import signal
+import sys
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from portcullis import __version__
+from portcullis.api.manifests import ManifestError, load_manifests
+from portcullis.compile import CompileError
+
+
+def _fail(message: str, code: int = 1) -> int:
+    print(f"portcullis: {message}", file=sys.stderr)
+    return code
+
+
+# --- compile ---------------------------------------------------------------------------
+
+
+def cmd_compile(args: argparse.Namespace) -> int:
+    from portcullis.serve import ServeError, compile_for, pick_server
+
+    manifests = load_manifests(args.file)
+    chosen = [pick_server(manifests, args.server)] if args.server or len(manifests.servers) <= 1 else manifests.servers
+    if not manifests.servers:
+        raise ServeError("no VirtualMCPServer in the given manifests")
+    out = {}
+    for server in chosen:
+        config = compile_for(manifests, server, args.url or _default_url(server.metadata.name, server.metadata.namespace))
+        out[f"{server.metadata.namespace}/{server.metadata.name}"] = config.model_dump(mode="json")
+    print(json.dumps(out if len(out) > 1 else next(iter(out.values())), indent=2))
+    return 0
+
+
+def _default_url(name: str, namespace: str) -> str:
+    from portcullis.compile import MCP_PORT
+
+    return f"http://{name}.{namespace}.svc:{MCP_PORT}/mcp"
+
+
+# --- serve ----------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from portcullis.serve import local_gateway
+
+    with local_gateway(
+        args.file,
+        state_dir=_state_dir(args),
+        server_name=args.server,
+        host=args.host,
+        port=args.port,
+        admin_port=args.admin_port,
+        max_body_bytes=args.max_body_bytes,
+        background=False,
+    ) as handle:
+        print(
+            f"portcullis: serving {handle.gateway.config.server.namespace}/{handle.gateway.config.server.name}\n"
+            f"  MCP URL:   {handle.url}\n  admin API: {handle.admin_url}\n"
+            f"  mint a token: portcullis token mint --admin-url {handle.admin_url} --user <id>",
+            file=sys.stderr,
+        )
+        _run_until_signal(handle.servers)
+    return 0
+
+
+def _run_until_signal(servers: Any) -> None:
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, servers.stop)
+        await servers.serve()
+
+    asyncio.run(main())
+
+
+def _state_dir(args: argparse.Namespace) -> Path:
+    from portcullis.gateway.local import default_state_dir
+
+    return Path(args.state_dir) if args.state_dir else default_state_dir()
+
+
+# --- token (through the admin API) ----------------------------------------------------------
+
+
+def _admin_call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, Any]:
+    from portcullis.gateway.local import admin_secret
+
+    secret = admin_secret(_state_dir(args))
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(
+        args.admin_url.rstrip("/") + path,
+        data=data,
+        method=method,
+        headers={"Authorization": f"Bearer {secret}", "Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=30) as response:
+            raw = response.read()
+            return response.status, json.loads(raw) if raw else None
+    except urllib.error.HTTPError as exc:
+        raw = exc.read()
+        try:
+            return exc.code, json.loads(raw)
+        except ValueError:
+            return exc.code, {"message": raw.decode(errors="replace")}
+    except urllib.error.URLError as exc:
+        raise ConnectionError(
+            f"cannot reach the admin API at {args.admin_url} ({exc.reason}); is `portcullis serve` running?"
+        ) from None
+
+
+def cmd_token_mint(args: argparse.Namespace) -> int:
+    body: dict[str, Any] = {"user": args.user}
+    if args.ttl:
+        body["ttl"] = args.ttl
+    if args.tools:
+        body["tools"] = [t.strip() for t in args.tools.split(",") if t.strip()]
+    status, answer = _admin_call(args, "POST", "/v1/tokens", body)
+    if status != 201:
+        return _fail(answer.get("message", f"HTTP {status}") if isinstance(answer, dict) else f"HTTP {status}")
+    if args.json:
+        print(json.dumps(answer, indent=2))
+    else:
+        print(answer["token"])
+    return 0
+
+
+def cmd_token_revoke(args: argparse.Namespace) -> int:
+    if bool(args.jti) == bool(args.user):
+        return _fail("give exactly one of --jti or --user", 2)
+    body = {"jti": args.jti} if args.jti else {"user": args.user}
+    status, answer = _admin_call(args, "POST", "/v1/revocations", body)
+    if status != 200:
+        return _fail(answer.get("message", f"HTTP {status}") if isinstance(answer, dict) else f"HTTP {status}")
+    print(json.dumps(answer))
+    return 0
+
+
+# --- credentials (the local vault) ------------------------------------------------------------
+
+
+def cmd_credentials(args: argparse.Namespace) -> int:
+    from portcullis.vault.local import LocalVault
+
+    vault = LocalVault(_state_dir(args))
+    tenant = args.namespace
+    if args.action == "set":
+        secret = args.secret
+        if secret is None:
+            secret = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("secret: ")
+        if not secret:
+            return _fail("empty secret; pass it on stdin or with --secret")
+        asyncio.run(vault.put(tenant, args.user, args.connection, secret))
+        print(f"stored {args.connection} credential of {args.user} (tenant {tenant}), sealed")
+        return 0
+    if args.action == "delete":
+        existed = asyncio.run(vault.delete(tenant, args.user, args.connection))
+        if not existed:
+            return _fail(f"{args.user} has no {args.connection} credential in tenant {tenant}")
+        print(f"deleted {args.connection} credential of {args.user} (tenant {tenant})")
+        return 0
+    connections = asyncio.run(vault.connections_of(tenant, args.user))
+    for connection in connections:
+        print(connection)
+    return 0
+
+
+# --- cluster entry points -----------------------------------------------------------------------
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from portcullis.gateway import cluster
+
+    return cluster.main(server=args.server, namespace=args.namespace, host=args.host)
+
+
+def cmd_operator(args: argparse.Namespace) -> int:
+    from portcullis.controller.run import run_operator
+
+    run_operator(
+        namespaces=args.namespace or None,
+        clusterwide=args.all_namespaces,
+        peering=args.peering,
+        liveness_port=args.liveness_port,
+    )
+    return 0
+
+
+def cmd_crds(args: argparse.Namespace) -> int:
+    import yaml
+
+    from portcullis.api.crd import generate_crds
+
+    print(yaml.safe_dump_all(generate_crds(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from portcullis.demo import run_demo
+
+    return run_demo(serve=args.serve, port=args.port, state_dir=Path(args.state_dir) if args.state_dir else None)
+
+
+# --- parser ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="portcullis", description="Virtual MCP servers: scoped, per-user, audited.")
+    parser.add_argument("--version", action="version", version=f"portcullis {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def state(p: argparse.ArgumentParser) -> None:
+        p.add_argument("--state-dir", help="local state directory (default: $PORTCULLIS_STATE_DIR or ~/.local/state/portcullis)")
+
+    def admin(p: argparse.ArgumentParser) -> None:
+        state(p)
+        p.add_argument("--admin-url", default=os.environ.get("PORTCULLIS_ADMIN_URL", "http://127.0.0.1:8081"))
+
+    p = sub.add_parser("demo", help="run the whole idea once: upstream, virtual server, token, call, summary")
+    p.add_argument("--serve", action="store_true", help="keep the gateway running afterwards")
+    p.add_argument("--port", type=int, default=8080, help="MCP port with --serve (default 8080; 0 picks one)")
+    state(p)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("serve", help="serve a virtual MCP server from YAML manifests, no cluster")
+    p.add_argument("-f", "--file", action="append", required=True, help="manifest file or directory (repeatable)")
+    p.add_argument("--server", help="which VirtualMCPServer, when the manifests hold several")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--admin-port", type=int, default=8081)
+    p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
+    state(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("compile", help="print the compiled gateway config, or the errors")
+    p.add_argument("-f", "--file", action="append", required=True)
+    p.add_argument("--server")
+    p.add_argument("--url", help="public MCP URL (default: the in-cluster Service URL)")
+    p.set_defaults(func=cmd_compile)
+
+    token = sub.add_parser("token", help="session tokens").add_subparsers(dest="action", required=True)
+    p = token.add_parser("mint", help="mint a session token for one user")
+    p.add_argument("--user", required=True)
+    p.add_argument("--ttl", help="e.g. 15m (capped by the server's sessionTokens.maxTTL)")
+    p.add_argument("--tools", help="comma-separated narrower scope")
+    p.add_argument("--json", action="store_true", help="print the whole answer, not just the token")
+    admin(p)
+    p.set_defaults(func=cmd_token_mint)
+    p = token.add_parser("revoke", help="revoke one token (--jti) or every token of a user (--user)")
+    p.add_argument("--jti")
+    p.add_argument("--user")
+    admin(p)
+    p.set_defaults(func=cmd_token_revoke)
+
+    creds = sub.add_parser("credentials", help="users' upstream credentials in the local vault")
+    csub = creds.add_subparsers(dest="action", required=True)
+    for action in ("set", "delete", "list"):
+        p = csub.add_parser(action)
+        p.add_argument("--user", required=True)
+        if action != "list":
+            p.add_argument("--connection", required=True)
+        if action == "set":
+            p.add_argument("--secret", help="the credential (default: read from stdin)")
+        p.add_argument("-n", "--namespace", default="default", help="tenant (the server's namespace)")
+        state(p)
+        p.set_defaults(func=cmd_credentials, action=action)
+
+    p = sub.add_parser("gateway", help="run the gateway as the operator deploys it")
+    p.add_argument("--in-cluster", action="store_true", required=True)
+    p.add_argument("--server", default=os.environ.get("PORTCULLIS_SERVER"))
+    p.add_argument("--namespace", default=os.environ.get("PORTCULLIS_NAMESPACE"))
+    p.add_argument("--host", default="0.0.0.0")  # in a pod: the Service must reach it
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser("operator", help="run the Kubernetes operator")
+    p.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable)")
+    p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
+    p.add_argument("--peering", help="kopf peering name (for more than one operator replica)")
+    p.add_argument("--liveness-port", type=int, default=8080)
+    p.set_defaults(func=cmd_operator)
+
+    p = sub.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
+    p.set_defaults(func=cmd_crds)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except (ManifestError, CompileError) as exc:
+        return _fail(f"invalid manifests:\n{exc}")
+    except ConnectionError as exc:
+        return _fail(str(exc))
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from portcullis.serve import ServeError
+
+        if isinstance(exc, (ServeError, OSError)):
+            return _fail(str(exc))
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The admin API: minting, revocation, credentials and status, on its own port.
+
+It is never the agent's port: an agent holds only a session token, and that
+token opens nothing here. Callers authenticate with an `AdminAuth`: a client
+secret locally, ServiceAccount tokens checked by TokenReview and a
+SubjectAccessReview for the verb `mint` in a cluster.
+
+    POST   /v1/tokens                                   mint a session token
+    POST   /v1/revocations                              revoke by jti or by user
+    PUT    /v1/users/{user}/connections/{connection}    store a user's credential (sealed)
+    DELETE /v1/users/{user}/connections/{connection}    forget it (cuts access at the next call)
+    GET    /v1/status                                   tool counts, schema tokens, readiness
+    GET    /metrics                                     Prometheus
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from portcullis.api.durations import format_duration, parse_duration
+from portcullis.gateway.admission import AdminAuth
+from portcullis.gateway.core import Gateway
+from portcullis.gateway.tokens import SigningKeys, mint_token
+
+MAX_ADMIN_BODY = 64 * 1024
+
+
+class AdminError(Exception):
+    def __init__(self, status: int, error: str, message: str, **extra: Any):
+        self.status, self.error, self.message, self.extra = status, error, message, extra
+
+
+def _fail(exc: AdminError) -> JSONResponse:
+    return JSONResponse({"error": exc.error, "message": exc.message, **exc.extra}, status_code=exc.status)
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if len(raw) > MAX_ADMIN_BODY:
+        raise AdminError(413, "too_large", f"request body over {MAX_ADMIN_BODY} bytes")
+    try:
+        body = json.loads(raw or b"{}")
+    except ValueError:
+        raise AdminError(400, "bad_json", "request body is not valid JSON") from None
+    if not isinstance(body, dict):
+        raise AdminError(400, "bad_json", "request body must be a JSON object")
+    return body
+
+
+def _bearer(request: Request) -> str | None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def mint(gateway: Gateway, keys: SigningKeys, body: dict[str, Any]) -> dict[str, Any]:
+    """Validate a mint request against the server's policy and sign the token (no I/O)."""
+    user = body.get("user")
+    if not isinstance(user, str) or not user.strip():
+        raise AdminError(400, "bad_request", "`user` (a non-empty string) is required")
+    policy = gateway.config.tokens
+    ttl_text = body.get("ttl")
+    try:
+        ttl = policy.default_ttl_seconds if ttl_text is None else parse_duration(str(ttl_text))
+    except ValueError as exc:
+        raise AdminError(400, "bad_ttl", str(exc)) from None
+    if ttl <= 0:
+        raise AdminError(400, "bad_ttl", "ttl must be positive")
+    if ttl > policy.max_ttl_seconds:
+        raise AdminError(
+            400,
+            "ttl_too_long",
+            f"ttl {format_duration(ttl)} exceeds this server's sessionTokens.maxTTL ({format_duration(policy.max_ttl_seconds)})",
+        )
+    tools = body.get("tools")
+    scope: tuple[str, ...] | None = None
+    if tools is not None:
+        if not isinstance(tools, list) or not all(isinstance(t, str) for t in tools):
+            raise AdminError(400, "bad_request", "`tools` must be a list of tool names")
+        exposed = {t.name for t in gateway.config.tools}
+        unknown = sorted(set(tools) - exposed)
+        if unknown:
+            raise AdminError(
+                400, "unknown_tools", f"not exposed by this server: {', '.join(unknown)}", unknown=unknown
+            )
+        scope = tuple(sorted(set(tools)))
+    token, claims = mint_token(
+        keys,
+        issuer=gateway.config.server.issuer,
+        audience=gateway.config.server.url,
+        user=user,
+        tenant=gateway.config.tenant,
+        ttl_seconds=ttl,
+        tools=scope,
+    )
+    return {
+        "token": token,
+        "jti": claims.jti,
+        "user": claims.sub,
+        "audience": claims.aud,
+        "expiresAt": claims.exp,
+        "tools": list(claims.tools) if claims.tools is not None else None,
+    }
+
+
+def status(gateway: Gateway) -> dict[str, Any]:
+    exposure = gateway.exposure
+    return {
+        "server": gateway.config.server.name,
+        "url": gateway.config.server.url,
+        "ready": gateway.ready,
+        "tools": {
+            "exposed": len(exposure.tools),
+            "upstream": exposure.upstream_tool_count,
+            "schemaTokens": {"exposed": exposure.exposed_tokens, "upstream": exposure.upstream_tokens},
+        },
+        "missingUpstreamTools": [
+            {"tool": t.name, "connection": t.connection, "upstreamName": t.upstream_name, "mapping": t.mapping}
+            for t in exposure.missing
+        ],
+        "connections": {
+            name: {
+                "toolCount": None if listing.tools is None else len(listing.tools),
+                "error": listing.error,
+            }
+            for name in gateway.config.connections
+            for listing in [gateway.catalog.listing(name)]
+        },
+    }
+
+
+def build_admin_app(gateway: Gateway, *, auth: AdminAuth, keys: Callable[[], SigningKeys]) -> Starlette:
+    async def guarded(request: Request, action: str) -> str:
+        caller = await auth.authorize(_bearer(request), action)
+        if caller is None:
+            raise AdminError(401 if _bearer(request) is None else 403, "forbidden", f"not allowed to {action}")
+        return caller
+
+    async def tokens(request: Request) -> Response:
+        try:
+            await guarded(request, "mint")
+            body = await _json_body(request)
+            user = body.get("user")
+            if isinstance(user, str) and user.strip():
+                missing = await gateway.missing_connections(user)
+                if missing:
+                    raise AdminError(
+                        409,
+                        "connections_missing",
+                        f"user {user!r} has not connected {', '.join(missing)}: connect them first",
+                        missing=missing,
+                    )
+            return JSONResponse(mint(gateway, keys(), body), status_code=201)
+        except AdminError as exc:
+            return _fail(exc)
+
+    async def revocations(request: Request) -> Response:
+        try:
+            await guarded(request, "revoke")
+            body = await _json_body(request)
+            if isinstance(body.get("jti"), str):
+                expires = body.get("expiresAt")
+                expires_at = int(expires) if isinstance(expires, int) else int(time.time()) + gateway.config.tokens.max_ttl_seconds
+                await gateway.revocations.revoke_token(body["jti"], expires_at)
+                return JSONResponse({"revoked": {"jti": body["jti"]}})
+            if isinstance(body.get("user"), str):
+                at = int(time.time())
+                await gateway.revocations.revoke_user(body["user"], at)
+                return JSONResponse({"revoked": {"user": body["user"], "issuedAtOrBefore": at}})
+            raise AdminError(400, "bad_request", "give `jti` or `user`")
+        except AdminError as exc:
+            return _fail(exc)
+
+    async def credential(request: Request) -> Response:
+        user = request.path_params["user"]
+        connection = request.path_params["connection"]
+        try:
+            await guarded(request, "credentials")
+            tenant = gateway.config.tenant
+            if request.method == "DELETE":
+                existed = await gateway.vault.delete(tenant, user, connection)
+                return Response(status_code=204 if existed else 404)
+            body = await _json_body(request)
+            secret = body.get("secret")
+            if not isinstance(secret, str) or not secret:
+                raise AdminError(400, "bad_request", "`secret` (a non-empty string) is required")
+            await gateway.vault.put(tenant, user, connection, secret)
+            return Response(status_code=204)
+        except AdminError as exc:
+            return _fail(exc)
+
+    async def get_status(request: Request) -> Response:
+        # Counts and names only, no secrets: open to the operator and to probes.
+        return JSONResponse(status(gateway))
+
+    async def metrics(request: Request) -> Response:
+        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+    return Starlette(
+        routes=[
+            Route("/v1/tokens", tokens, methods=["POST"]),
+            Route("/v1/revocations", revocations, methods=["POST"]),
+            Route("/v1/users/{user}/connections/{connection}", credential, methods=["PUT", "DELETE"]),
+            Route("/v1/status", get_status, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+            Route("/healthz", lambda request: JSONResponse({"status": "ok"})),
+        ]
+    )

@@ -1,0 +1,122 @@
+"""The catalog: what each upstream offers, as last seen, and the exposed slice of it.
+
+The exposed tool list is a function of two things that change rarely: the
+compiled allowlist and the upstreams' tool lists. It is built once per change
+(`Exposure`) and served from memory, so `tools/list` costs no upstream round
+trip and no per-request JSON work.
+
+Every gateway replica builds its own catalog from its upstreams; nothing a
+request needs lives only in another process.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from portcullis.api.config import ExposedTool, GatewayConfig
+
+
+def estimate_tokens(definition: dict[str, Any]) -> int:
+    """Estimated model tokens of one tool definition as a client puts it in context.
+
+    A tokenizer is model-specific and none ships offline; four characters of
+    compact JSON per token is the common rule of thumb for English-and-JSON text.
+    It is an estimate, used for the exposed-vs-upstream ratio, and labelled so.
+    """
+    return math.ceil(len(json.dumps(definition, separators=(",", ":"), sort_keys=True)) / 4)
+
+
+@dataclass
+class UpstreamListing:
+    """One connection's tools (and prompts, resources) as last fetched."""
+
+    tools: dict[str, dict[str, Any]] | None = None
+    prompts: dict[str, dict[str, Any]] | None = None
+    resources: dict[str, dict[str, Any]] | None = None
+    error: str | None = None
+    fetched_at: float = 0.0
+
+    @property
+    def settled(self) -> bool:
+        """Known or failed: either way readiness no longer waits for it."""
+        return self.tools is not None or self.error is not None
+
+
+@dataclass(frozen=True)
+class Exposure:
+    """The exposed slice, ready to serve."""
+
+    tools: tuple[dict[str, Any], ...]
+    by_name: dict[str, ExposedTool]
+    input_schemas: dict[str, dict[str, Any]]
+    missing: tuple[ExposedTool, ...]
+    """Allowlisted tools the upstream does not (or not yet) list: not served, reported in status."""
+    upstream_tool_count: int
+    exposed_tokens: int
+    upstream_tokens: int
+
+    def scoped(self, allowed: Iterable[str] | None) -> tuple[dict[str, Any], ...]:
+        if allowed is None:
+            return self.tools
+        names = set(allowed)
+        return tuple(t for t in self.tools if t["name"] in names)
+
+
+@dataclass
+class Catalog:
+    listings: dict[str, UpstreamListing] = field(default_factory=dict)
+
+    def listing(self, connection: str) -> UpstreamListing:
+        return self.listings.setdefault(connection, UpstreamListing())
+
+    def record_tools(self, connection: str, tools: list[dict[str, Any]]) -> None:
+        listing = self.listing(connection)
+        listing.tools = {str(t.get("name")): t for t in tools if isinstance(t, dict) and "name" in t}
+        listing.error = None
+        listing.fetched_at = time.time()
+
+    def record_failure(self, connection: str, error: str) -> None:
+        listing = self.listing(connection)
+        listing.error = error
+        listing.fetched_at = time.time()
+
+    def settled(self, config: GatewayConfig) -> bool:
+        return all(self.listing(name).settled for name in config.connections)
+
+    def expose(self, config: GatewayConfig) -> Exposure:
+        """Apply the allowlist to what the upstreams list: names, description overrides, order."""
+        served: list[dict[str, Any]] = []
+        by_name: dict[str, ExposedTool] = {}
+        schemas: dict[str, dict[str, Any]] = {}
+        missing: list[ExposedTool] = []
+        for exposed in config.tools:  # already sorted by exposed name: deterministic order
+            upstream = (self.listing(exposed.connection).tools or {}).get(exposed.upstream_name)
+            if upstream is None:
+                missing.append(exposed)
+                continue
+            definition = dict(upstream)
+            definition["name"] = exposed.name
+            if exposed.description is not None:
+                definition["description"] = exposed.description
+            served.append(definition)
+            by_name[exposed.name] = exposed
+            schema = definition.get("inputSchema")
+            if isinstance(schema, dict):
+                schemas[exposed.name] = schema
+        upstream_defs = [
+            t for name in config.connections for t in (self.listing(name).tools or {}).values()
+        ]
+        return Exposure(
+            tools=tuple(served),
+            by_name=by_name,
+            input_schemas=schemas,
+            missing=tuple(missing),
+            upstream_tool_count=len(upstream_defs),
+            exposed_tokens=sum(estimate_tokens(t) for t in served),
+            upstream_tokens=sum(estimate_tokens(t) for t in upstream_defs),
+        )

@@ -1,0 +1,152 @@
+"""The gateway in a cluster, as the operator deploys it (`portcullis gateway --in-cluster`).
+
+Everything comes from the Kubernetes API, read with the pod's ServiceAccount:
+
+- the compiled config from ConfigMap `<server>-config`, *watched*: a changed
+  allowlist is swapped in atomically within a second or two, with no restart,
+  and connected 2026-07-28 clients are told with `notifications/tools/list_changed`;
+- the signing keys from Secret `<server>-signing-keys`, watched the same way, so
+  a rotation reaches every replica without rolling the pods;
+- revocations from ConfigMap `<server>-revocations`, watched by every replica;
+- user credentials from the vault namespace, read at call time.
+
+Nothing is mounted, so nothing goes stale between kubelet syncs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import logging
+import signal
+import sys
+from collections.abc import Callable
+from typing import Any
+
+from portcullis.api.config import GatewayConfig
+from portcullis.api.resources import SecretKeyReference
+from portcullis.gateway.admin import build_admin_app
+from portcullis.gateway.admission import KubernetesAdminAuth
+from portcullis.gateway.audit import FanoutAuditSink, JsonLinesAuditSink
+from portcullis.gateway.core import Gateway
+from portcullis.gateway.endpoint import build_app
+from portcullis.gateway.metrics import MetricsAuditSink
+from portcullis.gateway.revocation import KubernetesRevocations
+from portcullis.gateway.runtime import Listener, Servers, bind, with_lifespan
+from portcullis.gateway.tokens import SigningKeys, TokenVerifier
+from portcullis.kube import KubeClient, KubeError
+from portcullis.vault.kubernetes import KubernetesVault
+
+log = logging.getLogger("portcullis.gateway")
+
+MCP_PORT, ADMIN_PORT, METRICS_PORT = 8080, 8081, 9090
+
+
+def config_from(configmap: dict[str, Any]) -> GatewayConfig:
+    return GatewayConfig.model_validate_json((configmap.get("data") or {})["config.json"])
+
+
+def keys_from(secret: dict[str, Any]) -> SigningKeys:
+    return SigningKeys.from_json(base64.b64decode((secret.get("data") or {})["keys.json"]).decode())
+
+
+async def _wait_for(client: KubeClient, path: str, what: str, timeout: float = 120.0) -> dict[str, Any]:
+    """The operator creates these before the Deployment, but a pod may start first: wait, bounded."""
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        obj = await client.get(path)
+        if obj is not None:
+            return obj
+        if asyncio.get_running_loop().time() > deadline:
+            raise RuntimeError(f"{what} ({path}) did not appear within {timeout:.0f}s; is the operator running?")
+        log.info("waiting for %s", what)
+        await asyncio.sleep(2)
+
+
+async def watch_object(
+    client: KubeClient, collection: str, name: str, on_change: Callable[[dict[str, Any]], None]
+) -> None:
+    """Call `on_change` with every new version of one named object."""
+    async for kind, obj in client.watch(f"{collection}?fieldSelector=metadata.name%3D{name}"):
+        if kind in ("ADDED", "MODIFIED") and (obj.get("metadata") or {}).get("name") == name:
+            try:
+                on_change(obj)
+            except Exception:  # a bad version is logged and skipped; the last good one keeps serving
+                log.exception("ignoring unusable %s/%s", collection, name)
+
+
+async def run(server: str, namespace: str, host: str) -> None:
+    client = KubeClient.in_cluster()
+    base = f"/api/v1/namespaces/{namespace}"
+    config = config_from(await _wait_for(client, f"{base}/configmaps/{server}-config", "the config ConfigMap"))
+    keys = [keys_from(await _wait_for(client, f"{base}/secrets/{server}-signing-keys", "the signing-key Secret"))]
+
+    async def shared_secret(ns: str, ref: SecretKeyReference) -> str | None:
+        secret = await client.get(f"/api/v1/namespaces/{ns}/secrets/{ref.name}")
+        value = ((secret or {}).get("data") or {}).get(ref.key)
+        return base64.b64decode(value).decode() if value else None
+
+    revocations = KubernetesRevocations(client, namespace, f"{server}-revocations")
+    gateway = Gateway(
+        config,
+        verifier=TokenVerifier(lambda: keys[0], issuer=config.server.issuer, audience=config.server.url),
+        vault=KubernetesVault(client, config.vault_namespace),
+        revocations=revocations,
+        audit=FanoutAuditSink(JsonLinesAuditSink(sys.stdout), MetricsAuditSink()),
+        secrets=shared_secret,
+    )
+
+    def on_config(obj: dict[str, Any]) -> None:
+        new = config_from(obj)
+        if new != gateway.config:
+            log.info("config changed: %d tools exposed", len(new.tools))
+            gateway.swap_config(new)
+
+    def on_keys(obj: dict[str, Any]) -> None:
+        keys[0] = keys_from(obj)
+
+    background: list[asyncio.Task[None]] = []
+
+    async def start() -> None:
+        await gateway.start()
+        background.extend(
+            asyncio.create_task(coro)
+            for coro in (
+                watch_object(client, f"{base}/configmaps", f"{server}-config", on_config),
+                watch_object(client, f"{base}/secrets", f"{server}-signing-keys", on_keys),
+                revocations.run(),
+            )
+        )
+
+    async def stop() -> None:
+        for task in background:
+            task.cancel()
+        for task in background:
+            with contextlib.suppress(asyncio.CancelledError, KubeError):
+                await task
+        await gateway.stop()
+        await client.close()
+
+    auth = KubernetesAdminAuth(client, namespace=namespace, server=server)
+    admin_app = build_admin_app(gateway, auth=auth, keys=lambda: keys[0])
+    servers = Servers(
+        [
+            Listener(with_lifespan(build_app(gateway), start, stop), bind(host, MCP_PORT), "mcp"),
+            Listener(admin_app, bind(host, ADMIN_PORT), "admin"),
+            Listener(admin_app, bind(host, METRICS_PORT), "metrics"),
+        ]
+    )
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, servers.stop)
+    await servers.serve()
+
+
+def main(*, server: str | None, namespace: str | None, host: str) -> int:
+    if not server or not namespace:
+        print("portcullis gateway: --server and --namespace (or PORTCULLIS_SERVER/PORTCULLIS_NAMESPACE) are required", file=sys.stderr)
+        return 2
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    asyncio.run(run(server, namespace, host))
+    return 0

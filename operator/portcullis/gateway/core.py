@@ -1,0 +1,451 @@
+"""The gateway's core: the path of one call, independent of the wire it came in on.
+
+    authenticate -> authorize -> resolve credential -> forward -> relay -> record
+
+Both MCP eras, and the admin API, come through here, so the allowlist is
+enforced in one place, on list and on call. Nothing a request depends on lives
+only in this process: the config and tool lists are rebuilt by every replica,
+credentials and revocations are read from shared storage at call time, and no
+agent-facing session state is kept (sessions exist only towards legacy
+upstreams, where any replica can open its own).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import aiohttp
+
+from portcullis.api.config import GatewayConfig
+from portcullis.api.resources import SecretKeyReference
+from portcullis.gateway.audit import AuditEvent, AuditSink, Decision, Outcome
+from portcullis.gateway.catalog import Catalog, Exposure
+from portcullis.gateway.revocation import RevocationStore
+from portcullis.gateway.tokens import SessionClaims, TokenError, TokenVerifier
+from portcullis.gateway.upstream import UpstreamClient, UpstreamError, UpstreamRPCError
+from portcullis.vault.base import Vault
+
+log = logging.getLogger("portcullis.gateway")
+
+# JSON-RPC 2.0 / MCP error codes.
+INVALID_PARAMS = -32602
+INTERNAL_ERROR = -32603
+# Identity stamps an upstream puts in a result's _meta; the agent talks to this gateway, not to them.
+_IDENTITY_META_PREFIX = "io.modelcontextprotocol/"
+
+
+class Unauthenticated(Exception):
+    """No usable session token. The reason is short and safe to return (it never echoes the token)."""
+
+
+class RPCError(Exception):
+    """A JSON-RPC error to return to the agent."""
+
+    def __init__(self, code: int, message: str, data: Any = None):
+        self.code, self.message, self.data = code, message, data
+        super().__init__(message)
+
+    def to_dict(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"code": self.code, "message": self.message}
+        if self.data is not None:
+            error["data"] = self.data
+        return error
+
+
+SecretResolver = Callable[[str, SecretKeyReference], Awaitable[str | None]]
+"""(namespace, secretRef) -> the shared credential, for connections with `source: shared`."""
+
+
+def tool_error(text: str) -> dict[str, Any]:
+    return {"content": [{"type": "text", "text": text}], "isError": True}
+
+
+def unknown_tool(name: str) -> RPCError:
+    # Same answer for "not exposed" and "does not exist": the allowlist does not leak what it hides.
+    return RPCError(INVALID_PARAMS, f"Unknown tool: {name}")
+
+
+@dataclass
+class CallContext:
+    claims: SessionClaims
+    request_id: str
+
+
+class Gateway:
+    """One virtual MCP server's data plane."""
+
+    def __init__(
+        self,
+        config: GatewayConfig,
+        *,
+        verifier: TokenVerifier,
+        vault: Vault,
+        revocations: RevocationStore,
+        audit: AuditSink,
+        secrets: SecretResolver | None = None,
+        refresh_seconds: float = 300.0,
+    ):
+        self.verifier = verifier
+        self.vault = vault
+        self.revocations = revocations
+        self.audit = audit
+        self._secrets = secrets
+        self.refresh_seconds = refresh_seconds
+        self.catalog = Catalog()
+        self._http: aiohttp.ClientSession | None = None
+        self._upstreams: dict[str, UpstreamClient] = {}
+        self._config = config
+        self._exposure = self.catalog.expose(config)
+        self._refresher: asyncio.Task[None] | None = None
+        self._listeners: list[Callable[[], None]] = []
+
+    # --- lifecycle -------------------------------------------------------------
+
+    async def start(self) -> None:
+        # No total connection cap: one slow upstream holding its connections open
+        # must not starve calls to the others; the per-host cap bounds each upstream.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=60, ttl_dns_cache=60)
+        self._http = aiohttp.ClientSession(connector=connector, auto_decompress=True)
+        self._sync_upstreams()
+        self._refresher = asyncio.create_task(self._refresh_forever(), name="portcullis-catalog-refresh")
+
+    async def stop(self) -> None:
+        if self._refresher is not None:
+            self._refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._refresher
+        if self._http is not None:
+            await self._http.close()
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self._config
+
+    @property
+    def exposure(self) -> Exposure:
+        return self._exposure
+
+    def exposure_input_schema(self, name: str) -> dict[str, Any] | None:
+        return self._exposure.input_schemas.get(name)
+
+    def on_tools_changed(self, listener: Callable[[], None]) -> None:
+        """Called after the exposed tool list changed (config swap or upstream refresh)."""
+        self._listeners.append(listener)
+
+    def swap_config(self, config: GatewayConfig) -> None:
+        """Serve a new compiled config from the next request on (atomic: one reference)."""
+        self._config = config
+        self._sync_upstreams()
+        self._rebuild_exposure()
+        asyncio.get_running_loop().create_task(self.refresh_all())
+
+    def _sync_upstreams(self) -> None:
+        assert self._http is not None, "start() first"
+        for name, conn in self._config.connections.items():
+            current = self._upstreams.get(name)
+            if current is None or current.config != conn:
+                self._upstreams[name] = UpstreamClient(conn, self._http)
+        for name in list(self._upstreams):
+            if name not in self._config.connections:
+                del self._upstreams[name]
+
+    def _rebuild_exposure(self) -> None:
+        before = [t["name"] for t in self._exposure.tools], [t.get("description") for t in self._exposure.tools]
+        self._exposure = self.catalog.expose(self._config)
+        after = [t["name"] for t in self._exposure.tools], [t.get("description") for t in self._exposure.tools]
+        if before != after:
+            for listener in self._listeners:
+                listener()
+
+    # --- catalog -----------------------------------------------------------------
+
+    @property
+    def ready(self) -> bool:
+        return self.catalog.settled(self._config)
+
+    async def refresh_all(self) -> None:
+        await asyncio.gather(*(self.refresh(name) for name in list(self._config.connections)))
+
+    async def refresh(self, connection: str, credential: Mapping[str, str] | None = None) -> None:
+        upstream = self._upstreams.get(connection)
+        if upstream is None:
+            return
+        if credential is None:
+            credential = await self._listing_credential(connection)
+        try:
+            tools = await upstream.list_all("tools/list", "tools", credential=credential)
+        except (UpstreamError, UpstreamRPCError) as exc:
+            log.warning("listing tools of %s failed: %s", connection, exc)
+            self.catalog.record_failure(connection, str(exc))
+        else:
+            upstream.remember_tool_schemas(tools)
+            self.catalog.record_tools(connection, tools)
+        self._rebuild_exposure()
+
+    async def _listing_credential(self, connection: str) -> Mapping[str, str] | None:
+        # Tool lists are the same for every user; a per-user upstream is listed without a
+        # credential first, and with the first caller's credential if that was refused.
+        conn = self._config.connections[connection]
+        if conn.credential.source == "shared":
+            return await self._shared_credential(connection)
+        return None
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await self.refresh_all()
+            await asyncio.sleep(self.refresh_seconds)
+
+    # --- authentication ------------------------------------------------------------
+
+    def authenticate(self, token: str | None) -> SessionClaims:
+        if not token:
+            raise Unauthenticated("missing bearer token")
+        try:
+            claims = self.verifier.verify(token)
+        except TokenError as exc:
+            raise Unauthenticated(exc.reason) from None
+        if claims.tenant != self._config.tenant:
+            raise Unauthenticated("wrong tenant")
+        if self.revocations.is_revoked(claims):
+            raise Unauthenticated("revoked")
+        return claims
+
+    # --- tools ---------------------------------------------------------------------
+
+    async def list_tools(self, claims: SessionClaims) -> tuple[dict[str, Any], ...]:
+        exposure = self._exposure
+        if exposure.missing:
+            await self._fill_missing(claims, exposure)
+            exposure = self._exposure
+        return exposure.scoped(claims.tools)
+
+    async def _fill_missing(self, claims: SessionClaims, exposure: Exposure) -> None:
+        # An upstream that refused an anonymous listing gets listed with this caller's credential.
+        for connection in {t.connection for t in exposure.missing}:
+            if self.catalog.listing(connection).tools is None:
+                credential = await self._credential_or_none(claims.sub, connection)
+                if credential:
+                    await self.refresh(connection, credential)
+
+    async def call_tool(self, claims: SessionClaims, name: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
+        """Run one allowed call and return the result to relay; raise RPCError otherwise."""
+        started = time.perf_counter()
+        request_id = uuid.uuid4().hex
+        exposed = self._exposure.by_name.get(name)
+        if exposed is None and any(t.name == name for t in self._config.tools):
+            # Allowlisted but not listed yet (upstream down at start, or refused anonymous listing).
+            await self._fill_missing(claims, self._exposure)
+            exposed = self._exposure.by_name.get(name)
+        if exposed is None or (claims.tools is not None and name not in claims.tools):
+            reason = "not_exposed" if exposed is None else "outside_token_scope"
+            self._record(claims, request_id, name, None, "deny", reason, "denied", started)
+            raise unknown_tool(name)
+        connection = exposed.connection
+        try:
+            credential = await self._credential(claims.sub, connection)
+        except _MissingCredential:
+            self._record(claims, request_id, name, connection, "deny", "no_credential", "denied", started)
+            return tool_error(
+                f"You have not connected {connection!r} yet: connect {connection} first "
+                f"(an administrator can run `portcullis credentials set --user {claims.sub} --connection {connection}`)."
+            )
+        params: dict[str, Any] = {"name": exposed.upstream_name}
+        if arguments is not None:
+            params["arguments"] = arguments
+        try:
+            result = await self._upstreams[connection].request("tools/call", params, credential=credential)
+        except UpstreamRPCError as exc:
+            self._record(claims, request_id, name, connection, "allow", "upstream_rpc_error", "upstream_error", started)
+            raise RPCError(int(exc.error.get("code", INTERNAL_ERROR)), str(exc.error.get("message", "")), exc.error.get("data")) from None
+        except UpstreamError as exc:
+            self._record(claims, request_id, name, connection, "allow", "upstream_failed", "upstream_error", started)
+            return tool_error(f"The tool {name!r} is unavailable: {exc}. Try again later.")
+        relayed = relay_result(result)
+        outcome: Outcome = "tool_error" if relayed.get("isError") else "ok"
+        self._record(claims, request_id, name, connection, "allow", "allowlisted", outcome, started)
+        return relayed
+
+    # --- prompts and resources (deny by default) --------------------------------------
+
+    async def list_prompts(self, claims: SessionClaims) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for prompt in self._config.prompts:
+            listing = await self._upstream_items(claims, prompt.connection, "prompts/list", "prompts", "name")
+            definition = listing.get(prompt.upstream_name)
+            if definition is not None:
+                out.append({**definition, "name": prompt.name})
+        return out
+
+    async def get_prompt(self, claims: SessionClaims, name: str, arguments: dict[str, str] | None) -> dict[str, Any]:
+        started, request_id = time.perf_counter(), uuid.uuid4().hex
+        prompt = next((p for p in self._config.prompts if p.name == name), None)
+        if prompt is None:
+            self._record(claims, request_id, name, None, "deny", "not_exposed", "denied", started, method="prompts/get")
+            raise RPCError(INVALID_PARAMS, f"Unknown prompt: {name}")
+        params: dict[str, Any] = {"name": prompt.upstream_name}
+        if arguments:
+            params["arguments"] = arguments
+        result = await self._forward(claims, request_id, prompt.connection, "prompts/get", params, name, started)
+        return relay_result(result)
+
+    async def list_resources(self, claims: SessionClaims) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        for resource in self._config.resources:
+            listing = await self._upstream_items(claims, resource.connection, "resources/list", "resources", "uri")
+            definition = listing.get(resource.uri)
+            if definition is not None:
+                out.append(definition)
+        return out
+
+    async def read_resource(self, claims: SessionClaims, uri: str) -> dict[str, Any]:
+        started, request_id = time.perf_counter(), uuid.uuid4().hex
+        resource = next((r for r in self._config.resources if r.uri == uri), None)
+        if resource is None:
+            self._record(claims, request_id, uri, None, "deny", "not_exposed", "denied", started, method="resources/read")
+            raise RPCError(-32002, f"Resource not found: {uri}")
+        result = await self._forward(claims, request_id, resource.connection, "resources/read", {"uri": uri}, uri, started)
+        return relay_result(result)
+
+    async def _upstream_items(
+        self, claims: SessionClaims, connection: str, method: str, key: str, id_key: str
+    ) -> dict[str, dict[str, Any]]:
+        try:
+            credential = await self._credential_or_none(claims.sub, connection)
+            items = await self._upstreams[connection].list_all(method, key, credential=credential)
+        except (UpstreamError, UpstreamRPCError) as exc:
+            log.warning("%s on %s failed: %s", method, connection, exc)
+            return {}
+        return {str(i.get(id_key)): i for i in items if isinstance(i, dict)}
+
+    async def _forward(
+        self, claims: SessionClaims, request_id: str, connection: str, method: str, params: dict[str, Any], label: str, started: float
+    ) -> dict[str, Any]:
+        try:
+            credential = await self._credential(claims.sub, connection)
+        except _MissingCredential:
+            self._record(claims, request_id, label, connection, "deny", "no_credential", "denied", started, method=method)
+            raise RPCError(INVALID_PARAMS, f"You have not connected {connection!r} yet: connect {connection} first.") from None
+        try:
+            result = await self._upstreams[connection].request(method, params, credential=credential)
+        except UpstreamRPCError as exc:
+            self._record(claims, request_id, label, connection, "allow", "upstream_rpc_error", "upstream_error", started, method=method)
+            raise RPCError(int(exc.error.get("code", INTERNAL_ERROR)), str(exc.error.get("message", ""))) from None
+        except UpstreamError as exc:
+            self._record(claims, request_id, label, connection, "allow", "upstream_failed", "upstream_error", started, method=method)
+            raise RPCError(INTERNAL_ERROR, str(exc)) from None
+        self._record(claims, request_id, label, connection, "allow", "allowlisted", "ok", started, method=method)
+        return result
+
+    # --- credentials -------------------------------------------------------------------
+
+    async def _credential(self, user: str, connection: str) -> dict[str, str] | None:
+        conn = self._config.connections[connection]
+        spec = conn.credential
+        if spec.source == "none":
+            return None
+        if spec.source == "shared":
+            shared = await self._shared_credential(connection)
+            if shared is None:
+                raise _MissingCredential(connection)
+            return shared
+        secret = await self.vault.get(self._config.tenant, user, connection)
+        if secret is None:
+            raise _MissingCredential(connection)
+        return {spec.header: spec.header_value(secret)}
+
+    async def _credential_or_none(self, user: str, connection: str) -> dict[str, str] | None:
+        try:
+            return await self._credential(user, connection)
+        except _MissingCredential:
+            return None
+
+    async def _shared_credential(self, connection: str) -> dict[str, str] | None:
+        spec = self._config.connections[connection].credential
+        if spec.secret_ref is None or self._secrets is None:
+            return None
+        secret = await self._secrets(self._config.server.namespace, spec.secret_ref)
+        return None if secret is None else {spec.header: spec.header_value(secret)}
+
+    async def missing_connections(self, user: str) -> list[str]:
+        """Connections this server needs a credential of `user` for, and has none."""
+        missing = []
+        for connection in self._config.user_connections():
+            if await self.vault.get(self._config.tenant, user, connection) is None:
+                missing.append(connection)
+        return missing
+
+    # --- audit -----------------------------------------------------------------------------
+
+    def _record(
+        self,
+        claims: SessionClaims | None,
+        request_id: str,
+        tool: str | None,
+        connection: str | None,
+        decision: Decision,
+        reason: str,
+        outcome: Outcome,
+        started: float,
+        *,
+        method: str = "tools/call",
+    ) -> None:
+        self.audit.emit(
+            AuditEvent(
+                time=time.time(),
+                request_id=request_id,
+                server=self._config.server.name,
+                tenant=self._config.tenant,
+                user=claims.sub if claims else None,
+                tool=tool,
+                connection=connection,
+                decision=decision,
+                reason=reason,
+                outcome=outcome,
+                latency_ms=(time.perf_counter() - started) * 1000,
+                jti=claims.jti if claims else None,
+                method=method,
+            )
+        )
+
+    def record_unauthenticated(self, reason: str, method: str | None) -> None:
+        """Audit a request refused before any identity was established."""
+        self.audit.emit(
+            AuditEvent(
+                time=time.time(),
+                request_id=uuid.uuid4().hex,
+                server=self._config.server.name,
+                tenant=self._config.tenant,
+                user=None,
+                tool=None,
+                connection=None,
+                decision="deny",
+                reason=reason,
+                outcome="unauthenticated",
+                latency_ms=0.0,
+                jti=None,
+                method=method or "?",
+            )
+        )
+
+
+class _MissingCredential(Exception):
+    pass
+
+
+def relay_result(result: dict[str, Any]) -> dict[str, Any]:
+    """The upstream's result minus its identity stamps in `_meta` (everything else verbatim)."""
+    meta = result.get("_meta")
+    if not isinstance(meta, dict):
+        return result
+    kept = {k: v for k, v in meta.items() if not k.startswith(_IDENTITY_META_PREFIX)}
+    relayed = {k: v for k, v in result.items() if k != "_meta"}
+    if kept:
+        relayed["_meta"] = kept
+    return relayed

@@ -1,0 +1,229 @@
+"""The agent-facing MCP endpoint: Streamable HTTP at `/mcp`, both protocol eras.
+
+The SDK's low-level `Server` owns the protocol (handshake, both eras, envelope
+and header validation, error mapping); this module plugs the gateway core into
+its handlers. It runs stateless: no `Mcp-Session-Id` is issued, so any replica
+answers any request and a load balancer needs no sticky routing.
+
+Authentication is an ASGI layer in front of the SDK app rather than the SDK's
+OAuth settings: Portcullis is its own token issuer (session tokens minted on
+the admin port), so there is no authorization server to advertise, only the
+RFC 9728 protected-resource document and the `WWW-Authenticate` hint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import json
+from typing import Any
+
+import mcp_types as types
+from mcp.server.lowlevel import Server
+from mcp.server.transport_security import TransportSecuritySettings
+from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
+from mcp.shared.exceptions import MCPError
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from portcullis import __version__
+from portcullis.gateway.core import Gateway, RPCError, Unauthenticated
+from portcullis.gateway.tokens import SessionClaims
+
+DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
+MCP_PATH = "/mcp"
+RESOURCE_METADATA_PATH = "/.well-known/oauth-protected-resource"
+
+current_claims: contextvars.ContextVar[SessionClaims | None] = contextvars.ContextVar(
+    "portcullis_claims", default=None
+)
+
+
+def _claims() -> SessionClaims:
+    claims = current_claims.get()
+    if claims is None:  # the auth layer runs before every /mcp request; this is a wiring bug
+        raise MCPError(-32603, "request reached the MCP server without authentication")
+    return claims
+
+
+def _raise(exc: RPCError) -> MCPError:
+    return MCPError(exc.code, exc.message, exc.data)
+
+
+class _ToolModels:
+    """Validated `Tool` models of the current exposure, rebuilt only when it changes."""
+
+    def __init__(self) -> None:
+        self._key: object = None
+        self._models: dict[str, types.Tool] = {}
+
+    def get(self, gateway: Gateway, definitions: tuple[dict[str, Any], ...]) -> list[types.Tool]:
+        exposure = gateway.exposure
+        if exposure is not self._key:
+            self._models = {t["name"]: types.Tool.model_validate(t) for t in exposure.tools}
+            self._key = exposure
+        return [self._models[t["name"]] if t["name"] in self._models else types.Tool.model_validate(t) for t in definitions]
+
+
+def build_mcp_server(gateway: Gateway) -> Server[Any]:
+    tool_models = _ToolModels()
+    # 2026-07-28 clients learn of allowlist changes on a `subscriptions/listen` stream.
+    # Each replica watches the config itself and publishes its own change, so an
+    # in-process bus is enough: no event has to cross replicas.
+    bus = InMemorySubscriptionBus()
+
+    def tools_changed() -> None:
+        asyncio.get_running_loop().create_task(bus.publish(ToolsListChanged()))
+
+    gateway.on_tools_changed(tools_changed)
+
+    async def list_tools(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        definitions = await gateway.list_tools(_claims())
+        return types.ListToolsResult(tools=tool_models.get(gateway, definitions))
+
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+        try:
+            result = await gateway.call_tool(_claims(), params.name, params.arguments)
+        except RPCError as exc:
+            raise _raise(exc) from None
+        return types.CallToolResult.model_validate(result)
+
+    async def list_prompts(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
+        prompts = await gateway.list_prompts(_claims())
+        return types.ListPromptsResult(prompts=[types.Prompt.model_validate(p) for p in prompts])
+
+    async def get_prompt(ctx: Any, params: types.GetPromptRequestParams) -> types.GetPromptResult:
+        try:
+            result = await gateway.get_prompt(_claims(), params.name, params.arguments)
+        except RPCError as exc:
+            raise _raise(exc) from None
+        return types.GetPromptResult.model_validate(result)
+
+    async def list_resources(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListResourcesResult:
+        resources = await gateway.list_resources(_claims())
+        return types.ListResourcesResult(resources=[types.Resource.model_validate(r) for r in resources])
+
+    async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
+        try:
+            result = await gateway.read_resource(_claims(), str(params.uri))
+        except RPCError as exc:
+            raise _raise(exc) from None
+        return types.ReadResourceResult.model_validate(result)
+
+    server: Server[Any] = Server(
+        f"portcullis/{gateway.config.server.namespace}/{gateway.config.server.name}",
+        version=__version__,
+        title=f"Portcullis virtual MCP server {gateway.config.server.name}",
+        # Header validation on the modern wire asks for a tool's schema; answer from
+        # memory instead of re-running tools/list (an upstream round trip in a gateway).
+        get_tool_input_schema=gateway.exposure_input_schema,
+        on_list_tools=list_tools,
+        on_call_tool=call_tool,
+        on_list_prompts=list_prompts,
+        on_get_prompt=get_prompt,
+        on_list_resources=list_resources,
+        on_read_resource=read_resource,
+        on_subscriptions_listen=ListenHandler(bus),
+    )
+    return server
+
+
+class BearerAuth:
+    """ASGI guard for `/mcp`: a valid, unrevoked session token for this server, or 401.
+
+    The 401 carries RFC 6750's `WWW-Authenticate` with the RFC 9728
+    `resource_metadata` hint. The token is never logged or echoed.
+    """
+
+    def __init__(self, app: ASGIApp, gateway: Gateway, metadata_url: str):
+        self.app = app
+        self.gateway = gateway
+        self.metadata_url = metadata_url
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(MCP_PATH):
+            await self.app(scope, receive, send)
+            return
+        token = _bearer(scope)
+        try:
+            claims = self.gateway.authenticate(token)
+        except Unauthenticated as exc:
+            self.gateway.record_unauthenticated(str(exc), None)
+            await _unauthorized(str(exc), self.metadata_url, token is not None)(scope, receive, send)
+            return
+        reset = current_claims.set(claims)
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            current_claims.reset(reset)
+
+
+def _bearer(scope: Scope) -> str | None:
+    for name, value in scope["headers"]:
+        if name == b"authorization":
+            scheme, _, token = bytes(value).decode("latin-1").partition(" ")
+            token = token.strip()
+            return token if scheme.lower() == "bearer" and token else None
+    return None
+
+
+def _unauthorized(reason: str, metadata_url: str, had_token: bool) -> Response:
+    # RFC 6750 §3: no error code when the request carried no credentials at all.
+    challenge = f'Bearer resource_metadata="{metadata_url}"'
+    if had_token:
+        challenge = f'Bearer error="invalid_token", error_description="{reason}", resource_metadata="{metadata_url}"'
+    body = {"error": "invalid_token" if had_token else "unauthorized", "error_description": reason}
+    return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": challenge})
+
+
+def resource_metadata(gateway: Gateway) -> dict[str, Any]:
+    """RFC 9728 protected-resource metadata for this server's MCP URL."""
+    return {
+        "resource": gateway.config.server.url,
+        "bearer_methods_supported": ["header"],
+        "resource_name": f"Portcullis virtual MCP server {gateway.config.server.namespace}/{gateway.config.server.name}",
+        "resource_documentation": "https://portcullis.dev/docs/session-tokens",
+    }
+
+
+def build_app(gateway: Gateway, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, public_base: str | None = None) -> ASGIApp:
+    """The ASGI app of the MCP port: /mcp, /healthz, /readyz and the RFC 9728 document."""
+    server = build_mcp_server(gateway)
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def readyz(request: Request) -> Response:
+        if gateway.ready:
+            return JSONResponse({"status": "ready"})
+        pending = [n for n in gateway.config.connections if not gateway.catalog.listing(n).settled]
+        return JSONResponse({"status": "waiting for upstream tool lists", "pending": pending}, status_code=503)
+
+    async def metadata(request: Request) -> Response:
+        return Response(json.dumps(resource_metadata(gateway)), media_type="application/json")
+
+    app = server.streamable_http_app(
+        streamable_http_path=MCP_PATH,
+        json_response=True,
+        stateless_http=True,
+        max_request_body_size=max_body_bytes,
+        # Every /mcp request must carry a bearer token, which a DNS-rebinding page cannot
+        # obtain; Host checks would only break in-cluster Service names and proxies.
+        transport_security=TransportSecuritySettings(enable_dns_rebinding_protection=False),
+        custom_starlette_routes=[
+            Route("/healthz", healthz),
+            Route("/readyz", readyz),
+            Route(RESOURCE_METADATA_PATH + MCP_PATH, metadata),
+            Route(RESOURCE_METADATA_PATH, metadata),
+        ],
+    )
+    base = (public_base or _origin(gateway.config.server.url)).rstrip("/")
+    return BearerAuth(app, gateway, base + RESOURCE_METADATA_PATH + MCP_PATH)
+
+
+def _origin(url: str) -> str:
+    scheme, _, rest = url.partition("://")
+    return f"{scheme}://{rest.split('/', 1)[0]}"
+

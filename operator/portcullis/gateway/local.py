@@ -1,0 +1,100 @@
+"""A gateway on a laptop: everything a cluster would hold, kept under one state directory.
+
+    <state>/admin-secret                       the admin API's client secret (0600)
+    <state>/keys/<namespace>/<server>.json     session-token signing keys (0600)
+    <state>/vault/<tenant>/...                 sealed user credentials (see vault.local)
+    <state>/revocations/<namespace>/<server>.json
+
+Several processes share it safely (the CLI minting or revoking while `serve`
+runs), which is also what makes two local replicas behave like two pods.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets as _secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from portcullis.api.config import GatewayConfig
+from portcullis.api.resources import SecretKeyReference
+from portcullis.gateway.admission import SecretAdminAuth
+from portcullis.gateway.audit import AuditSink
+from portcullis.gateway.core import Gateway
+from portcullis.gateway.revocation import FileRevocations
+from portcullis.gateway.tokens import LocalKeyStore, SigningKeys, TokenVerifier
+from portcullis.vault.local import LocalVault
+
+ADMIN_SECRET_ENV = "PORTCULLIS_ADMIN_SECRET"
+STATE_DIR_ENV = "PORTCULLIS_STATE_DIR"
+
+
+def default_state_dir() -> Path:
+    env = os.environ.get(STATE_DIR_ENV)
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "portcullis"
+
+
+def admin_secret(state_dir: Path) -> str:
+    """The local admin client secret: $PORTCULLIS_ADMIN_SECRET, else a file made on first use."""
+    env = os.environ.get(ADMIN_SECRET_ENV)
+    if env:
+        return env
+    path = state_dir / "admin-secret"
+    if path.exists():
+        return path.read_text().strip()
+    state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    value = _secrets.token_urlsafe(32)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process won the race; use its secret
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(value + "\n")
+    return value
+
+
+@dataclass
+class LocalState:
+    state_dir: Path
+
+    @property
+    def vault(self) -> LocalVault:
+        return LocalVault(self.state_dir)
+
+    def keys(self, config: GatewayConfig) -> SigningKeys:
+        return LocalKeyStore(self.state_dir).load_or_create(config.server.namespace, config.server.name)
+
+    def revocations(self, config: GatewayConfig) -> FileRevocations:
+        return FileRevocations(
+            self.state_dir / "revocations" / config.server.namespace / f"{config.server.name}.json"
+        )
+
+    def admin_auth(self) -> SecretAdminAuth:
+        return SecretAdminAuth(admin_secret(self.state_dir))
+
+
+def build_local_gateway(
+    config: GatewayConfig,
+    state: LocalState,
+    *,
+    audit: AuditSink,
+    secrets: dict[tuple[str, str], dict[str, str]] | None = None,
+) -> tuple[Gateway, SigningKeys]:
+    keys = state.keys(config)
+    shared = secrets or {}
+
+    async def resolve(namespace: str, ref: SecretKeyReference) -> str | None:
+        return shared.get((namespace, ref.name), {}).get(ref.key)
+
+    gateway = Gateway(
+        config,
+        verifier=TokenVerifier(lambda: keys, issuer=config.server.issuer, audience=config.server.url),
+        vault=state.vault,
+        revocations=state.revocations(config),
+        audit=audit,
+        secrets=resolve,
+    )
+    return gateway, keys

@@ -1,0 +1,153 @@
+"""Running a gateway: the MCP port and the admin port, one event loop, one process.
+
+Sockets are bound before anything else so that port 0 works (tests, the demo)
+and the public URL, which is every session token's audience, is known before
+the first token is minted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass, field
+
+
+import uvicorn
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+log = logging.getLogger("portcullis.gateway")
+
+
+def bind(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind((host, port))
+    sock.listen(2048)
+    sock.setblocking(False)
+    return sock
+
+
+def with_lifespan(
+    app: ASGIApp, startup: Callable[[], Awaitable[None]], shutdown: Callable[[], Awaitable[None]]
+) -> ASGIApp:
+    """Run `startup` before the app's own startup and `shutdown` before its shutdown completes.
+
+    Both hooks run inside the lifespan protocol, so the server waits for them: a
+    shutdown that ran after `lifespan.shutdown.complete` would be cut off with the loop.
+    """
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "lifespan":
+            await app(scope, receive, send)
+            return
+
+        async def receive_hooked() -> Message:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                await startup()
+            return message
+
+        async def send_hooked(message: Message) -> None:
+            if message["type"] == "lifespan.shutdown.complete":
+                await shutdown()
+            await send(message)
+
+        await app(scope, receive_hooked, send_hooked)
+
+    return wrapped
+
+
+class _QuietServer(uvicorn.Server):
+    """uvicorn without its signal capture: whoever runs the loop handles signals, once for all servers."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+@dataclass
+class Listener:
+    app: ASGIApp
+    sock: socket.socket
+    name: str
+
+    @property
+    def port(self) -> int:
+        return int(self.sock.getsockname()[1])
+
+
+@dataclass
+class Servers:
+    """Several ASGI apps served by uvicorn on pre-bound sockets in one loop."""
+
+    listeners: list[Listener]
+    _servers: list[uvicorn.Server] = field(default_factory=list)
+    started: threading.Event = field(default_factory=threading.Event)
+
+    async def serve(self) -> None:
+        self._servers = [
+            _QuietServer(
+                uvicorn.Config(
+                    listener.app,
+                    log_level="warning",
+                    lifespan="on" if index == 0 else "off",
+                    access_log=False,
+                    timeout_graceful_shutdown=5,
+                )
+            )
+            for index, listener in enumerate(self.listeners)
+        ]
+        tasks = [
+            asyncio.create_task(server.serve(sockets=[listener.sock]))
+            for server, listener in zip(self._servers, self.listeners, strict=True)
+        ]
+        watcher = asyncio.create_task(self._mark_started())
+        try:
+            await asyncio.gather(*tasks)
+        finally:
+            watcher.cancel()
+
+    async def _mark_started(self) -> None:
+        while not all(s.started for s in self._servers):
+            await asyncio.sleep(0.01)
+        self.started.set()
+
+    def stop(self) -> None:
+        for server in self._servers:
+            server.should_exit = True
+
+
+@contextlib.contextmanager
+def run_in_thread(servers: Servers, timeout: float = 20.0) -> Iterator[Servers]:
+    """Serve in a background thread (tests, the demo); stop and join on exit."""
+    loop = asyncio.new_event_loop()
+    errors: list[BaseException] = []
+
+    def main() -> None:
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(servers.serve())
+        except BaseException as exc:  # surfaced to the caller below
+            errors.append(exc)
+            servers.started.set()
+        finally:
+            loop.close()
+
+    thread = threading.Thread(target=main, name="portcullis-gateway", daemon=True)
+    thread.start()
+    if not servers.started.wait(timeout) or errors:
+        servers.stop()
+        thread.join(timeout)
+        raise RuntimeError(f"gateway did not start: {errors[0] if errors else 'timeout'}")
+    try:
+        yield servers
+    finally:
+        loop.call_soon_threadsafe(servers.stop)
+        thread.join(timeout)
+
+

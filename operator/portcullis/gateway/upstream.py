@@ -1,0 +1,324 @@
+"""Pooled clients for upstream MCP servers.
+
+Why not the SDK's `Client` here: a gateway forwards already-validated JSON-RPC
+and relays the upstream's answer, so parsing every result into pydantic models
+and back is pure cost on the hot path (it was most of the 5.5 ms a naive
+SDK-on-SDK gateway added). This module speaks the wire directly, over one
+pooled aiohttp connector per gateway, and returns plain dicts.
+
+It speaks both eras of Streamable HTTP:
+
+- 2026-07-28: every request is one self-contained POST carrying the envelope in
+  `params._meta` plus the routing headers (`MCP-Protocol-Version`, `Mcp-Method`,
+  `Mcp-Name`, `Mcp-Param-*`). No session, so any connection of the pool serves
+  any user: the user's credential is just one more header.
+- 2025-11-25 and older: an `initialize` handshake yields an `Mcp-Session-Id`.
+  A session is tied to the credential it was opened with, so sessions are kept
+  per credential (by hash; the credential itself is only held for the request).
+
+Which era an upstream speaks is found once, with `server/discover`, and
+remembered. Every failure becomes an `UpstreamError` naming the connection;
+nothing here hangs longer than the connection's timeout.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import itertools
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+from mcp.shared.inbound import (
+    MCP_METHOD_HEADER,
+    MCP_NAME_HEADER,
+    MCP_PROTOCOL_VERSION_HEADER,
+    NAME_BEARING_METHODS,
+    encode_header_value,
+    find_invalid_x_mcp_header,
+    mcp_param_headers,
+    x_mcp_header_map,
+)
+from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
+
+from portcullis import __version__
+from portcullis.api.config import ConnectionConfig
+
+MODERN_VERSION: Final = "2026-07-28"
+LEGACY_VERSION: Final = "2025-11-25"
+SESSION_HEADER: Final = "mcp-session-id"
+CLIENT_INFO: Final = {"name": "portcullis-gateway", "version": __version__}
+_ACCEPT: Final = "application/json, text/event-stream"
+# JSON-RPC errors that say "this server does not speak the modern era".
+_UNSUPPORTED_VERSION: Final = -32022
+_MAX_LEGACY_SESSIONS: Final = 1024
+
+
+class UpstreamError(Exception):
+    """The upstream could not be reached or answered something unusable.
+
+    The message is safe to show an agent: it names the connection, never a credential.
+    """
+
+    def __init__(self, connection: str, message: str):
+        self.connection = connection
+        super().__init__(f"upstream {connection!r}: {message}")
+
+
+class UpstreamRPCError(Exception):
+    """The upstream answered with a JSON-RPC error; relayed as is."""
+
+    def __init__(self, error: dict[str, Any]):
+        self.error = error
+        super().__init__(str(error.get("message", "upstream error")))
+
+
+@dataclass
+class _LegacySession:
+    session_id: str | None
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class UpstreamClient:
+    """One upstream MCP server, as one `MCPConnection` describes it."""
+
+    def __init__(self, config: ConnectionConfig, http: aiohttp.ClientSession):
+        self.config = config
+        self._http = http
+        self._era: str | None = None  # "modern" | "legacy", found on first use
+        self._era_lock = asyncio.Lock()
+        self._sessions: dict[str, _LegacySession] = {}
+        self._ids = itertools.count(1)
+        self._param_headers: dict[str, dict[tuple[str, ...], str]] = {}
+        self._timeout = aiohttp.ClientTimeout(total=config.timeout_seconds)
+
+    @property
+    def name(self) -> str:
+        return self.config.name
+
+    @property
+    def era(self) -> str | None:
+        return self._era
+
+    def remember_tool_schemas(self, tools: list[dict[str, Any]]) -> None:
+        """Keep the `x-mcp-header` map of each tool so calls can mirror `Mcp-Param-*` headers."""
+        maps: dict[str, dict[tuple[str, ...], str]] = {}
+        for tool in tools:
+            schema = tool.get("inputSchema")
+            if isinstance(schema, dict) and find_invalid_x_mcp_header(schema) is None:
+                mapping = x_mcp_header_map(schema)
+                if mapping:
+                    maps[str(tool.get("name"))] = mapping
+        self._param_headers = maps
+
+    async def request(
+        self, method: str, params: dict[str, Any] | None = None, *, credential: Mapping[str, str] | None = None
+    ) -> dict[str, Any]:
+        """Send one JSON-RPC request and return its `result` (raises on error)."""
+        era = self._era or await self._discover(credential)
+        if era == "modern":
+            return await self._modern(method, params or {}, credential)
+        return await self._legacy(method, params or {}, credential)
+
+    async def list_all(
+        self, method: str, key: str, *, credential: Mapping[str, str] | None = None
+    ) -> list[dict[str, Any]]:
+        """Follow `nextCursor` through a paginated list method."""
+        items: list[dict[str, Any]] = []
+        params: dict[str, Any] = {}
+        for _ in range(1000):  # a bound, not a limit anyone should reach
+            result = await self.request(method, params, credential=credential)
+            page = result.get(key)
+            if not isinstance(page, list):
+                raise UpstreamError(self.name, f"{method} answered without a {key!r} list")
+            items.extend(page)
+            cursor = result.get("nextCursor")
+            if not cursor:
+                return items
+            params = {"cursor": cursor}
+        raise UpstreamError(self.name, f"{method} paginated past 1000 pages")
+
+    # --- era discovery -----------------------------------------------------------
+
+    async def _discover(self, credential: Mapping[str, str] | None) -> str:
+        async with self._era_lock:
+            if self._era is not None:
+                return self._era
+            try:
+                await self._modern("server/discover", {}, credential)
+                self._era = "modern"
+            except (UpstreamRPCError, UpstreamError) as exc:
+                if isinstance(exc, UpstreamError) and _is_transport_failure(exc):
+                    raise
+                self._era = "legacy"
+            return self._era
+
+    # --- 2026-07-28 --------------------------------------------------------------
+
+    async def _modern(
+        self, method: str, params: dict[str, Any], credential: Mapping[str, str] | None
+    ) -> dict[str, Any]:
+        meta = dict(params.get("_meta") or {})
+        meta[PROTOCOL_VERSION_META_KEY] = MODERN_VERSION
+        meta.setdefault(CLIENT_CAPABILITIES_META_KEY, {})
+        meta.setdefault(CLIENT_INFO_META_KEY, CLIENT_INFO)
+        body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": {**params, "_meta": meta}}
+        headers = {
+            "accept": _ACCEPT,
+            "content-type": "application/json",
+            MCP_PROTOCOL_VERSION_HEADER: MODERN_VERSION,
+            MCP_METHOD_HEADER: method,
+        }
+        name_key = NAME_BEARING_METHODS.get(method)
+        if name_key is not None and isinstance(params.get(name_key), str):
+            headers[MCP_NAME_HEADER] = encode_header_value(params[name_key])
+        if method == "tools/call":
+            header_map = self._param_headers.get(str(params.get("name")))
+            if header_map and isinstance(params.get("arguments"), dict):
+                headers.update(mcp_param_headers(header_map, params["arguments"]))
+        if credential:
+            headers.update(credential)
+        response, _ = await self._post(body, headers)
+        return response
+
+    # --- 2025-11-25 and older ----------------------------------------------------
+
+    async def _legacy(
+        self, method: str, params: dict[str, Any], credential: Mapping[str, str] | None
+    ) -> dict[str, Any]:
+        key = _credential_key(credential)
+        for attempt in (1, 2):
+            session = await self._legacy_session(key, credential)
+            headers = {"accept": _ACCEPT, "content-type": "application/json", MCP_PROTOCOL_VERSION_HEADER: LEGACY_VERSION}
+            if session.session_id:
+                headers[SESSION_HEADER] = session.session_id
+            if credential:
+                headers.update(credential)
+            body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
+            try:
+                result, _ = await self._post(body, headers)
+                return result
+            except UpstreamError as exc:
+                # 404 on a session means the upstream forgot it (restart, idle expiry): open a new one once.
+                if attempt == 1 and "HTTP 404" in str(exc) and session.session_id:
+                    self._sessions.pop(key, None)
+                    continue
+                raise
+        raise AssertionError("unreachable")
+
+    async def _legacy_session(self, key: str, credential: Mapping[str, str] | None) -> _LegacySession:
+        session = self._sessions.get(key)
+        if session is not None:
+            return session
+        if len(self._sessions) >= _MAX_LEGACY_SESSIONS:
+            self._sessions.pop(next(iter(self._sessions)))
+        headers = {"accept": _ACCEPT, "content-type": "application/json"}
+        if credential:
+            headers.update(credential)
+        init = {
+            "jsonrpc": "2.0",
+            "id": next(self._ids),
+            "method": "initialize",
+            "params": {"protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": CLIENT_INFO},
+        }
+        result, response_headers = await self._post(init, headers)
+        session_id = response_headers.get(SESSION_HEADER)
+        version = str(result.get("protocolVersion") or LEGACY_VERSION)
+        headers[MCP_PROTOCOL_VERSION_HEADER] = version
+        if session_id:
+            headers[SESSION_HEADER] = session_id
+        await self._notify({"jsonrpc": "2.0", "method": "notifications/initialized"}, headers)
+        session = _LegacySession(session_id)
+        self._sessions[key] = session
+        return session
+
+    # --- the wire ------------------------------------------------------------------
+
+    async def _post(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[dict[str, Any], Mapping[str, str]]:
+        request_id = body["id"]
+        try:
+            async with self._http.post(
+                self.config.url, data=json.dumps(body, separators=(",", ":")), headers=headers, timeout=self._timeout
+            ) as response:
+                ctype = response.headers.get("content-type", "")
+                if ctype.startswith("text/event-stream"):
+                    message = await _read_sse_response(response, request_id)
+                else:
+                    raw = await response.read()
+                    if response.status >= 400 and not ctype.startswith("application/json"):
+                        raise UpstreamError(self.name, f"HTTP {response.status} from {self.config.url}")
+                    message = _decode(raw, self.name)
+                if message is None:
+                    raise UpstreamError(self.name, f"HTTP {response.status}: no JSON-RPC response")
+                return _result_of(message, self.name, response.status), response.headers
+        except asyncio.TimeoutError:
+            raise UpstreamError(self.name, f"no answer within {self.config.timeout_seconds}s") from None
+        except aiohttp.ClientConnectionError as exc:
+            raise UpstreamError(self.name, f"unreachable ({type(exc).__name__})") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(self.name, f"bad HTTP exchange ({type(exc).__name__})") from None
+
+    async def _notify(self, body: dict[str, Any], headers: dict[str, str]) -> None:
+        try:
+            async with self._http.post(
+                self.config.url, data=json.dumps(body), headers=headers, timeout=self._timeout
+            ) as response:
+                await response.read()
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamError(self.name, f"handshake failed ({type(exc).__name__})") from None
+
+
+def _is_transport_failure(exc: UpstreamError) -> bool:
+    text = str(exc)
+    return "unreachable" in text or "no answer within" in text
+
+
+def _credential_key(credential: Mapping[str, str] | None) -> str:
+    if not credential:
+        return ""
+    joined = "\n".join(f"{k}:{v}" for k, v in sorted(credential.items()))
+    return hashlib.sha256(joined.encode()).hexdigest()
+
+
+def _decode(raw: bytes, connection: str) -> dict[str, Any] | None:
+    if not raw:
+        return None
+    try:
+        message = json.loads(raw)
+    except ValueError:
+        raise UpstreamError(connection, "answered something that is not JSON") from None
+    if not isinstance(message, dict):
+        raise UpstreamError(connection, "answered JSON that is not a JSON-RPC response")
+    return message
+
+
+def _result_of(message: dict[str, Any], connection: str, status: int) -> dict[str, Any]:
+    if isinstance(message.get("error"), dict):
+        raise UpstreamRPCError(message["error"])
+    result = message.get("result")
+    if not isinstance(result, dict):
+        raise UpstreamError(connection, f"HTTP {status}: response has neither result nor error")
+    return result
+
+
+async def _read_sse_response(response: aiohttp.ClientResponse, request_id: object) -> dict[str, Any] | None:
+    """Read server-sent events until the JSON-RPC response to `request_id` arrives."""
+    data_lines: list[str] = []
+    async for raw_line in response.content:
+        line = raw_line.decode("utf-8", "replace").rstrip("\r\n")
+        if line.startswith("data:"):
+            data_lines.append(line[5:].lstrip(" "))
+        elif line == "" and data_lines:
+            payload, data_lines = "\n".join(data_lines), []
+            try:
+                message = json.loads(payload)
+            except ValueError:
+                continue
+            if isinstance(message, dict) and message.get("id") == request_id and (
+                "result" in message or "error" in message
+            ):
+                return message
+    return None
