@@ -208,12 +208,9 @@ def cmd_operator(args: argparse.Namespace) -> int:
 
 
 def cmd_crds(args: argparse.Namespace) -> int:
-    import yaml
+    from portcullis.api.crd import main as crd_main
 
-    from portcullis.api.crd import generate_crds
-
-    print(yaml.safe_dump_all(generate_crds(), sort_keys=False), end="")
-    return 0
+    return crd_main(args.crd_args)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -300,7 +297,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--liveness-port", type=int, default=8080)
     p.set_defaults(func=cmd_operator)
 
-    p = sub.add_parser("crds", help="print the CustomResourceDefinitions as YAML")
+    p = sub.add_parser("crds", help="print the CustomResourceDefinitions as YAML (--write DIR, --check DIR)")
+    p.add_argument("crd_args", nargs=argparse.REMAINDER)
     p.set_defaults(func=cmd_crds)
     return parser
 
