@@ -153,7 +153,7 @@ def _summary(
     allowed = [e for e in memory.events if e.decision == "allow"]
     denied = [e for e in memory.events if e.decision == "deny"]
     print(
-        "\nPortcullis demo: one virtual MCP server in front of a 30-tool inbox\n"
+        f"\nPortcullis demo: one virtual MCP server in front of a {tools['upstream']}-tool inbox\n"
         f"  MCP URL (mcp_server_url): {url}\n"
         f"  admin API:                {admin_url}\n"
         f"  session token ({DEMO_USER}, 15m): {token[:24]}...{token[-8:]}\n"

@@ -1,0 +1,95 @@
+"""The command line as an agent developer uses it: compile, serve, credentials, token mint/revoke."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import subprocess
+import sys
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from portcullis.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+MANIFESTS = ROOT / "examples" / "inbox" / "manifests"
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None, stdin: str | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "portcullis.cli", *args],
+        capture_output=True, text=True, timeout=60, input=stdin, env={**os.environ, **(env or {})},
+    )
+
+
+def test_compile_prints_the_config(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["compile", "-f", str(MANIFESTS)]) == 0
+    config = json.loads(capsys.readouterr().out)
+    assert [t["name"] for t in config["tools"]] == ["inbox_fetch_mails", "search_mails"]
+    assert config["server"]["url"] == "http://summarizer.demo.svc:8080/mcp"
+
+
+def test_compile_errors_name_object_and_field_and_exit_non_zero(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "bad.yaml").write_text(
+        (MANIFESTS / "summarizer.yaml").read_text().replace("name: search_mails", "name: search_mails\n      as: 'bad name'")
+        + "\n---\n" + (MANIFESTS / "connection.yaml").read_text()
+    )
+    assert main(["compile", "-f", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert "ToolMapping/summarizer-inbox: spec.tools[1].as" in err and "not a valid MCP tool name" in err
+
+
+@contextmanager
+def serving(state: Path) -> Iterator[dict[str, str]]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "portcullis.cli", "serve", "-f", str(MANIFESTS), "--port", "0", "--admin-port", "0", "--state-dir", str(state)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )
+    lines: queue.Queue[str] = queue.Queue()
+    assert process.stderr is not None
+    stderr = process.stderr
+    threading.Thread(target=lambda: [lines.put(line) for line in stderr], daemon=True).start()
+    urls: dict[str, str] = {}
+    try:
+        while "admin" not in urls:
+            line = lines.get(timeout=30)
+            if "MCP URL:" in line:
+                urls["mcp"] = line.split("MCP URL:")[1].strip()
+            if "admin API:" in line:
+                urls["admin"] = line.split("admin API:")[1].strip()
+        yield urls
+    finally:
+        process.terminate()
+        process.wait(timeout=20)
+
+
+def test_serve_credentials_and_tokens_from_the_command_line(tmp_path: Path) -> None:
+    state = str(tmp_path)
+    with serving(tmp_path) as urls:
+        admin = ["--state-dir", state, "--admin-url", urls["admin"]]
+        refused = run_cli("token", "mint", "--user", "ada@example.com", *admin)
+        assert refused.returncode == 1 and "connect them first" in refused.stderr
+        stored = run_cli("credentials", "set", "-n", "demo", "--user", "ada@example.com", "--connection", "inbox", "--state-dir", state, stdin="s3cret\n")
+        assert stored.returncode == 0, stored.stderr
+        assert "s3cret" not in stored.stdout
+        listed = run_cli("credentials", "list", "-n", "demo", "--user", "ada@example.com", "--state-dir", state)
+        assert listed.stdout.split() == ["inbox"]
+        minted = run_cli("token", "mint", "--user", "ada@example.com", "--ttl", "5m", "--json", *admin)
+        assert minted.returncode == 0, minted.stderr
+        answer = json.loads(minted.stdout)
+        assert answer["audience"] == urls["mcp"]
+        revoked = run_cli("token", "revoke", "--jti", answer["jti"], *admin)
+        assert revoked.returncode == 0, revoked.stderr
+        too_long = run_cli("token", "mint", "--user", "ada@example.com", "--ttl", "3h", *admin)
+        assert too_long.returncode == 1 and "maxTTL" in too_long.stderr
+
+
+def test_token_mint_without_a_running_gateway_says_what_to_do(tmp_path: Path) -> None:
+    result = run_cli("token", "mint", "--user", "a", "--state-dir", str(tmp_path), "--admin-url", "http://127.0.0.1:9")
+    assert result.returncode == 1
+    assert "is `portcullis serve` running?" in result.stderr
