@@ -34,6 +34,8 @@ from portcullis.vault.base import Vault
 
 log = logging.getLogger("portcullis.gateway")
 
+# Verified tokens kept to skip re-checking signatures; cleared whole when full (simple, bounded).
+_VERIFIED_CACHE_SIZE = 10_000
 # JSON-RPC 2.0 / MCP error codes.
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
@@ -105,6 +107,7 @@ class Gateway:
         self._exposure = self.catalog.expose(config)
         self._refresher: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[], None]] = []
+        self._verified: dict[str, SessionClaims] = {}
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -142,6 +145,7 @@ class Gateway:
     def swap_config(self, config: GatewayConfig) -> None:
         """Serve a new compiled config from the next request on (atomic: one reference)."""
         self._config = config
+        self._verified.clear()  # the audience or tenant may have changed
         self._sync_upstreams()
         self._rebuild_exposure()
         asyncio.get_running_loop().create_task(self.refresh_all())
@@ -207,12 +211,20 @@ class Gateway:
     def authenticate(self, token: str | None) -> SessionClaims:
         if not token:
             raise Unauthenticated("missing bearer token")
-        try:
-            claims = self.verifier.verify(token)
-        except TokenError as exc:
-            raise Unauthenticated(exc.reason) from None
-        if claims.tenant != self._config.tenant:
-            raise Unauthenticated("wrong tenant")
+        claims = self._verified.get(token)
+        if claims is None or claims.exp <= time.time():
+            # A token is immutable: once its signature, audience and issuer checked out,
+            # only the clock and revocation can change the answer, and both are checked
+            # on every request below. The signature check is most of the cost of a call.
+            try:
+                claims = self.verifier.verify(token)
+            except TokenError as exc:
+                raise Unauthenticated(exc.reason) from None
+            if claims.tenant != self._config.tenant:
+                raise Unauthenticated("wrong tenant")
+            if len(self._verified) >= _VERIFIED_CACHE_SIZE:
+                self._verified.clear()
+            self._verified[token] = claims
         if self.revocations.is_revoked(claims):
             raise Unauthenticated("revoked")
         return claims

@@ -52,23 +52,7 @@ def _raise(exc: RPCError) -> MCPError:
     return MCPError(exc.code, exc.message, exc.data)
 
 
-class _ToolModels:
-    """Validated `Tool` models of the current exposure, rebuilt only when it changes."""
-
-    def __init__(self) -> None:
-        self._key: object = None
-        self._models: dict[str, types.Tool] = {}
-
-    def get(self, gateway: Gateway, definitions: tuple[dict[str, Any], ...]) -> list[types.Tool]:
-        exposure = gateway.exposure
-        if exposure is not self._key:
-            self._models = {t["name"]: types.Tool.model_validate(t) for t in exposure.tools}
-            self._key = exposure
-        return [self._models[t["name"]] if t["name"] in self._models else types.Tool.model_validate(t) for t in definitions]
-
-
 def build_mcp_server(gateway: Gateway) -> Server[Any]:
-    tool_models = _ToolModels()
     # 2026-07-28 clients learn of allowlist changes on a `subscriptions/listen` stream.
     # Each replica watches the config itself and publishes its own change, so an
     # in-process bus is enough: no event has to cross replicas.
@@ -79,16 +63,21 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
 
     gateway.on_tools_changed(tools_changed)
 
-    async def list_tools(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+    # Tool results and lists are returned as plain dicts: the SDK validates and sieves
+    # every result against the negotiated protocol version anyway, so building models
+    # here would validate the same data twice on the hottest path.
+    async def list_tools(ctx: Any, params: types.PaginatedRequestParams) -> types.ListToolsResult:
         definitions = await gateway.list_tools(_claims())
-        return types.ListToolsResult(tools=tool_models.get(gateway, definitions))
+        return types.ListToolsResult(tools=[types.Tool.model_validate(t) for t in definitions])
 
-    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> types.CallToolResult:
+    async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> dict[str, Any]:
         try:
             result = await gateway.call_tool(_claims(), params.name, params.arguments)
         except RPCError as exc:
             raise _raise(exc) from None
-        return types.CallToolResult.model_validate(result)
+        # A legacy upstream's result has no resultType; the 2026-07-28 surface requires one.
+        result.setdefault("resultType", "complete")
+        return result
 
     async def list_prompts(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
         prompts = await gateway.list_prompts(_claims())
@@ -119,14 +108,14 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
         # Header validation on the modern wire asks for a tool's schema; answer from
         # memory instead of re-running tools/list (an upstream round trip in a gateway).
         get_tool_input_schema=gateway.exposure_input_schema,
-        on_list_tools=list_tools,
-        on_call_tool=call_tool,
         on_list_prompts=list_prompts,
         on_get_prompt=get_prompt,
         on_list_resources=list_resources,
         on_read_resource=read_resource,
         on_subscriptions_listen=ListenHandler(bus),
     )
+    server.add_request_handler("tools/list", types.PaginatedRequestParams, list_tools)
+    server.add_request_handler("tools/call", types.CallToolRequestParams, call_tool)
     return server
 
 
