@@ -28,7 +28,7 @@ from portcullis.api.config import GatewayConfig
 from portcullis.api.resources import SecretKeyReference
 from portcullis.gateway.admin import build_admin_app
 from portcullis.gateway.admission import KubernetesAdminAuth
-from portcullis.gateway.audit import FanoutAuditSink, JsonLinesAuditSink
+from portcullis.gateway.audit import AuditSink, FanoutAuditSink, JsonLinesAuditSink
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.endpoint import build_app
 from portcullis.gateway.metrics import MetricsAuditSink
@@ -76,8 +76,16 @@ async def watch_object(
                 log.exception("ignoring unusable %s/%s", collection, name)
 
 
-async def run(server: str, namespace: str, host: str) -> None:
-    client = KubeClient.in_cluster()
+async def build(
+    client: KubeClient,
+    server: str,
+    namespace: str,
+    host: str,
+    ports: tuple[int, int, int] = (MCP_PORT, ADMIN_PORT, METRICS_PORT),
+    *,
+    audit: AuditSink | None = None,
+) -> Servers:
+    """Read the server's config and keys from the API and bind its ports; `serve()` the result."""
     base = f"/api/v1/namespaces/{namespace}"
     config = config_from(await _wait_for(client, f"{base}/configmaps/{server}-config", "the config ConfigMap"))
     keys = [keys_from(await _wait_for(client, f"{base}/secrets/{server}-signing-keys", "the signing-key Secret"))]
@@ -93,7 +101,7 @@ async def run(server: str, namespace: str, host: str) -> None:
         verifier=TokenVerifier(lambda: keys[0], issuer=config.server.issuer, audience=config.server.url),
         vault=KubernetesVault(client, config.vault_namespace),
         revocations=revocations,
-        audit=FanoutAuditSink(JsonLinesAuditSink(sys.stdout), MetricsAuditSink()),
+        audit=audit or FanoutAuditSink(JsonLinesAuditSink(sys.stdout), MetricsAuditSink()),
         secrets=shared_secret,
     )
 
@@ -126,21 +134,27 @@ async def run(server: str, namespace: str, host: str) -> None:
             with contextlib.suppress(asyncio.CancelledError, KubeError):
                 await task
         await gateway.stop()
-        await client.close()
 
     auth = KubernetesAdminAuth(client, namespace=namespace, server=server)
     admin_app = build_admin_app(gateway, auth=auth, keys=lambda: keys[0])
-    servers = Servers(
+    mcp_port, admin_port, metrics_port = ports
+    return Servers(
         [
-            Listener(with_lifespan(build_app(gateway), start, stop), bind(host, MCP_PORT), "mcp"),
-            Listener(admin_app, bind(host, ADMIN_PORT), "admin"),
-            Listener(admin_app, bind(host, METRICS_PORT), "metrics"),
-        ]
+            Listener(with_lifespan(build_app(gateway), start, stop), bind(host, mcp_port), "mcp"),
+            Listener(admin_app, bind(host, admin_port), "admin"),
+            Listener(admin_app, bind(host, metrics_port), "metrics"),
+        ],
+        gateway=gateway,
     )
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, servers.stop)
-    await servers.serve()
+
+
+async def run(server: str, namespace: str, host: str) -> None:
+    async with KubeClient.in_cluster() as client:
+        servers = await build(client, server, namespace, host)
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, servers.stop)
+        await servers.serve()
 
 
 def main(*, server: str | None, namespace: str | None, host: str) -> int:

@@ -13,6 +13,7 @@ import logging
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
+from typing import Any
 from dataclasses import dataclass, field
 
 
@@ -86,6 +87,8 @@ class Servers:
     """Several ASGI apps served by uvicorn on pre-bound sockets in one loop."""
 
     listeners: list[Listener]
+    gateway: Any = None
+    """The gateway these servers front, when there is one (for callers that built it indirectly)."""
     _servers: list[uvicorn.Server] = field(default_factory=list)
     started: threading.Event = field(default_factory=threading.Event)
 
