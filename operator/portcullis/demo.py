@@ -147,7 +147,7 @@ def _summary(
     out: Any, url: str, admin_url: str, token: str, seen: dict[str, Any], status: dict[str, Any],
     memory: MemoryAuditSink, audit_path: Path,
 ) -> None:
-    tools = status["tools"]
+    tools = status
     exposed_tokens, upstream_tokens = tools["schemaTokens"]["exposed"], tools["schemaTokens"]["upstream"]
     reduction = 100 * (1 - exposed_tokens / upstream_tokens) if upstream_tokens else 0.0
     allowed = [e for e in memory.events if e.decision == "allow"]

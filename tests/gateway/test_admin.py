@@ -66,10 +66,10 @@ def test_bad_admin_bodies_are_clear_errors(stack: Stack) -> None:
 def test_status_reports_counts_and_schema_tokens(stack: Stack) -> None:
     status, body = stack.admin("GET", "/v1/status")
     assert status == 200
-    assert body["tools"]["exposed"] == 7
-    assert body["tools"]["upstream"] > 30
-    assert 0 < body["tools"]["schemaTokens"]["exposed"] < body["tools"]["schemaTokens"]["upstream"]
-    assert [m["tool"] for m in body["missingUpstreamTools"]] == ["anything"]
+    assert body["exposed"] == 7
+    assert body["upstream"] > 30
+    assert 0 < body["schemaTokens"]["exposed"] < body["schemaTokens"]["upstream"]
+    assert body["unknownTools"] == [{"mapping": "summarizer-down", "name": "anything", "exposedAs": "anything", "connection": "down"}]
 
 
 @pytest.mark.anyio

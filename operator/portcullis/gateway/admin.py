@@ -117,13 +117,13 @@ def status(gateway: Gateway) -> dict[str, Any]:
         "server": gateway.config.server.name,
         "url": gateway.config.server.url,
         "ready": gateway.ready,
-        "tools": {
-            "exposed": len(exposure.tools),
-            "upstream": exposure.upstream_tool_count,
-            "schemaTokens": {"exposed": exposure.exposed_tokens, "upstream": exposure.upstream_tokens},
-        },
-        "missingUpstreamTools": [
-            {"tool": t.name, "connection": t.connection, "upstreamName": t.upstream_name, "mapping": t.mapping}
+        "exposed": len(exposure.tools),
+        "upstream": exposure.upstream_tool_count,
+        "schemaTokens": {"exposed": exposure.exposed_tokens, "upstream": exposure.upstream_tokens},
+        # Allowlisted tools the upstream does not list: the operator reports them on the
+        # mapping as UnknownUpstreamTool (`name` is the upstream name the mapping used).
+        "unknownTools": [
+            {"mapping": t.mapping, "name": t.upstream_name, "exposedAs": t.name, "connection": t.connection}
             for t in exposure.missing
         ],
         "connections": {
