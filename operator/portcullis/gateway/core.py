@@ -246,8 +246,14 @@ class Gateway:
                 if credential:
                     await self.refresh(connection, credential)
 
-    async def call_tool(self, claims: SessionClaims, name: str, arguments: dict[str, Any] | None) -> dict[str, Any]:
-        """Run one allowed call and return the result to relay; raise RPCError otherwise."""
+    async def call_tool(
+        self, claims: SessionClaims, name: str, arguments: dict[str, Any] | None, relay: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
+        """Run one allowed call and return the result to relay; raise RPCError otherwise.
+
+        `relay` is the rest of the agent's request params (`_meta`, and the
+        multi-round-trip `inputResponses`/`requestState` of SEP-2322), forwarded as they came.
+        """
         started = time.perf_counter()
         request_id = uuid.uuid4().hex
         exposed = self._exposure.by_name.get(name)
@@ -268,7 +274,7 @@ class Gateway:
                 f"You have not connected {connection!r} yet: connect {connection} first "
                 f"(an administrator can run `portcullis credentials set --user {claims.sub} --connection {connection}`)."
             )
-        params: dict[str, Any] = {"name": exposed.upstream_name}
+        params: dict[str, Any] = {**relay, "name": exposed.upstream_name} if relay else {"name": exposed.upstream_name}
         if arguments is not None:
             params["arguments"] = arguments
         try:
@@ -295,13 +301,15 @@ class Gateway:
                 out.append({**definition, "name": prompt.name})
         return out
 
-    async def get_prompt(self, claims: SessionClaims, name: str, arguments: dict[str, str] | None) -> dict[str, Any]:
+    async def get_prompt(
+        self, claims: SessionClaims, name: str, arguments: dict[str, str] | None, relay: Mapping[str, Any] | None = None
+    ) -> dict[str, Any]:
         started, request_id = time.perf_counter(), uuid.uuid4().hex
         prompt = next((p for p in self._config.prompts if p.name == name), None)
         if prompt is None:
             self._record(claims, request_id, name, None, "deny", "not_exposed", "denied", started, method="prompts/get")
             raise RPCError(INVALID_PARAMS, f"Unknown prompt: {name}")
-        params: dict[str, Any] = {"name": prompt.upstream_name}
+        params: dict[str, Any] = {**relay, "name": prompt.upstream_name} if relay else {"name": prompt.upstream_name}
         if arguments:
             params["arguments"] = arguments
         result = await self._forward(claims, request_id, prompt.connection, "prompts/get", params, name, started)
@@ -321,7 +329,9 @@ class Gateway:
         resource = next((r for r in self._config.resources if r.uri == uri), None)
         if resource is None:
             self._record(claims, request_id, uri, None, "deny", "not_exposed", "denied", started, method="resources/read")
-            raise RPCError(-32002, f"Resource not found: {uri}")
+            # The upstream's own answer for an unknown URI (SEP-2164), so a hidden resource
+            # looks exactly like a missing one.
+            raise RPCError(INVALID_PARAMS, f"Resource not found: {uri}", {"uri": uri})
         result = await self._forward(claims, request_id, resource.connection, "resources/read", {"uri": uri}, uri, started)
         return relay_result(result)
 
@@ -348,7 +358,7 @@ class Gateway:
             result = await self._upstreams[connection].request(method, params, credential=credential)
         except UpstreamRPCError as exc:
             self._record(claims, request_id, label, connection, "allow", "upstream_rpc_error", "upstream_error", started, method=method)
-            raise RPCError(int(exc.error.get("code", INTERNAL_ERROR)), str(exc.error.get("message", ""))) from None
+            raise RPCError(int(exc.error.get("code", INTERNAL_ERROR)), str(exc.error.get("message", "")), exc.error.get("data")) from None
         except UpstreamError as exc:
             self._record(claims, request_id, label, connection, "allow", "upstream_failed", "upstream_error", started, method=method)
             raise RPCError(INTERNAL_ERROR, str(exc)) from None

@@ -52,6 +52,21 @@ def _raise(exc: RPCError) -> MCPError:
     return MCPError(exc.code, exc.message, exc.data)
 
 
+_RELAYED_PARAMS = {"meta", "input_responses", "request_state"}
+
+
+def _relayed(params: types.CallToolRequestParams | types.GetPromptRequestParams) -> dict[str, Any] | None:
+    """What the upstream needs of the agent's request besides name and arguments.
+
+    `_meta` carries the progress token and, on 2026-07-28, the client's capabilities
+    and log level; `inputResponses` and `requestState` are a multi-round-trip retry
+    (SEP-2322): answers to the upstream's own input requests and the state it sealed.
+    """
+    if params.meta is None and params.input_responses is None and params.request_state is None:
+        return None
+    return params.model_dump(by_alias=True, mode="json", exclude_none=True, include=_RELAYED_PARAMS)
+
+
 def build_mcp_server(gateway: Gateway) -> Server[Any]:
     # 2026-07-28 clients learn of allowlist changes on a `subscriptions/listen` stream.
     # Each replica watches the config itself and publishes its own change, so an
@@ -72,7 +87,7 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> dict[str, Any]:
         try:
-            result = await gateway.call_tool(_claims(), params.name, params.arguments)
+            result = await gateway.call_tool(_claims(), params.name, params.arguments, _relayed(params))
         except RPCError as exc:
             raise _raise(exc) from None
         # A legacy upstream's result has no resultType; the 2026-07-28 surface requires one.
@@ -83,11 +98,13 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
         prompts = await gateway.list_prompts(_claims())
         return types.ListPromptsResult(prompts=[types.Prompt.model_validate(p) for p in prompts])
 
-    async def get_prompt(ctx: Any, params: types.GetPromptRequestParams) -> types.GetPromptResult:
+    async def get_prompt(ctx: Any, params: types.GetPromptRequestParams) -> types.GetPromptResult | types.InputRequiredResult:
         try:
-            result = await gateway.get_prompt(_claims(), params.name, params.arguments)
+            result = await gateway.get_prompt(_claims(), params.name, params.arguments, _relayed(params))
         except RPCError as exc:
             raise _raise(exc) from None
+        if result.get("resultType") == "input_required":
+            return types.InputRequiredResult.model_validate(result)
         return types.GetPromptResult.model_validate(result)
 
     async def list_resources(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListResourcesResult:
