@@ -1,0 +1,225 @@
+"""Where one gateway process spends its CPU per `tools/call`, from py-spy samples.
+
+Runs the same stack as `gateway_overhead.py` (fast upstream, `portcullis serve`,
+both pinned), keeps the gateway saturated with `wrk -c 64` (or the Python
+generator), and samples it with py-spy (`py-spy record --format raw -F`, blocking
+mode: the non-blocking mode tore about half the stacks on this machine). Two
+separate runs, because sampling slows the process it samples:
+
+1. unprofiled: calls/s and the gateway's CPU time per call (utime+stime from
+   /proc/<pid>/stat over the run divided by the calls answered);
+2. profiled: the distribution of that CPU time over stacks.
+
+A share of samples times the unprofiled CPU time per call gives µs per call.
+Three views of the same samples:
+
+- **stages**: each sample goes to the innermost frame that matches a stage of a
+  call's path (token check, vault, upstream client, audit, SDK dispatch, ...);
+  samples in no stage go to the innermost framework frame (uvicorn, starlette,
+  the SDK transport, anyio, asyncio). Exclusive: the stages add up to 100%.
+- **self**: the leaf function of each sample (time spent in C extensions called
+  from Python, such as json's encoder or the Ed25519 verify, counts as the
+  calling Python function's self time).
+- **inclusive**: every function on the stack, once per sample (nested, so these
+  do not add up).
+
+    .venv/bin/pip install py-spy   # not a project dependency
+    .venv/bin/python benchmarks/gateway_profile.py [--seconds 20] [--rate 250] [--raw /tmp/gateway.stacks]
+
+The raw collapsed stacks are kept (`--raw`) for flamegraph.pl or speedscope.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import load, stack  # noqa: E402
+from benchmarks.gateway_overhead import ARGUMENTS, TOOL, placement  # noqa: E402
+
+# (label, regex over "function (file:line)"); innermost match wins, so more specific stages
+# (nested inside others at run time) take their samples from the enclosing ones.
+STAGES: tuple[tuple[str, str], ...] = (
+    ("token: JWT verify (EdDSA signature, claims)", r"portcullis/gateway/tokens\.py"),
+    ("token: revocation check", r"portcullis/gateway/revocation\.py"),
+    ("credential: vault read + AES-GCM open", r"portcullis/vault/"),
+    ("audit: event + JSON line + metrics", r"portcullis/gateway/(audit|metrics)\.py|prometheus_client/"),
+    ("upstream: aiohttp client request/response", r"portcullis/gateway/upstream\.py|aiohttp/|multidict/|yarl/"),
+    ("relay: result -> CallToolResult model", r"relay_result|build_mcp_server\.<locals>\.call_tool"),
+    ("gateway core: call_tool bookkeeping", r"portcullis/gateway/core\.py"),
+    ("auth layer: BearerAuth (ASGI)", r"portcullis/gateway/endpoint\.py"),
+    ("SDK: result/params (de)serialization (mcp_types, pydantic)", r"mcp_types/"),
+    ("SDK: inbound validation ladder (modern envelope, headers)", r"mcp/shared/inbound\.py"),
+    ("SDK: OpenTelemetry middleware", r"mcp/(server|shared)/_otel\.py|opentelemetry/"),
+    ("SDK: ServerRunner / lowlevel Server dispatch", r"mcp/server/(runner|lowlevel/|connection|context|session)|mcp/shared/(jsonrpc_dispatcher|session|context|dispatch)"),
+    ("SDK: streamable HTTP transport (request parsing, checks, response)", r"mcp/server/(streamable_http|_streamable_http|transport_security)"),
+    ("SDK: other", r"/mcp/"),
+    ("starlette: routing, middleware, Request/Response", r"starlette/|sse_starlette/"),
+    ("uvicorn: HTTP protocol (httptools), ASGI cycle", r"uvicorn/|httptools/"),
+    ("anyio: task groups, memory streams, cancel scopes", r"anyio/"),
+    ("asyncio: event loop, tasks, transports", r"asyncio/|_asynciomodule|selectors\.py"),
+)
+_STAGE_RE = [(label, re.compile(pattern)) for label, pattern in STAGES]
+
+
+@dataclass
+class Profile:
+    samples: Counter[tuple[str, ...]]
+    threads: Counter[str]
+
+    @property
+    def total(self) -> int:
+        return sum(self.samples.values())
+
+    def stages(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for frames, n in self.samples.items():
+            out[_stage(frames)] += n
+        return out
+
+    def self_time(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for frames, n in self.samples.items():
+            out[_short(frames[-1]) if frames else "?"] += n
+        return out
+
+    def inclusive(self) -> Counter[str]:
+        out: Counter[str] = Counter()
+        for frames, n in self.samples.items():
+            for frame in {_short(f) for f in frames}:
+                out[frame] += n
+        return out
+
+
+def _stage(frames: Sequence[str]) -> str:
+    for frame in reversed(frames):
+        for label, pattern in _STAGE_RE:
+            if pattern.search(frame):
+                return label
+    return "other: " + (_short(frames[-1]) if frames else "?")
+
+
+_PREFIXES = (
+    str(stack.REPO / ".venv" / "lib") + "/",
+    str(stack.REPO / "operator") + "/",
+    str(Path(os.__file__).parent) + "/",
+)
+
+
+def _short(frame: str) -> str:
+    """`function (file:line)` with the site-packages / stdlib / source-root prefix cut."""
+    for prefix in _PREFIXES:
+        frame = frame.replace(prefix, "")
+    return re.sub(r"python3\.\d+/site-packages/", "", frame)
+
+
+def parse_raw(text: str) -> Profile:
+    samples: Counter[tuple[str, ...]] = Counter()
+    threads: Counter[str] = Counter()
+    for line in text.splitlines():
+        stacktext, _, count = line.rpartition(" ")
+        if not stacktext or not count.isdigit():
+            continue
+        frames = stacktext.split(";")
+        thread = frames[0] if frames and frames[0].startswith("thread ") else "?"
+        if frames and frames[0].startswith("thread "):
+            frames = frames[1:]
+        threads[re.sub(r"\(\d+\)", "", thread).strip()] += int(count)
+        samples[tuple(frames)] += int(count)
+    return Profile(samples, threads)
+
+
+def render(profile: Profile, cpu_us_per_call: float, rps: float, header: str, top: int = 15) -> str:
+    total = profile.total
+    out = [header, ""]
+    out.append(f"{total} samples; gateway CPU per call (unprofiled run): {cpu_us_per_call:.0f} µs at {rps:.0f} calls/s. "
+               "µs/call = share × CPU per call.")
+    out.append("Threads: " + ", ".join(f"{t} {n / total:.1%}" for t, n in profile.threads.most_common()) + "\n")
+
+    def table(title: str, counts: Counter[str], limit: int | None) -> None:
+        out.append(f"### {title}\n")
+        out.append("| # | cost | share | µs/call |")
+        out.append("|---:|---|---:|---:|")
+        for i, (name, n) in enumerate(counts.most_common(limit), 1):
+            share = n / total
+            out.append(f"| {i} | `{name}` | {share:.1%} | {share * cpu_us_per_call:.0f} |")
+        out.append("")
+
+    table("By stage of the call (exclusive; innermost stage wins; adds up to 100%)", profile.stages(), None)
+    table(f"Top {top} functions by self time", profile.self_time(), top)
+    skip = re.compile(r"^(<module>|main|run|Runner\.run|BaseEventLoop\.|Handle\._run|task_step|_run_until_signal|cmd_serve)")
+    inclusive = Counter({k: v for k, v in profile.inclusive().items() if not skip.match(k)})
+    table(f"Top {top * 2} functions by inclusive time (nested; event-loop plumbing omitted)", inclusive, top * 2)
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=20.0, help="length of each of the two runs")
+    parser.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
+    parser.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks here")
+    parser.add_argument("--no-pin", action="store_true")
+    parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--gateway-executable", help="run this instead of `portcullis` (same CLI)")
+    args = parser.parse_args(argv)
+
+    spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}")
+    if spy is None:
+        raise SystemExit("py-spy is not installed: .venv/bin/pip install py-spy (a profiling tool, not a project dependency)")
+    if args.gateway_executable:
+        stack.GATEWAY_EXECUTABLE = args.gateway_executable
+    wrk = load.wrk_path() if args.generator in ("auto", "wrk") else None
+    where = placement(not args.no_pin)
+    if where.client:
+        os.sched_setaffinity(0, where.client)
+
+    def drive(target: load.Target, seconds: float) -> load.LoadResult:
+        if wrk is not None:
+            return load.wrk_load(target, args.connections, seconds, wrk=wrk, prefix=stack.pin_prefix(where.client))
+        return load.python_load(target, args.connections, seconds=seconds)
+
+    with tempfile.TemporaryDirectory(prefix="portcullis-profile-") as tmp, stack.upstream(where.upstream) as (_, upstream_url):
+        with stack.gateway(upstream_url, Path(tmp), where.gateway) as gw:
+            target = load.tool_call(gw.url, TOOL, ARGUMENTS, token=gw.token)
+            drive(target, 2.0)  # warm-up
+            cpu_before = load.cpu_seconds(gw.pid)
+            plain = drive(target, args.seconds)
+            cpu_us = (load.cpu_seconds(gw.pid) - cpu_before) / max(1, plain.calls) * 1e6
+            print(f"unprofiled: {plain.rps:.0f} calls/s, {cpu_us:.0f} µs gateway CPU per call, failures {plain.failures}",
+                  file=sys.stderr)
+            raw = args.raw or Path(tmp) / "gateway.stacks"
+            argv_spy = [*stack.pin_prefix(where.client), spy, "record", "--pid", str(gw.pid), "--format", "raw", "-F",
+                        "--full-filenames", "--threads", "--rate", str(args.rate), "--duration", f"{args.seconds:g}",
+                        "--output", str(raw)]
+            sampler = subprocess.Popen(argv_spy, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+            time.sleep(0.5)  # py-spy attaches before the load starts; its own duration bounds it
+            profiled = drive(target, max(1.0, args.seconds - 1.0))
+            _, errors = sampler.communicate(timeout=args.seconds + 60)
+            if sampler.returncode != 0 or not raw.exists():
+                raise SystemExit(f"py-spy failed ({sampler.returncode}): {errors.decode()[-2000:]}")
+            profile = parse_raw(raw.read_text())
+    header = (f"## Gateway CPU profile: tools/call `{TOOL}` under {plain.generator} -c {args.connections}\n\n"
+              f"py-spy {args.rate} Hz, blocking, {args.seconds:g} s; {where.describe()}. "
+              f"While sampled the gateway answered {profiled.rps:.0f} calls/s (sampling pauses it).\n\n"
+              f"`{' '.join(argv_spy)}`")
+    print(render(profile, cpu_us, plain.rps, header, args.top))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,66 @@
+"""The gateway benchmark harness runs end to end at its smallest settings.
+
+Timing is the harness's output, never this test's assertion: the test only shows
+that the harness produces figures for every measurement and that every call it
+sent through the gateway came back as a successful tool result (and really
+reached the upstream), so a broken gateway or harness cannot report speed.
+It uses the Python load generator, so it needs neither wrk nor taskset.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+CALLS = 200
+SESSIONS = 50
+
+
+def run_harness(out: Path) -> dict[str, Any]:
+    argv = [
+        sys.executable, str(REPO / "benchmarks" / "gateway_overhead.py"),
+        "--quick", "--generator", "python", "--no-pin", "--reps", "1",
+        "--calls", str(CALLS), "--sessions", str(SESSIONS), "--json", str(out),
+    ]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Portcullis gateway overhead" in done.stdout
+    report: dict[str, Any] = json.loads(out.read_text())
+    return report
+
+
+def finite(value: Any) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value) and value > 0
+
+
+def test_harness_reports_figures_and_every_gateway_call_succeeds(tmp_path: Path) -> None:
+    report = run_harness(tmp_path / "report.json")
+
+    rows = report["load"]
+    assert {(r["side"], r["connections"]) for r in rows} == {(s, c) for s in ("direct", "gateway") for c in (1, 8, 64)}
+    for row in rows:
+        assert row["generator"] == "python"
+        assert row["failures"] == 0, row
+        assert row["calls"] == CALLS, row
+        assert finite(row["rps"]) and finite(row["p50_ms"]) and finite(row["p99_ms"]), row
+
+    for section, failures in (("sequential", "sequential_failures"), ("sdk", "sdk_failures")):
+        assert report[failures] == 0
+        assert report[section], section
+        for summary in report[section]:
+            assert summary["pairs"] > 0
+            assert all(math.isfinite(v) for v in summary.values()), summary
+
+    memory = report["memory"]
+    assert memory["failures"] == 0, memory["failure_samples"]
+    assert memory["opened"] == SESSIONS
+    assert memory["rss_before_kib"] > 0 and memory["rss_after_kib"] > 0
+
+    # Every call the gateway answered as a success really arrived at the upstream.
+    through_gateway = sum(r["calls"] for r in rows if r["side"] == "gateway")
+    assert report["upstream_calls"]["tools/call"] >= through_gateway
