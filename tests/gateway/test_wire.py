@@ -43,3 +43,11 @@ def test_health_and_readiness(stack: Stack) -> None:
     assert httpx2.get(base + "/healthz", timeout=10).json() == {"status": "ok"}
     ready = httpx2.get(base + "/readyz", timeout=10)
     assert ready.status_code == 200  # every connection's tool list is known, or marked failed ("down")
+
+
+def test_a_foreign_origin_is_refused_before_authentication(stack: Stack) -> None:
+    response = httpx2.post(stack.url, json=INIT, headers=headers(stack, Origin="http://evil.example.com"), timeout=10)
+    assert response.status_code == 403
+    assert "evil.example.com" in response.json()["error"]["message"]
+    local = httpx2.post(stack.url, json=INIT, headers=headers(stack, Origin="http://localhost:3000"), timeout=10)
+    assert local.status_code == 200

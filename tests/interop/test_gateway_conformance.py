@@ -94,15 +94,10 @@ _PROGRESS = (
     "progress notifications are dropped: upstream._read_sse_response skips every event but the response, and the "
     "endpoint answers in JSON-response mode (endpoint.build_app json_response=True), so nothing can carry them"
 )
-_REBINDING = (
-    "Origin is not validated: endpoint.build_app disables the SDK's DNS-rebinding protection, so a request with "
-    "Host/Origin evil.example.com and a valid token gets 200; the transport spec says servers MUST validate Origin"
-)
 GATEWAY_BUGS: dict[tuple[str, str], str] = {
     **{(era, "completion-complete"): _NO_COMPLETION for era in SCENARIOS},
     **{(era, "resources-templates-read"): _TEMPLATES for era in SCENARIOS},
     **{(era, "tools-call-with-progress"): _PROGRESS for era in SCENARIOS},
-    **{(era, "dns-rebinding-protection"): _REBINDING for era in SCENARIOS},
     (MODERN_ERA, "caching"): "resources/templates/list is -32601 Method not found (see resources-templates-read)",
     (MODERN_ERA, "server-stateless"): (
         "new warnings: the upstream's tools/prompts list_changed never reaches the agent's subscription stream; the "

@@ -143,14 +143,26 @@ class BearerAuth:
     `resource_metadata` hint. The token is never logged or echoed.
     """
 
-    def __init__(self, app: ASGIApp, gateway: Gateway, metadata_url: str):
+    def __init__(self, app: ASGIApp, gateway: Gateway, metadata_url: str, allowed_origins: frozenset[str]):
         self.app = app
         self.gateway = gateway
         self.metadata_url = metadata_url
+        self.allowed_origins = allowed_origins
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not scope["path"].startswith(MCP_PATH):
             await self.app(scope, receive, send)
+            return
+        origin = _header(scope, b"origin")
+        if origin is not None and not _origin_allowed(origin, self.allowed_origins):
+            # Streamable HTTP: servers MUST validate Origin (DNS rebinding). Host is not
+            # checked: in-cluster Service names and proxies vary, and a page cannot
+            # forge Origin. Non-browser clients send no Origin and pass.
+            response = JSONResponse(
+                {"jsonrpc": "2.0", "id": None, "error": {"code": -32600, "message": f"Origin {origin} is not allowed"}},
+                status_code=403,
+            )
+            await response(scope, receive, send)
             return
         token = _bearer(scope)
         try:
@@ -164,6 +176,33 @@ class BearerAuth:
             await self.app(scope, receive, send)
         finally:
             current_claims.reset(reset)
+
+
+_LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+
+
+def _origin_allowed(origin: str, allowed: frozenset[str]) -> bool:
+    if origin in allowed:
+        return True
+    # A gateway on loopback (a laptop) accepts any loopback page, as the SDK does:
+    # a DNS-rebinding attacker's page has a foreign Origin, never a loopback one.
+    if any(_host_of(a) in _LOOPBACK_HOSTS for a in allowed):
+        return _host_of(origin) in _LOOPBACK_HOSTS
+    return False
+
+
+def _host_of(origin: str) -> str:
+    rest = origin.partition("://")[2]
+    if rest.startswith("["):
+        return rest[: rest.find("]") + 1]
+    return rest.split(":", 1)[0].split("/", 1)[0]
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return bytes(value).decode("latin-1")
+    return None
 
 
 def _bearer(scope: Scope) -> str | None:
@@ -194,7 +233,13 @@ def resource_metadata(gateway: Gateway) -> dict[str, Any]:
     }
 
 
-def build_app(gateway: Gateway, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, public_base: str | None = None) -> ASGIApp:
+def build_app(
+    gateway: Gateway,
+    *,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
+    public_base: str | None = None,
+    allowed_origins: frozenset[str] = frozenset(),
+) -> ASGIApp:
     """The ASGI app of the MCP port: /mcp, /healthz, /readyz and the RFC 9728 document."""
     server = build_mcp_server(gateway)
 
@@ -226,7 +271,8 @@ def build_app(gateway: Gateway, *, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
         ],
     )
     base = (public_base or _origin(gateway.config.server.url)).rstrip("/")
-    return BearerAuth(app, gateway, base + RESOURCE_METADATA_PATH + MCP_PATH)
+    origins = allowed_origins | {base}
+    return BearerAuth(app, gateway, base + RESOURCE_METADATA_PATH + MCP_PATH, origins)
 
 
 def _origin(url: str) -> str:
