@@ -8,7 +8,11 @@ separate runs, because sampling slows the process it samples:
 
 1. unprofiled: calls/s and the gateway's CPU time per call (utime+stime from
    /proc/<pid>/stat over the run divided by the calls answered);
-2. profiled: the distribution of that CPU time over stacks.
+2. profiled, Python frames only (250 Hz): the distribution of that CPU time;
+3. profiled with `--native` (80 Hz; unwinding C stacks is slow, so fewer
+   samples): the same, plus the share of CPython's cyclic garbage collector,
+   which a Python-only profile charges to whichever line allocated the object
+   that crossed the collection threshold.
 
 A share of samples times the unprofiled CPU time per call gives µs per call.
 Three views of the same samples:
@@ -40,7 +44,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,7 +52,7 @@ if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from benchmarks import load, stack  # noqa: E402
-from benchmarks.gateway_overhead import ARGUMENTS, TOOL, placement  # noqa: E402
+from benchmarks.gateway_overhead import ARGUMENTS, TOOL, Placement, placement  # noqa: E402
 
 # (label, regex over "function (file:line)"); innermost match wins, so more specific stages
 # (nested inside others at run time) take their samples from the enclosing ones.
@@ -73,6 +77,11 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("asyncio: event loop, tasks, transports", r"asyncio/|_asynciomodule|selectors\.py"),
 )
 _STAGE_RE = [(label, re.compile(pattern)) for label, pattern in STAGES]
+# Native frames of CPython's cyclic garbage collector (visible only with py-spy --native). A
+# collection runs inside whichever allocation crossed the threshold, so without this stage its
+# time would be charged to an innocent line (it showed up as starlette's Headers.__init__).
+GC_STAGE = "cyclic GC (CPython gc_collect_main, native pass)"
+_GC_FRAME = re.compile(r"^(gc_collect_main|gc_collect_with_callback|gc_collect_generations|collect|collect_with_callback|collect_generations) \(")
 
 
 @dataclass
@@ -105,6 +114,8 @@ class Profile:
 
 
 def _stage(frames: Sequence[str]) -> str:
+    if any(_GC_FRAME.match(frame) for frame in frames):
+        return GC_STAGE
     for frame in reversed(frames):
         for label, pattern in _STAGE_RE:
             if pattern.search(frame):
@@ -142,23 +153,28 @@ def parse_raw(text: str) -> Profile:
     return Profile(samples, threads)
 
 
-def render(profile: Profile, cpu_us_per_call: float, rps: float, header: str, top: int = 15) -> str:
+def render(profile: Profile, cpu_us_per_call: float, rps: float, header: str, top: int = 15, native: Profile | None = None) -> str:
     total = profile.total
     out = [header, ""]
     out.append(f"{total} samples; gateway CPU per call (unprofiled run): {cpu_us_per_call:.0f} µs at {rps:.0f} calls/s. "
                "µs/call = share × CPU per call.")
     out.append("Threads: " + ", ".join(f"{t} {n / total:.1%}" for t, n in profile.threads.most_common()) + "\n")
 
-    def table(title: str, counts: Counter[str], limit: int | None) -> None:
+    def table(title: str, counts: Counter[str], limit: int | None, of: int = total) -> None:
         out.append(f"### {title}\n")
         out.append("| # | cost | share | µs/call |")
         out.append("|---:|---|---:|---:|")
         for i, (name, n) in enumerate(counts.most_common(limit), 1):
-            share = n / total
+            share = n / of
+            if share < 0.0005:  # a handful of torn stacks; below the table's resolution
+                break
             out.append(f"| {i} | `{name}` | {share:.1%} | {share * cpu_us_per_call:.0f} |")
         out.append("")
 
-    table("By stage of the call (exclusive; innermost stage wins; adds up to 100%)", profile.stages(), None)
+    if native is not None:
+        table(f"By stage of the call, native pass ({native.total} samples; cyclic GC separated; exclusive, adds up to 100%)",
+              native.stages(), None, native.total)
+    table("By stage of the call, Python pass (GC time hidden in the line that triggered it; exclusive)", profile.stages(), None)
     table(f"Top {top} functions by self time", profile.self_time(), top)
     skip = re.compile(r"^(<module>|main|run|Runner\.run|BaseEventLoop\.|Handle\._run|task_step|_run_until_signal|cmd_serve)")
     inclusive = Counter({k: v for k, v in profile.inclusive().items() if not skip.match(k)})
@@ -175,6 +191,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--raw", type=Path, help="keep py-spy's collapsed stacks here")
     parser.add_argument("--no-pin", action="store_true")
     parser.add_argument("--top", type=int, default=15)
+    parser.add_argument("--native-rate", type=int, default=80,
+                        help="py-spy rate of the second, --native pass (slow: it unwinds C stacks); 0 skips it")
     parser.add_argument("--gateway-executable", help="run this instead of `portcullis` (same CLI)")
     args = parser.parse_args(argv)
 
@@ -203,22 +221,36 @@ def main(argv: list[str] | None = None) -> int:
             print(f"unprofiled: {plain.rps:.0f} calls/s, {cpu_us:.0f} µs gateway CPU per call, failures {plain.failures}",
                   file=sys.stderr)
             raw = args.raw or Path(tmp) / "gateway.stacks"
-            argv_spy = [*stack.pin_prefix(where.client), spy, "record", "--pid", str(gw.pid), "--format", "raw", "-F",
-                        "--full-filenames", "--threads", "--rate", str(args.rate), "--duration", f"{args.seconds:g}",
-                        "--output", str(raw)]
-            sampler = subprocess.Popen(argv_spy, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-            time.sleep(0.5)  # py-spy attaches before the load starts; its own duration bounds it
-            profiled = drive(target, max(1.0, args.seconds - 1.0))
-            _, errors = sampler.communicate(timeout=args.seconds + 60)
-            if sampler.returncode != 0 or not raw.exists():
-                raise SystemExit(f"py-spy failed ({sampler.returncode}): {errors.decode()[-2000:]}")
-            profile = parse_raw(raw.read_text())
+            profile, profiled, argv_spy = sample(spy, gw.pid, raw, args.rate, False, args.seconds, where, drive, target)
+            native = None
+            if args.native_rate:
+                native_raw = raw.with_name(raw.name + ".native")
+                native, _, _ = sample(spy, gw.pid, native_raw, args.native_rate, True, args.seconds, where, drive, target)
     header = (f"## Gateway CPU profile: tools/call `{TOOL}` under {plain.generator} -c {args.connections}\n\n"
-              f"py-spy {args.rate} Hz, blocking, {args.seconds:g} s; {where.describe()}. "
+              f"py-spy {args.rate} Hz, blocking, {args.seconds:g} s (plus a --native pass at {args.native_rate} Hz); "
+              f"{where.describe()}. "
               f"While sampled the gateway answered {profiled.rps:.0f} calls/s (sampling pauses it).\n\n"
               f"`{' '.join(argv_spy)}`")
-    print(render(profile, cpu_us, plain.rps, header, args.top))
+    print(render(profile, cpu_us, plain.rps, header, args.top, native))
     return 0
+
+
+def sample(
+    spy: str, pid: int, raw: Path, rate: int, native: bool, seconds: float, where: Placement,
+    drive: Callable[[load.Target, float], load.LoadResult], target: load.Target,
+) -> tuple[Profile, load.LoadResult, list[str]]:
+    """py-spy attached for `seconds` while the load runs; the parsed samples."""
+    argv = [*stack.pin_prefix(where.client), spy, "record", "--pid", str(pid), "--format", "raw", "-F",
+            "--full-filenames", "--threads", "--rate", str(rate), "--duration", f"{seconds:g}", "--output", str(raw)]
+    if native:
+        argv.append("--native")
+    sampler = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    time.sleep(0.5)  # py-spy attaches before the load starts; its own --duration bounds it
+    result = drive(target, max(1.0, seconds - 1.0))
+    _, errors = sampler.communicate(timeout=seconds + 60)
+    if sampler.returncode != 0 or not raw.exists():
+        raise SystemExit(f"py-spy failed ({sampler.returncode}): {errors.decode()[-2000:]}")
+    return parse_raw(raw.read_text()), result, argv
 
 
 if __name__ == "__main__":
