@@ -85,13 +85,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 
 def _run_until_signal(servers: Any) -> None:
+    from portcullis.gateway.runtime import new_event_loop
+
     async def main() -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, servers.stop)
         await servers.serve()
 
-    asyncio.run(main())
+    servers.freeze_heap_when_started = True
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(main())
 
 
 def _state_dir(args: argparse.Namespace) -> Path:

@@ -33,7 +33,7 @@ from portcullis.gateway.core import Gateway
 from portcullis.gateway.endpoint import build_app
 from portcullis.gateway.metrics import MetricsAuditSink
 from portcullis.gateway.revocation import KubernetesRevocations
-from portcullis.gateway.runtime import Listener, Servers, bind, with_lifespan
+from portcullis.gateway.runtime import Listener, Servers, bind, new_event_loop, with_lifespan
 from portcullis.gateway.tokens import SigningKeys, TokenVerifier
 from portcullis.kube import KubeClient, KubeError
 from portcullis.vault.kubernetes import KubernetesVault
@@ -151,6 +151,7 @@ async def build(
 async def run(server: str, namespace: str, host: str) -> None:
     async with KubeClient.in_cluster() as client:
         servers = await build(client, server, namespace, host)
+        servers.freeze_heap_when_started = True
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, servers.stop)
@@ -162,5 +163,6 @@ def main(*, server: str | None, namespace: str | None, host: str) -> int:
         print("portcullis gateway: --server and --namespace (or PORTCULLIS_SERVER/PORTCULLIS_NAMESPACE) are required", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    asyncio.run(run(server, namespace, host))
+    with asyncio.Runner(loop_factory=new_event_loop) as runner:
+        runner.run(run(server, namespace, host))
     return 0

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import socket
 import threading
@@ -23,10 +24,37 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 log = logging.getLogger("portcullis.gateway")
 
 
+def new_event_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where it is installed (it ships with uvicorn[standard] on Linux and macOS).
+
+    The event loop's own bookkeeping was the third-largest cost of a relayed call.
+    """
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def freeze_heap() -> None:
+    """Move everything alive after startup out of the garbage collector's sight.
+
+    Imports, models and schemas are permanent; without this every full collection walks
+    them all (about 85 ms per collection under load, a fifth of the gateway's CPU).
+    Only for a process that is the gateway: it would keep a test process's garbage too.
+    """
+    gc.collect()
+    gc.freeze()
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the
+    # listening socket says it is TCP. Without it Nagle holds each response body behind
+    # the client's delayed ACK of the headers: 40 ms on every keep-alive call.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.setblocking(False)
@@ -87,6 +115,7 @@ class Servers:
     """Several ASGI apps served by uvicorn on pre-bound sockets in one loop."""
 
     listeners: list[Listener]
+    freeze_heap_when_started: bool = False
     gateway: Any = None
     """The gateway these servers front, when there is one (for callers that built it indirectly)."""
     _servers: list[uvicorn.Server] = field(default_factory=list)
@@ -118,6 +147,8 @@ class Servers:
     async def _mark_started(self) -> None:
         while not all(s.started for s in self._servers):
             await asyncio.sleep(0.01)
+        if self.freeze_heap_when_started:
+            freeze_heap()
         self.started.set()
 
     def stop(self) -> None:
@@ -128,7 +159,7 @@ class Servers:
 @contextlib.contextmanager
 def run_in_thread(servers: Servers, timeout: float = 20.0) -> Iterator[Servers]:
     """Serve in a background thread (tests, the demo); stop and join on exit."""
-    loop = asyncio.new_event_loop()
+    loop = new_event_loop()
     errors: list[BaseException] = []
 
     def main() -> None:

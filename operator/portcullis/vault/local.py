@@ -102,6 +102,7 @@ class LocalVault:
         # Tenant keys are cached once read: they never change in place, and re-reading one per
         # call would double the file I/O on the hot path. Plaintext credentials are not cached.
         self._keys: dict[str, bytes] = {}
+        self._sealed: dict[Path, tuple[tuple[int, int, int], str]] = {}
 
     def _tenant_dir(self, tenant: str) -> Path:
         _check_tenant(tenant)
@@ -110,6 +111,24 @@ class LocalVault:
     def _path(self, tenant: str, user: str, connection: str) -> Path:
         _check_connection(connection)
         return self._tenant_dir(tenant) / f"{_user_file_prefix(user)}{connection}{_SUFFIX}"
+
+    def _read_sealed(self, path: Path) -> str:
+        """The sealed text of one credential file, re-read only when the file changed.
+
+        Only ciphertext is kept, never a plaintext: every `get` still stats the file (so a
+        deleted or replaced credential is seen at the very next call) and unseals it.
+        Skipping the unchanged read takes most of the vault's cost off each call.
+        """
+        st = os.stat(path)
+        stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
+        cached = self._sealed.get(path)
+        if cached is not None and cached[0] == stamp:
+            return cached[1]
+        sealed = path.read_text("ascii").strip()
+        if len(self._sealed) >= 65_536:
+            self._sealed.clear()
+        self._sealed[path] = (stamp, sealed)
+        return sealed
 
     def _key(self, tenant: str, *, create: bool) -> bytes | None:
         key = self._keys.get(tenant)
@@ -137,8 +156,9 @@ class LocalVault:
     async def get(self, tenant: str, user: str, connection: str) -> str | None:
         path = self._path(tenant, user, connection)
         try:
-            sealed = path.read_text("ascii").strip()
+            sealed = self._read_sealed(path)
         except FileNotFoundError:
+            self._sealed.pop(path, None)
             return None
         key = self._key(tenant, create=False)
         if key is None:
