@@ -156,6 +156,17 @@ class Servers:
             server.should_exit = True
 
 
+def _cancel_leftovers(loop: asyncio.AbstractEventLoop) -> None:
+    """What asyncio.run does on exit: cancel tasks still pending (e.g. sse-starlette's
+    shutdown watcher), let them finish, and close async generators."""
+    pending = [task for task in asyncio.all_tasks(loop) if not task.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+
+
 @contextlib.contextmanager
 def run_in_thread(servers: Servers, timeout: float = 20.0) -> Iterator[Servers]:
     """Serve in a background thread (tests, the demo); stop and join on exit."""
@@ -170,6 +181,7 @@ def run_in_thread(servers: Servers, timeout: float = 20.0) -> Iterator[Servers]:
             errors.append(exc)
             servers.started.set()
         finally:
+            _cancel_leftovers(loop)
             loop.close()
 
     thread = threading.Thread(target=main, name="portcullis-gateway", daemon=True)
