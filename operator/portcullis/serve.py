@@ -20,7 +20,7 @@ from portcullis.compile import CompileError, compile_strict, orphan_mappings
 from portcullis.gateway.admin import build_admin_app
 from portcullis.gateway.audit import AuditSink, FanoutAuditSink, JsonLinesAuditSink
 from portcullis.gateway.core import Gateway
-from portcullis.gateway.endpoint import DEFAULT_MAX_BODY_BYTES, build_app
+from portcullis.gateway.endpoint import DEFAULT_MAX_BODY_BYTES, BearerAuth, build_app
 from portcullis.gateway.local import LocalState, build_local_gateway
 from portcullis.gateway.metrics import MetricsAuditSink
 from portcullis.gateway.runtime import Listener, Servers, bind, run_in_thread, with_lifespan
@@ -62,6 +62,7 @@ class LocalGateway:
     servers: Servers
     url: str
     admin_url: str
+    endpoint: BearerAuth
 
 
 @contextmanager
@@ -76,6 +77,7 @@ def local_gateway(
     audit: AuditSink | None = None,
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     background: bool = True,
+    fast_path: bool = True,
 ) -> Iterator[LocalGateway]:
     """Bind, compile and build a gateway; serve it in a background thread while the block runs."""
     manifests = paths if isinstance(paths, Manifests) else load_manifests(paths)
@@ -93,10 +95,11 @@ def local_gateway(
         mcp_sock.close()
         admin_sock.close()
         raise
-    mcp_app = with_lifespan(build_app(gateway, max_body_bytes=max_body_bytes), gateway.start, gateway.stop)
+    endpoint = build_app(gateway, max_body_bytes=max_body_bytes, fast_path=fast_path)
+    mcp_app = with_lifespan(endpoint, gateway.start, gateway.stop)
     admin_app = build_admin_app(gateway, auth=state.admin_auth(), keys=lambda: keys)
     servers = Servers([Listener(mcp_app, mcp_sock, "mcp"), Listener(admin_app, admin_sock, "admin")])
-    handle = LocalGateway(gateway, servers, url, admin_url)
+    handle = LocalGateway(gateway, servers, url, admin_url, endpoint)
     if background:
         with run_in_thread(servers):
             yield handle

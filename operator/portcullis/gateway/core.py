@@ -335,6 +335,49 @@ class Gateway:
         result = await self._forward(claims, request_id, resource.connection, "resources/read", {"uri": uri}, uri, started)
         return relay_result(result)
 
+    async def complete(
+        self,
+        claims: SessionClaims,
+        ref: Mapping[str, Any],
+        argument: Mapping[str, Any],
+        context: Mapping[str, Any] | None = None,
+        relay: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        """Relay `completion/complete` for an exposed prompt or resource, under its upstream name.
+
+        Any other reference gets the error an unknown prompt or resource gets, and no
+        upstream request is made: completions must not reveal what the allowlist hides.
+        """
+        started, request_id = time.perf_counter(), uuid.uuid4().hex
+        method = "completion/complete"
+        params: dict[str, Any] = {**relay} if relay else {}
+        params["argument"] = dict(argument)
+        if context is not None:
+            params["context"] = dict(context)
+        if ref.get("type") == "ref/prompt":
+            name = str(ref.get("name"))
+            prompt = next((p for p in self._config.prompts if p.name == name), None)
+            if prompt is None:
+                self._record(claims, request_id, name, None, "deny", "not_exposed", "denied", started, method=method)
+                raise RPCError(INVALID_PARAMS, f"Unknown prompt: {name}")
+            params["ref"] = {**ref, "name": prompt.upstream_name}
+            connection, label = prompt.connection, name
+        else:
+            uri = str(ref.get("uri"))
+            found = self._resource_connection(uri) if ref.get("type") == "ref/resource" else None
+            if found is None:
+                self._record(claims, request_id, uri, None, "deny", "not_exposed", "denied", started, method=method)
+                raise RPCError(INVALID_PARAMS, f"Resource not found: {uri}", {"uri": uri})
+            params["ref"] = dict(ref)
+            connection, label = found, uri
+        result = await self._forward(claims, request_id, connection, method, params, label, started)
+        return relay_result(result)
+
+    def _resource_connection(self, uri: str) -> str | None:
+        """The connection serving an exposed resource URI, or None when it is not exposed."""
+        resource = next((r for r in self._config.resources if r.uri == uri), None)
+        return resource.connection if resource is not None else None
+
     async def _upstream_items(
         self, claims: SessionClaims, connection: str, method: str, key: str, id_key: str
     ) -> dict[str, dict[str, Any]]:
@@ -459,6 +502,12 @@ class Gateway:
 
 class _MissingCredential(Exception):
     pass
+
+
+def complete_tool_result(result: dict[str, Any]) -> dict[str, Any]:
+    """A legacy upstream's result has no resultType; the 2026-07-28 surface requires one."""
+    result.setdefault("resultType", "complete")
+    return result
 
 
 def relay_result(result: dict[str, Any]) -> dict[str, Any]:

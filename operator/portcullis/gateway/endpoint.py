@@ -29,7 +29,8 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from portcullis import __version__
-from portcullis.gateway.core import Gateway, RPCError, Unauthenticated
+from portcullis.gateway.core import Gateway, RPCError, Unauthenticated, complete_tool_result
+from portcullis.gateway.fastpath import FastToolCall, is_candidate
 from portcullis.gateway.tokens import SessionClaims
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -90,9 +91,7 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
             result = await gateway.call_tool(_claims(), params.name, params.arguments, _relayed(params))
         except RPCError as exc:
             raise _raise(exc) from None
-        # A legacy upstream's result has no resultType; the 2026-07-28 surface requires one.
-        result.setdefault("resultType", "complete")
-        return result
+        return complete_tool_result(result)
 
     async def list_prompts(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
         prompts = await gateway.list_prompts(_claims())
@@ -118,6 +117,15 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
             raise _raise(exc) from None
         return types.ReadResourceResult.model_validate(result)
 
+    async def complete(ctx: Any, params: types.CompleteRequestParams) -> types.CompleteResult:
+        wire = params.model_dump(by_alias=True, mode="json", exclude_none=True)
+        relay = {"_meta": wire["_meta"]} if "_meta" in wire else None
+        try:
+            result = await gateway.complete(_claims(), wire["ref"], wire["argument"], wire.get("context"), relay)
+        except RPCError as exc:
+            raise _raise(exc) from None
+        return types.CompleteResult.model_validate(result)
+
     server: Server[Any] = Server(
         f"portcullis/{gateway.config.server.namespace}/{gateway.config.server.name}",
         version=__version__,
@@ -129,6 +137,7 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
         on_get_prompt=get_prompt,
         on_list_resources=list_resources,
         on_read_resource=read_resource,
+        on_completion=complete,
         on_subscriptions_listen=ListenHandler(bus),
     )
     # The SDK installs an OpenTelemetry middleware by default; Portcullis records calls in its
@@ -146,8 +155,16 @@ class BearerAuth:
     `resource_metadata` hint. The token is never logged or echoed.
     """
 
-    def __init__(self, app: ASGIApp, gateway: Gateway, metadata_url: str, allowed_origins: frozenset[str]):
+    def __init__(
+        self,
+        app: ASGIApp,
+        gateway: Gateway,
+        metadata_url: str,
+        allowed_origins: frozenset[str],
+        fast: FastToolCall | None = None,
+    ):
         self.app = app
+        self.fast = fast
         self.gateway = gateway
         self.metadata_url = metadata_url
         self.allowed_origins = allowed_origins
@@ -176,7 +193,10 @@ class BearerAuth:
             return
         reset = current_claims.set(claims)
         try:
-            await self.app(scope, receive, send)
+            if self.fast is not None and is_candidate(scope):
+                await self.fast(scope, receive, send, claims)
+            else:
+                await self.app(scope, receive, send)
         finally:
             current_claims.reset(reset)
 
@@ -242,7 +262,8 @@ def build_app(
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
     public_base: str | None = None,
     allowed_origins: frozenset[str] = frozenset(),
-) -> ASGIApp:
+    fast_path: bool = True,
+) -> BearerAuth:
     """The ASGI app of the MCP port: /mcp, /healthz, /readyz and the RFC 9728 document."""
     server = build_mcp_server(gateway)
 
@@ -275,7 +296,8 @@ def build_app(
     )
     base = (public_base or _origin(gateway.config.server.url)).rstrip("/")
     origins = allowed_origins | {base}
-    return BearerAuth(app, gateway, base + RESOURCE_METADATA_PATH + MCP_PATH, origins)
+    fast = FastToolCall(gateway, app, server.server_info_stamp, max_body_bytes) if fast_path else None
+    return BearerAuth(app, gateway, base + RESOURCE_METADATA_PATH + MCP_PATH, origins, fast)
 
 
 def _origin(url: str) -> str:
