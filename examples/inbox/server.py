@@ -16,8 +16,9 @@ can prove what reached it. So this server:
 - has the awkward cases a gateway must relay untouched: mixed content (text,
   image, embedded resource), `isError: true`, `structuredContent` with an
   `outputSchema`, and a slow tool (`sleep_ms`) for timeouts;
-- declares `tools.listChanged` in both protocol eras, and offers two prompts
-  and two resources so deny-by-default on prompts and resources can be tested.
+- declares `tools.listChanged` in both protocol eras, and offers two prompts,
+  two resources, two resource templates and completions of their arguments, so
+  deny-by-default on prompts, resources and templates can be tested.
 
 It is built on the low-level SDK `Server`, which serves the 2026-07-28
 protocol and the session-based 2025-11-25/2025-06-18 protocol from one
@@ -921,6 +922,31 @@ RESOURCES = [
     types.Resource(uri="inbox://stats", name="stats", description="Folder counts of the mailbox, as JSON.", mime_type="application/json"),
 ]
 
+# Templates: one mail, and one folder's mails; a mapping may expose one and hide the other.
+TEMPLATES = [
+    types.ResourceTemplate(uri_template="inbox://mails/{mail_id}", name="mail", description="One mail, as JSON.", mime_type="application/json"),
+    types.ResourceTemplate(
+        uri_template="inbox://folders/{folder}", name="folder", description="The mails of one folder, as JSON.", mime_type="application/json"
+    ),
+]
+MAIL_PREFIX, FOLDER_PREFIX = "inbox://mails/", "inbox://folders/"
+TONES = ["brief", "formal", "friendly"]
+
+
+def completions(box: Mailbox, ref: types.PromptReference | types.ResourceTemplateReference, argument: str, value: str) -> list[str]:
+    """Suggestions for a prompt argument or a template variable, filtered by the typed prefix."""
+    if argument == "tone":
+        candidates = TONES
+    elif argument == "mail_id":
+        candidates = sorted(box.mails)
+    elif argument == "folder":
+        candidates = sorted({m.folder for m in box.mails.values()})
+    elif argument == "max_items":
+        candidates = ["3", "5", "10"]
+    else:
+        candidates = []
+    return [c for c in candidates if c.startswith(value)]
+
 
 # --- the server -----------------------------------------------------------------------------
 
@@ -1016,9 +1042,24 @@ def build_server(
         elif params.uri == "inbox://stats":
             stats = await get_mailbox_stats(box, {}, Caller(None, None))
             contents = types.TextResourceContents(uri=params.uri, mime_type="application/json", text=json.dumps(stats.structured_content))
+        elif params.uri.startswith(MAIL_PREFIX) and params.uri[len(MAIL_PREFIX) :] in box.mails:
+            mail = box.mails[params.uri[len(MAIL_PREFIX) :]]
+            contents = types.TextResourceContents(uri=params.uri, mime_type="application/json", text=json.dumps(mail.full()))
+        elif params.uri.startswith(FOLDER_PREFIX):
+            folder = [m.summary() for m in box.in_folder(params.uri[len(FOLDER_PREFIX) :])]
+            contents = types.TextResourceContents(uri=params.uri, mime_type="application/json", text=json.dumps(folder))
         else:
             raise MCPError(INVALID_PARAMS, f"Resource not found: {params.uri}")
         return types.ReadResourceResult(contents=[contents])
+
+    async def list_resource_templates(
+        ctx: ServerRequestContext[Any, Any], params: types.PaginatedRequestParams | None
+    ) -> types.ListResourceTemplatesResult:
+        return types.ListResourceTemplatesResult(resource_templates=TEMPLATES)
+
+    async def complete(ctx: ServerRequestContext[Any, Any], params: types.CompleteRequestParams) -> types.CompleteResult:
+        values = completions(box, params.ref, params.argument.name, params.argument.value)
+        return types.CompleteResult(completion=types.Completion(values=values, total=len(values), has_more=False))
 
     return InboxServer(
         SERVER_NAME,
@@ -1031,6 +1072,8 @@ def build_server(
         on_get_prompt=get_prompt,
         on_list_resources=list_resources,
         on_read_resource=read_resource,
+        on_list_resource_templates=list_resource_templates,
+        on_completion=complete,
         on_subscriptions_listen=ListenHandler(bus),
     )
 
