@@ -86,16 +86,11 @@ _TEMPLATES = (
     "resource templates cannot be exposed: ResourceSelector matches one exact URI (api/resources.py) and endpoint.py "
     "registers no resources/templates/list, so test://template/123/data is denied as not exposed (core.read_resource)"
 )
-_NO_COMPLETION = (
-    "completion/complete is not relayed: endpoint.build_mcp_server registers no on_completion, so the SDK answers "
-    "-32601 Method not found (ref/prompt test_prompt_with_arguments is an exposed prompt)"
-)
 _PROGRESS = (
     "progress notifications are dropped: upstream._read_sse_response skips every event but the response, and the "
     "endpoint answers in JSON-response mode (endpoint.build_app json_response=True), so nothing can carry them"
 )
 GATEWAY_BUGS: dict[tuple[str, str], str] = {
-    **{(era, "completion-complete"): _NO_COMPLETION for era in SCENARIOS},
     **{(era, "resources-templates-read"): _TEMPLATES for era in SCENARIOS},
     **{(era, "tools-call-with-progress"): _PROGRESS for era in SCENARIOS},
     (MODERN_ERA, "caching"): "resources/templates/list is -32601 Method not found (see resources-templates-read)",
