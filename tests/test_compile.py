@@ -125,3 +125,26 @@ def test_token_policy_and_vault_namespace_come_from_the_server() -> None:
     ).config
     assert (config.tokens.default_ttl_seconds, config.tokens.max_ttl_seconds) == (300, 7200)
     assert config.vault_namespace == "acme-vault"
+
+
+def test_resource_templates_are_denied_by_default_and_exposed_as_listed() -> None:
+    templates = [{"uriTemplate": "gmail://mails/{id}"}, {"uriTemplate": "gmail://labels/{label}/mails"}]
+    none = compile(server(), [mapping("m", [{"name": "send"}])], [connection()])
+    listed = compile(server(), [mapping("m", [{"name": "send"}], resourceTemplates=templates)], [connection()])
+    assert none.config.resource_templates == ()
+    assert [(t.uri_template, t.connection, t.mapping) for t in listed.config.resource_templates] == [
+        ("gmail://labels/{label}/mails", "gmail", "m"),
+        ("gmail://mails/{id}", "gmail", "m"),
+    ]
+
+
+def test_a_connection_used_only_by_a_template_still_needs_the_users_credential() -> None:
+    only_template = mapping("m", [], resourceTemplates=[{"uriTemplate": "gmail://mails/{id}"}])
+    config = compile(server(), [only_template], [connection()]).config
+    assert config.user_connections() == ["gmail"]
+
+
+@pytest.mark.parametrize("template", ["gmail://mails/{id", "gmail://mails/{}", "gmail://{a{b}}", ""])
+def test_a_template_with_unbalanced_or_empty_braces_is_refused(template: str) -> None:
+    with pytest.raises(ValidationError):
+        mapping("m", [], resourceTemplates=[{"uriTemplate": template}])

@@ -19,6 +19,7 @@ from portcullis.api.config import (
     ConnectionConfig,
     ExposedPrompt,
     ExposedResource,
+    ExposedResourceTemplate,
     ExposedTool,
     GatewayConfig,
     ServerInfo,
@@ -70,6 +71,7 @@ class _Draft:
     tools: dict[str, ExposedTool] = field(default_factory=dict)
     prompts: dict[str, ExposedPrompt] = field(default_factory=dict)
     resources: dict[str, ExposedResource] = field(default_factory=dict)
+    resource_templates: dict[str, ExposedResourceTemplate] = field(default_factory=dict)
 
 
 def compile(  # noqa: A001 - the name DESIGN.md gives this function
@@ -132,6 +134,7 @@ def compile(  # noqa: A001 - the name DESIGN.md gives this function
         tools=tuple(draft.tools[k] for k in sorted(draft.tools)),
         prompts=tuple(draft.prompts[k] for k in sorted(draft.prompts)),
         resources=tuple(draft.resources[k] for k in sorted(draft.resources)),
+        resource_templates=tuple(draft.resource_templates[k] for k in sorted(draft.resource_templates)),
     )
     return Compilation(config=config, problems=tuple(problems), accepted_mappings=tuple(accepted))
 
@@ -251,3 +254,8 @@ def _add_mapping(mapping: ToolMapping, draft: _Draft) -> None:
         )
     for resource in mapping.spec.resources:
         draft.resources.setdefault(resource.uri, ExposedResource(uri=resource.uri, connection=conn, mapping=mname))
+    for template in mapping.spec.resource_templates:
+        # Like a resource exposed twice: the first mapping (by name) serves it.
+        draft.resource_templates.setdefault(
+            template.uri_template, ExposedResourceTemplate(uri_template=template.uri_template, connection=conn, mapping=mname)
+        )

@@ -79,6 +79,8 @@ spec:
     - name: summarize_inbox
   resources:
     - uri: inbox://signature
+  resourceTemplates:
+    - uriTemplate: "inbox://mails/{{mail_id}}"
 ---
 apiVersion: portcullis.dev/v1alpha1
 kind: ToolMapping

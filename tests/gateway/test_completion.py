@@ -38,3 +38,14 @@ async def test_an_allowed_completion_is_audited_with_its_connection(stack: Stack
         await client.complete(types.PromptReference(name="summarize_inbox"), {"name": "max_items", "value": ""})
     allowed = [e for e in stack.audit.events if e.method == "completion/complete" and e.user == "bob@example.com"]
     assert [(e.decision, e.tool, e.connection) for e in allowed] == [("allow", "summarize_inbox", "inbox")]
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_exposed_template_is_completed_and_a_hidden_one_is_not(stack: Stack, mode: Mode) -> None:
+    async with agent(stack.url, stack.mint("alice@example.com"), mode) as client:
+        mail = await client.complete(types.ResourceTemplateReference(uri="inbox://mails/{mail_id}"), {"name": "mail_id", "value": "m-00"})
+        with pytest.raises(MCPError) as hidden:
+            await client.complete(types.ResourceTemplateReference(uri="inbox://folders/{folder}"), {"name": "folder", "value": "i"})
+    assert mail.completion.values and all(v.startswith("m-00") for v in mail.completion.values)
+    assert hidden.value.error.code == -32602
+    assert hidden.value.error.message == "Resource not found: inbox://folders/{folder}"
+
+

@@ -4,7 +4,7 @@ The gateway claims to relay MCP faithfully. The referee is the official suite
 (`@modelcontextprotocol/conformance`), run twice per protocol era in one test
 session: directly against the conformance fixture (examples/fixture/server.py),
 and against a gateway fronting a second fixture instance through a ToolMapping
-that exposes every one of the fixture's tools, prompts and static resources
+that exposes every one of the fixture's tools, prompts, static resources and resource templates
 under their own names. Each scenario is one test case: if it passes directly it
 must pass through the gateway.
 
@@ -82,18 +82,12 @@ STATELESS_EXCEPTIONS: dict[tuple[str, str], str] = {
     (SESSION_ERA, "resources-unsubscribe"): "resource subscriptions are per-session, delivered on the session's GET stream",
 }
 
-_TEMPLATES = (
-    "resource templates cannot be exposed: ResourceSelector matches one exact URI (api/resources.py) and endpoint.py "
-    "registers no resources/templates/list, so test://template/123/data is denied as not exposed (core.read_resource)"
-)
 _PROGRESS = (
     "progress notifications are dropped: upstream._read_sse_response skips every event but the response, and the "
     "endpoint answers in JSON-response mode (endpoint.build_app json_response=True), so nothing can carry them"
 )
 GATEWAY_BUGS: dict[tuple[str, str], str] = {
-    **{(era, "resources-templates-read"): _TEMPLATES for era in SCENARIOS},
     **{(era, "tools-call-with-progress"): _PROGRESS for era in SCENARIOS},
-    (MODERN_ERA, "caching"): "resources/templates/list is -32601 Method not found (see resources-templates-read)",
     (MODERN_ERA, "server-stateless"): (
         "new warnings: the upstream's tools/prompts list_changed never reaches the agent's subscription stream; the "
         "gateway neither listens to the upstream's changes (core.Gateway refreshes on a timer only) nor publishes prompts"
@@ -130,6 +124,7 @@ def manifests(fixture_url: str) -> list[dict[str, Any]]:
                 "tools": [{"name": t.name} for t in [*fixture.TOOLS, *fixture.MRTR_TOOLS]],
                 "prompts": [{"name": p.name} for p in [*fixture.PROMPTS, fixture.MRTR_PROMPT]],
                 "resources": [{"uri": str(r.uri)} for r in fixture.RESOURCES],
+                "resourceTemplates": [{"uriTemplate": t.uri_template} for t in fixture.TEMPLATES],
             },
         },
     ]
@@ -351,4 +346,5 @@ def test_the_mapping_exposes_everything_the_fixture_offers() -> None:
     assert {t["name"] for t in mapping["tools"]} == {t.name for t in [*fixture.TOOLS, *fixture.MRTR_TOOLS]}
     assert {p["name"] for p in mapping["prompts"]} == {p.name for p in [*fixture.PROMPTS, fixture.MRTR_PROMPT]}
     assert {r["uri"] for r in mapping["resources"]} == {str(r.uri) for r in fixture.RESOURCES}
+    assert {t["uriTemplate"] for t in mapping["resourceTemplates"]} == {t.uri_template for t in fixture.TEMPLATES}
     assert all("as" not in t for t in mapping["tools"])

@@ -58,6 +58,14 @@ class ExposedResource(Model):
     mapping: str
 
 
+class ExposedResourceTemplate(Model):
+    """An upstream resource template: listed as is, and the URIs it matches may be read."""
+
+    uri_template: str
+    connection: str
+    mapping: str
+
+
 class GatewayConfig(Model):
     """Everything a gateway serves. Lists are sorted so equal inputs give equal bytes."""
 
@@ -71,10 +79,14 @@ class GatewayConfig(Model):
     tools: tuple[ExposedTool, ...] = ()
     prompts: tuple[ExposedPrompt, ...] = ()
     resources: tuple[ExposedResource, ...] = ()
+    resource_templates: tuple[ExposedResourceTemplate, ...] = ()
 
     def user_connections(self) -> list[str]:
         """Connections whose tools are exposed and that need the calling user's own credential."""
-        used = {t.connection for t in self.tools} | {p.connection for p in self.prompts} | {
-            r.connection for r in self.resources
-        }
+        used = (
+            {t.connection for t in self.tools}
+            | {p.connection for p in self.prompts}
+            | {r.connection for r in self.resources}
+            | {r.connection for r in self.resource_templates}
+        )
         return sorted(c for c in used if self.connections[c].credential.source == "user")

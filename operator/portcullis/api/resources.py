@@ -268,6 +268,22 @@ class ResourceSelector(WireModel):
     uri: Annotated[str, Field(min_length=1, max_length=2048, description="Exact URI of an upstream resource to expose.")]
 
 
+# Balanced, unnested `{...}` expressions: what an RFC 6570 template looks like, checked by the API server too.
+URI_TEMPLATE_PATTERN = r"^[^{}]*(\{[^{}]+\}[^{}]*)*$"
+
+
+class ResourceTemplateSelector(WireModel):
+    uri_template: Annotated[
+        str,
+        Field(
+            min_length=1,
+            max_length=2048,
+            pattern=URI_TEMPLATE_PATTERN,
+            description="An upstream resource template, exactly as the upstream lists it; resources/read of a URI it matches is allowed.",
+        ),
+    ]
+
+
 class ToolMappingSpec(WireModel):
     """Which tools (and prompts, resources) of one connection one server may expose."""
 
@@ -281,6 +297,10 @@ class ToolMappingSpec(WireModel):
     ] = Field(default_factory=list)
     resources: Annotated[
         list[ResourceSelector], Field(max_length=1024, description="Resources to expose; deny by default.")
+    ] = Field(default_factory=list)
+    resource_templates: Annotated[
+        list[ResourceTemplateSelector],
+        Field(max_length=1024, description="Resource templates to expose; deny by default."),
     ] = Field(default_factory=list)
 
     @field_validator("tools")

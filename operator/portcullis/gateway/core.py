@@ -22,8 +22,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
+from mcp.shared.uri_template import InvalidUriTemplate, UriTemplate
 
-from portcullis.api.config import GatewayConfig
+from portcullis.api.config import ExposedResourceTemplate, GatewayConfig
 from portcullis.api.resources import SecretKeyReference
 from portcullis.gateway.audit import AuditEvent, AuditSink, Decision, Outcome
 from portcullis.gateway.catalog import Catalog, Exposure
@@ -108,6 +109,7 @@ class Gateway:
         self._refresher: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[], None]] = []
         self._verified: dict[str, SessionClaims] = {}
+        self._matchers: tuple[GatewayConfig, list[tuple[ExposedResourceTemplate, UriTemplate | None]]] | None = None
 
     # --- lifecycle -------------------------------------------------------------
 
@@ -326,13 +328,13 @@ class Gateway:
 
     async def read_resource(self, claims: SessionClaims, uri: str) -> dict[str, Any]:
         started, request_id = time.perf_counter(), uuid.uuid4().hex
-        resource = next((r for r in self._config.resources if r.uri == uri), None)
-        if resource is None:
+        connection = self._resource_connection(uri)
+        if connection is None:
             self._record(claims, request_id, uri, None, "deny", "not_exposed", "denied", started, method="resources/read")
             # The upstream's own answer for an unknown URI (SEP-2164), so a hidden resource
             # looks exactly like a missing one.
             raise RPCError(INVALID_PARAMS, f"Resource not found: {uri}", {"uri": uri})
-        result = await self._forward(claims, request_id, resource.connection, "resources/read", {"uri": uri}, uri, started)
+        result = await self._forward(claims, request_id, connection, "resources/read", {"uri": uri}, uri, started)
         return relay_result(result)
 
     async def complete(
@@ -374,9 +376,47 @@ class Gateway:
         return relay_result(result)
 
     def _resource_connection(self, uri: str) -> str | None:
-        """The connection serving an exposed resource URI, or None when it is not exposed."""
+        """The connection serving `uri`, or None when it is not exposed.
+
+        Exposed are: an exposed resource's exact URI, an exposed template's exact
+        string (what `completion/complete` names), and any URI an exposed template
+        matches. Matching is the SDK's RFC 6570 matcher (levels 1-3): a level-1
+        `{var}` matches one percent-encoded value, never a `/`, so
+        `inbox://mails/{id}` admits `inbox://mails/m-1` and not `inbox://mails/a/b`.
+        """
         resource = next((r for r in self._config.resources if r.uri == uri), None)
-        return resource.connection if resource is not None else None
+        if resource is not None:
+            return resource.connection
+        for template, matcher in self._template_matchers():
+            if template.uri_template == uri or (matcher is not None and matcher.match(uri) is not None):
+                return template.connection
+        return None
+
+    def _template_matchers(self) -> list[tuple[ExposedResourceTemplate, UriTemplate | None]]:
+        # Parsed once per config; a template the SDK cannot parse only ever matches itself.
+        config = self._config
+        if self._matchers is None or self._matchers[0] is not config:
+            matchers: list[tuple[ExposedResourceTemplate, UriTemplate | None]] = []
+            for template in config.resource_templates:
+                try:
+                    matchers.append((template, UriTemplate.parse(template.uri_template)))
+                except InvalidUriTemplate as exc:
+                    log.warning("resource template %r of %s cannot be matched: %s", template.uri_template, template.mapping, exc)
+                    matchers.append((template, None))
+            self._matchers = (config, matchers)
+        return self._matchers[1]
+
+    async def list_resource_templates(self, claims: SessionClaims) -> list[dict[str, Any]]:
+        """The exposed templates, as their upstreams list them (a template no upstream lists is left out)."""
+        out: list[dict[str, Any]] = []
+        for template in self._config.resource_templates:
+            listing = await self._upstream_items(
+                claims, template.connection, "resources/templates/list", "resourceTemplates", "uriTemplate"
+            )
+            definition = listing.get(template.uri_template)
+            if definition is not None:
+                out.append(definition)
+        return out
 
     async def _upstream_items(
         self, claims: SessionClaims, connection: str, method: str, key: str, id_key: str

@@ -110,6 +110,10 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
         resources = await gateway.list_resources(_claims())
         return types.ListResourcesResult(resources=[types.Resource.model_validate(r) for r in resources])
 
+    async def list_resource_templates(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListResourceTemplatesResult:
+        templates = await gateway.list_resource_templates(_claims())
+        return types.ListResourceTemplatesResult(resource_templates=[types.ResourceTemplate.model_validate(t) for t in templates])
+
     async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
         try:
             result = await gateway.read_resource(_claims(), str(params.uri))
@@ -137,6 +141,7 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
         on_get_prompt=get_prompt,
         on_list_resources=list_resources,
         on_read_resource=read_resource,
+        on_list_resource_templates=list_resource_templates,
         on_completion=complete,
         on_subscriptions_listen=ListenHandler(bus),
     )
