@@ -11,6 +11,17 @@ those. This subclass adds them, and a few more real-server behaviours:
   answers them without persisting, and tests answer them with a reaction, e.g.
   ``k8s['post /apis/authentication.k8s.io/v1/tokenreviews'] << handler``.
 
+It also makes a request cost the same however many came before. kmock picks a reaction by
+asking, for each of its ~14 built-in reactions, whether the new request is "in" the
+reaction's view, and answers that by re-filtering the whole request log: every request
+costs O(log length x reactions). Measured here (a bare GET of one ConfigMap): 10 ms after
+100 requests, 61 ms after 1,000, 175 ms after 2,000, which is what made the operator look
+slow in the emulator. `_FastDispatch` answers the same question for plain filter chains
+(filters and priorities down to the emulator itself, which is every built-in reaction and
+every ``k8s['...'] << x`` a test adds) by applying the chain's criteria to that one
+request; anything else (slices, groups, exclusions, streams) takes kmock's own path.
+The request log is kept whole, so tests can still assert on it.
+
 Use ``emulator()`` for a started emulator and HTTP server on 127.0.0.1, with the core resources
 declared (kmock only serves declared resources).
 """
@@ -27,7 +38,7 @@ from typing import Any
 
 import attrs
 import kmock
-from kmock._internal import enums, rendering
+from kmock._internal import apps, dsl, enums, rendering
 
 CORE_RESOURCES: dict[str, kmock.ResourceInfo] = {
     "v1/namespaces": kmock.ResourceInfo(kind="Namespace", namespaced=False, verbs={"get", "list", "watch", "create", "patch", "delete"}),
@@ -37,8 +48,52 @@ CORE_RESOURCES: dict[str, kmock.ResourceInfo] = {
 }
 
 
+class _FastDispatch(apps.RawHandler):
+    """kmock's reaction dispatch with an O(1) membership test for plain filter chains.
+
+    Sits between the emulator and kmock's `RawHandler` in the MRO, so the emulator's own
+    `_handle` (object storage) still runs first and then dispatches through this one.
+    """
+
+    __slots__ = ()
+
+    def _sees(self, view: dsl.View, request: rendering.Request) -> bool:
+        # The request was appended to this root's log before dispatch, so for a chain of
+        # filters and priorities ending at this root, "in the view" means "passes every filter".
+        node = view
+        while True:
+            if node is self:
+                return True
+            if type(node) is dsl.Filter:
+                if not node.criteria(request):
+                    return False
+                node = node._source
+            elif type(node) is dsl.Priority:
+                node = node._source
+            else:
+                return request in view  # kmock's own (log-scanning) answer
+
+    async def _handle(self, request: rendering.Request) -> Any:
+        # Same order as kmock: highest priority first, padded to equal length; the first
+        # live reaction that sees the request answers it.
+        priorities = [payload.priorities for payload in self._payloads]
+        width = max((len(p) for p in priorities), default=0)
+        padded = [tuple(-p for p in prio) + (0,) * (width - len(prio)) for prio in priorities]
+        for index in sorted(range(len(padded)), key=lambda i: padded[i]):
+            payload = self._payloads[index]
+            if payload._disabled.is_set() or not self._sees(payload._source, request):
+                continue
+            try:
+                return await payload(request)
+            except rendering.ReactionMismatchError:  # mismatched or depleted: never again
+                payload._disabled.set()
+            except NotImplementedError:  # matched but has nothing to answer with
+                pass
+        raise NotImplementedError(f"no reaction matches {request.method} {request.url}")
+
+
 @attrs.define(kw_only=True)
-class Emulator(kmock.KubernetesEmulator):
+class Emulator(kmock.KubernetesEmulator, _FastDispatch):
     """KubernetesEmulator plus the metadata a real API server maintains."""
 
     _versions: Any = attrs.field(factory=lambda: itertools.count(1), init=False)
