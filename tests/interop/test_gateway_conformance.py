@@ -88,10 +88,6 @@ _PROGRESS = (
 )
 GATEWAY_BUGS: dict[tuple[str, str], str] = {
     **{(era, "tools-call-with-progress"): _PROGRESS for era in SCENARIOS},
-    (MODERN_ERA, "server-stateless"): (
-        "new warnings: the upstream's tools/prompts list_changed never reaches the agent's subscription stream; the "
-        "gateway neither listens to the upstream's changes (core.Gateway refreshes on a timer only) nor publishes prompts"
-    ),
 }
 
 

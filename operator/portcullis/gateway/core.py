@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,13 +31,25 @@ from portcullis.gateway.audit import AuditEvent, AuditSink, Decision, Outcome
 from portcullis.gateway.catalog import Catalog, Exposure
 from portcullis.gateway.revocation import RevocationStore
 from portcullis.gateway.tokens import SessionClaims, TokenError, TokenVerifier
-from portcullis.gateway.upstream import UpstreamClient, UpstreamError, UpstreamRPCError
+from portcullis.gateway.upstream import (
+    LISTENING,
+    PROMPTS_LIST_CHANGED,
+    RESOURCES_LIST_CHANGED,
+    TOOLS_LIST_CHANGED,
+    NoChangeStream,
+    UpstreamClient,
+    UpstreamError,
+    UpstreamRPCError,
+)
 from portcullis.vault.base import Vault
 
 log = logging.getLogger("portcullis.gateway")
 
 # Verified tokens kept to skip re-checking signatures; cleared whole when full (simple, bounded).
 _VERIFIED_CACHE_SIZE = 10_000
+# Reopening a dropped upstream change stream: from about a second, doubling, to at most a minute.
+_WATCH_MIN_BACKOFF = 1.0
+_WATCH_MAX_BACKOFF = 60.0
 # JSON-RPC 2.0 / MCP error codes.
 INVALID_PARAMS = -32602
 INTERNAL_ERROR = -32603
@@ -108,6 +121,8 @@ class Gateway:
         self._exposure = self.catalog.expose(config)
         self._refresher: asyncio.Task[None] | None = None
         self._listeners: list[Callable[[], None]] = []
+        self._list_listeners: list[Callable[[str], None]] = []
+        self._watchers: dict[str, tuple[UpstreamClient, asyncio.Task[None]]] = {}
         self._verified: dict[str, SessionClaims] = {}
         self._matchers: tuple[GatewayConfig, list[tuple[ExposedResourceTemplate, UriTemplate | None]]] | None = None
 
@@ -122,10 +137,12 @@ class Gateway:
         self._refresher = asyncio.create_task(self._refresh_forever(), name="portcullis-catalog-refresh")
 
     async def stop(self) -> None:
-        if self._refresher is not None:
-            self._refresher.cancel()
+        tasks = [t for t in [self._refresher, *(task for _, task in self._watchers.values())] if t is not None]
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._refresher
+                await task
         if self._http is not None:
             await self._http.close()
 
@@ -161,14 +178,22 @@ class Gateway:
         for name in list(self._upstreams):
             if name not in self._config.connections:
                 del self._upstreams[name]
+        self._sync_watchers()
 
     def _rebuild_exposure(self) -> None:
-        before = [t["name"] for t in self._exposure.tools], [t.get("description") for t in self._exposure.tools]
+        before = self._exposure.tools
         self._exposure = self.catalog.expose(self._config)
-        after = [t["name"] for t in self._exposure.tools], [t.get("description") for t in self._exposure.tools]
-        if before != after:
-            for listener in self._listeners:
-                listener()
+        # Whole definitions: a changed schema is a change agents must refetch too.
+        if before != self._exposure.tools:
+            self._tools_changed()
+
+    def _tools_changed(self) -> None:
+        for listener in self._listeners:
+            listener()
+
+    def on_list_changed(self, listener: Callable[[str], None]) -> None:
+        """Called with "prompts" or "resources" when an upstream serving exposed ones says its list changed."""
+        self._list_listeners.append(listener)
 
     # --- catalog -----------------------------------------------------------------
 
@@ -202,6 +227,81 @@ class Gateway:
         if conn.credential.source == "shared":
             return await self._shared_credential(connection)
         return None
+
+    # --- upstream change streams -----------------------------------------------------
+
+    def _sync_watchers(self) -> None:
+        # One change stream per upstream client: a replaced client (changed URL,
+        # timeout or credential source) gets a fresh stream, a removed one none.
+        for name, upstream in self._upstreams.items():
+            current = self._watchers.get(name)
+            if current is None or current[0] is not upstream:
+                if current is not None:
+                    current[1].cancel()
+                task = asyncio.get_running_loop().create_task(self._watch(name, upstream), name=f"portcullis-watch-{name}")
+                self._watchers[name] = (upstream, task)
+        for name in [n for n in self._watchers if n not in self._upstreams]:
+            self._watchers.pop(name)[1].cancel()
+
+    async def _watch(self, connection: str, upstream: UpstreamClient) -> None:
+        """Hold `connection`'s change stream for as long as it is configured.
+
+        Each (re)opened stream starts with a refresh: nothing is replayed, so a change
+        made while no stream was open (before the first, or during a reconnect) is
+        picked up then. A dropped stream is reopened after a jittered, doubling delay
+        capped at _WATCH_MAX_BACKOFF, back to the minimum only once a stream has lasted
+        that long (an upstream that closes every stream at once is not hammered); an
+        upstream with no stream at all is left to the timer. Each replica holds its own
+        streams and refreshes its own catalog.
+        """
+        loop = asyncio.get_running_loop()
+        delay = _WATCH_MIN_BACKOFF
+        opened_at: float | None = None
+        while True:
+            opened_at = None
+            try:
+                credential = await self._listing_credential(connection)
+                async for event in upstream.changes(credential):
+                    if event == LISTENING:
+                        opened_at = loop.time()
+                        await self.refresh(connection)
+                    else:
+                        await self._upstream_changed(connection, event)
+            except NoChangeStream as exc:
+                log.info("%s; its lists are refreshed every %ss", exc, self.refresh_seconds)
+                return
+            except (UpstreamError, UpstreamRPCError) as exc:
+                log.info("change stream of %s: %s; reopening in about %.0fs", connection, exc, delay)
+            except Exception:  # a bug here must not end the watch for good; the timer still runs
+                log.exception("change stream of %s failed", connection)
+            if opened_at is not None and loop.time() - opened_at >= _WATCH_MAX_BACKOFF:
+                delay = _WATCH_MIN_BACKOFF
+            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            delay = min(delay * 2, _WATCH_MAX_BACKOFF)
+
+    async def _upstream_changed(self, connection: str, method: str) -> None:
+        config = self._config
+        if method == TOOLS_LIST_CHANGED:
+            before = self._exposure.tools
+            await self.refresh(connection)
+            if self._exposure.tools == before and any(t.connection == connection for t in config.tools):
+                # The exposed slice looks the same, yet the upstream says its list changed: pass
+                # the signal on. It is a level trigger ("refetch if you care"), so a spurious one
+                # costs an agent one tools/list, while a swallowed one leaves it stale.
+                self._tools_changed()
+        elif method == PROMPTS_LIST_CHANGED:
+            # Prompt, resource and template lists are fetched per request, so there is no
+            # cache to refresh: only agents are told, and only when this upstream serves them any.
+            if any(p.connection == connection for p in config.prompts):
+                self._notify_list_changed("prompts")
+        elif method == RESOURCES_LIST_CHANGED:
+            served = {r.connection for r in config.resources} | {t.connection for t in config.resource_templates}
+            if connection in served:
+                self._notify_list_changed("resources")
+
+    def _notify_list_changed(self, kind: str) -> None:
+        for listener in self._list_listeners:
+            listener(kind)
 
     async def _refresh_forever(self) -> None:
         while True:

@@ -21,7 +21,13 @@ from typing import Any
 import mcp_types as types
 from mcp.server.lowlevel import Server
 from mcp.server.transport_security import TransportSecuritySettings
-from mcp.server.subscriptions import InMemorySubscriptionBus, ListenHandler, ToolsListChanged
+from mcp.server.subscriptions import (
+    InMemorySubscriptionBus,
+    ListenHandler,
+    PromptsListChanged,
+    ResourcesListChanged,
+    ToolsListChanged,
+)
 from mcp.shared.exceptions import MCPError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
@@ -78,6 +84,12 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
         asyncio.get_running_loop().create_task(bus.publish(ToolsListChanged()))
 
     gateway.on_tools_changed(tools_changed)
+
+    def list_changed(kind: str) -> None:
+        event = PromptsListChanged() if kind == "prompts" else ResourcesListChanged()
+        asyncio.get_running_loop().create_task(bus.publish(event))
+
+    gateway.on_list_changed(list_changed)
 
     # Tool results and lists are returned as plain dicts: the SDK validates and sieves
     # every result against the negotiated protocol version anyway, so building models

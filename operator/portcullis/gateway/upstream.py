@@ -27,7 +27,7 @@ import asyncio
 import hashlib
 import itertools
 import json
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -68,6 +68,20 @@ class UpstreamError(Exception):
         super().__init__(f"upstream {connection!r}: {message}")
 
 
+class NoChangeStream(UpstreamError):
+    """The upstream offers no stream of change notifications (405 on GET, -32601 on listen)."""
+
+
+LISTENING: Final = "portcullis/listening"
+"""Yielded by `UpstreamClient.changes` each time its stream opens: what changed before is not replayed."""
+TOOLS_LIST_CHANGED: Final = "notifications/tools/list_changed"
+PROMPTS_LIST_CHANGED: Final = "notifications/prompts/list_changed"
+RESOURCES_LIST_CHANGED: Final = "notifications/resources/list_changed"
+_CHANGE_METHODS: Final = frozenset({TOOLS_LIST_CHANGED, PROMPTS_LIST_CHANGED, RESOURCES_LIST_CHANGED})
+_ACKNOWLEDGED: Final = "notifications/subscriptions/acknowledged"
+_METHOD_NOT_FOUND: Final = -32601
+
+
 class UpstreamRPCError(Exception):
     """The upstream answered with a JSON-RPC error; relayed as is."""
 
@@ -91,6 +105,7 @@ class UpstreamClient:
         self._era: str | None = None  # "modern" | "legacy", found on first use
         self._era_lock = asyncio.Lock()
         self._sessions: dict[str, _LegacySession] = {}
+        self._opening: dict[str, asyncio.Lock] = {}
         self._ids = itertools.count(1)
         self._param_headers: dict[str, dict[tuple[str, ...], str]] = {}
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_seconds)
@@ -140,6 +155,75 @@ class UpstreamClient:
                 return items
             params = {"cursor": cursor}
         raise UpstreamError(self.name, f"{method} paginated past 1000 pages")
+
+    # --- change notifications ------------------------------------------------------
+
+    async def changes(self, credential: Mapping[str, str] | None = None) -> AsyncIterator[str]:
+        """The upstream's list-change notifications, from one long-lived stream.
+
+        Yields `LISTENING` once the stream is open, then the method of each
+        `notifications/{tools,prompts,resources}/list_changed` as it arrives. On
+        2026-07-28 the stream is a `subscriptions/listen` request (acknowledged
+        first); on the session protocol it is the session's standalone GET stream.
+        Ends when the upstream closes the stream gracefully; raises `NoChangeStream`
+        when the upstream has none, `UpstreamError` or `UpstreamRPCError` otherwise.
+        The stream has no read timeout (it is idle by nature): only connecting is bounded.
+        """
+        era = self._era or await self._discover(credential)
+        if era == "modern":
+            request_id = next(self._ids)
+            meta = {PROTOCOL_VERSION_META_KEY: MODERN_VERSION, CLIENT_CAPABILITIES_META_KEY: {}, CLIENT_INFO_META_KEY: CLIENT_INFO}
+            wanted = {"toolsListChanged": True, "promptsListChanged": True, "resourcesListChanged": True}
+            body = {"jsonrpc": "2.0", "id": request_id, "method": "subscriptions/listen", "params": {"notifications": wanted, "_meta": meta}}
+            headers = {
+                "accept": _ACCEPT,
+                "content-type": "application/json",
+                MCP_PROTOCOL_VERSION_HEADER: MODERN_VERSION,
+                MCP_METHOD_HEADER: "subscriptions/listen",
+                **(credential or {}),
+            }
+            opened = self._http.post(self.config.url, data=json.dumps(body), headers=headers, timeout=self._stream_timeout())
+        else:
+            key = _credential_key(credential)
+            session = await self._legacy_session(key, credential)
+            request_id = None
+            headers = {"accept": "text/event-stream", MCP_PROTOCOL_VERSION_HEADER: LEGACY_VERSION, **(credential or {})}
+            if session.session_id:
+                headers[SESSION_HEADER] = session.session_id
+            opened = self._http.get(self.config.url, headers=headers, timeout=self._stream_timeout())
+        try:
+            async with opened as response:
+                if era == "legacy" and response.status == 404:
+                    self._sessions.pop(_credential_key(credential), None)  # the upstream forgot the session
+                if response.status == 405:
+                    raise NoChangeStream(self.name, "offers no change notification stream (HTTP 405)")
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    message = _decode(await response.read(), self.name)
+                    if message is not None and isinstance(message.get("error"), dict):
+                        if message["error"].get("code") == _METHOD_NOT_FOUND:
+                            raise NoChangeStream(self.name, "does not serve subscriptions/listen")
+                        raise UpstreamRPCError(message["error"])
+                    raise UpstreamError(self.name, f"HTTP {response.status}: no change notification stream")
+                if era == "legacy":
+                    yield LISTENING
+                async for message in _sse_messages(response):
+                    method = message.get("method")
+                    if method == _ACKNOWLEDGED:
+                        yield LISTENING
+                    elif method in _CHANGE_METHODS:
+                        yield str(method)
+                    elif request_id is not None and message.get("id") == request_id:
+                        if isinstance(message.get("error"), dict):
+                            raise UpstreamRPCError(message["error"])
+                        return  # the upstream closed the subscription gracefully
+        except asyncio.TimeoutError:
+            raise UpstreamError(self.name, f"no change stream within {self.config.timeout_seconds}s") from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(self.name, f"change stream dropped ({type(exc).__name__})") from None
+        raise UpstreamError(self.name, "change stream ended")
+
+    def _stream_timeout(self) -> aiohttp.ClientTimeout:
+        return aiohttp.ClientTimeout(total=None, connect=self.config.timeout_seconds, sock_read=None)
 
     # --- era discovery -----------------------------------------------------------
 
@@ -213,6 +297,21 @@ class UpstreamClient:
         session = self._sessions.get(key)
         if session is not None:
             return session
+        # One handshake per credential at a time: concurrent first uses (a refresh, the change
+        # stream, a call) would otherwise each open a session and keep only the last, and the
+        # change stream could end up on a session nothing else uses.
+        lock = self._opening.setdefault(key, asyncio.Lock())
+        try:
+            async with lock:
+                session = self._sessions.get(key)
+                if session is None:
+                    session = await self._open_legacy_session(key, credential)
+                return session
+        finally:
+            if not lock.locked() and self._opening.get(key) is lock:
+                del self._opening[key]
+
+    async def _open_legacy_session(self, key: str, credential: Mapping[str, str] | None) -> _LegacySession:
         if len(self._sessions) >= _MAX_LEGACY_SESSIONS:
             self._sessions.pop(next(iter(self._sessions)))
         headers = {"accept": _ACCEPT, "content-type": "application/json"}
@@ -322,3 +421,20 @@ async def _read_sse_response(response: aiohttp.ClientResponse, request_id: objec
             ):
                 return message
     return None
+
+
+async def _sse_messages(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
+    """Every JSON-RPC message of a server-sent event stream, until it ends (unparsable events are skipped)."""
+    data_lines: list[str] = []
+    async for raw_line in response.content:
+        line = raw_line.decode("utf-8", "replace").rstrip("\r\n")
+        if line.startswith("data:"):
+            data_lines.append(line[5:].lstrip(" "))
+        elif line == "" and data_lines:
+            payload, data_lines = "\n".join(data_lines), []
+            try:
+                message = json.loads(payload)
+            except ValueError:
+                continue
+            if isinstance(message, dict):
+                yield message
