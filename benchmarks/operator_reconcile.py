@@ -10,6 +10,12 @@ Deployment controller do in a cluster, minus image pulls and probes).
 Figures are medians over N runs; polling every 5 ms bounds their resolution. The gateway
 half of the allowlist path (ConfigMap watch -> tools/list) is measured by the gateway's
 own benchmark.
+
+Figures (10 runs, 2-core VM, operator and emulator in one process): apply -> status
+written 90 ms, apply -> Ready 130 ms, ToolMapping change -> ConfigMap 27 ms. They were
+seconds, growing with every server, until the emulator stopped rescanning its request log
+per request (tests/support/kmock_support.py) and the operator stopped re-reconciling on
+the echoes of its own writes.
 """
 
 from __future__ import annotations

@@ -312,3 +312,33 @@ async def test_rotate_keys_annotation_rotates_and_rolls_the_pods() -> None:
                     {"metadata": {"annotations": {"portcullis.dev/rotate-keys": "2026-11-22T05:00:00Z"}}})
         await eventually(lambda: key_count() == 2)
         await eventually(lambda: digest() != before)
+
+
+def test_memory_tells_echoes_of_our_own_writes_from_news() -> None:
+    from portcullis.controller.reconcile import Memory
+
+    memory = Memory()
+    child = {"kind": "ConfigMap", "metadata": {"namespace": NS, "name": "summarizer-config", "resourceVersion": "7"}}
+    assert not memory.already_seen("ADDED", child)
+    memory.saw(child)  # what KopfCluster does with every object it reads or writes
+    memory.saw({**child, "metadata": {**child["metadata"], "resourceVersion": "9"}})
+    # An older echo arriving after a newer write is still ours.
+    assert memory.already_seen("MODIFIED", child)
+    assert not memory.already_seen("MODIFIED", {**child, "metadata": {**child["metadata"], "resourceVersion": "8"}})
+    # A deletion is news even when it repeats the last version, and forgets the object.
+    assert not memory.already_seen("DELETED", child)
+    assert not memory.already_seen("MODIFIED", child)
+
+
+def test_memory_acts_on_each_mapping_generation_once() -> None:
+    from portcullis.controller.reconcile import Memory
+
+    memory = Memory()
+    mapping = {"kind": "ToolMapping", "metadata": {"namespace": NS, "name": "m", "generation": 1}}
+    assert not memory.spec_already_handled("ADDED", mapping)
+    assert memory.spec_already_handled("MODIFIED", mapping)  # a status write: same generation
+    changed = {**mapping, "metadata": {**mapping["metadata"], "generation": 2}}
+    assert not memory.spec_already_handled("MODIFIED", changed)
+    assert memory.spec_already_handled("MODIFIED", mapping)  # a late echo of generation 1
+    assert not memory.spec_already_handled("DELETED", changed)
+    assert not memory.spec_already_handled("ADDED", mapping)  # recreated under the same name

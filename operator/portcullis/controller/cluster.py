@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -22,6 +23,8 @@ from kopf._cogs.clients import api, errors
 from portcullis.api.resources import API_VERSION
 
 JsonObject = dict[str, Any]
+# kind, namespace, name: which object a resourceVersion belongs to.
+ObjectKey = tuple[str, str | None, str]
 
 MERGE_PATCH = {"Content-Type": "application/merge-patch+json"}
 
@@ -85,12 +88,37 @@ class Cluster(Protocol):
     async def delete(self, ref: Ref) -> bool: ...
 
 
-class KopfCluster:
-    """`Cluster` over kopf's authenticated session; `settings` are the operator's settings."""
+class Observer(Protocol):
+    def saw(self, obj: JsonObject) -> None: ...
+    def forget(self, key: ObjectKey) -> None: ...
 
-    def __init__(self, settings: Any, logger: logging.Logger | logging.LoggerAdapter[logging.Logger]):
+
+def object_key(obj: Mapping[str, Any]) -> ObjectKey:
+    meta = obj.get("metadata") or {}
+    return (str(obj.get("kind")), meta.get("namespace"), str(meta.get("name")))
+
+
+class KopfCluster:
+    """`Cluster` over kopf's authenticated session; `settings` are the operator's settings.
+
+    `observe`, when given, is shown every object this client reads or writes (and the key
+    of every object it deletes), so watch events can be told apart: a version the operator
+    already acted on (the echo of its own write, a state a reconcile compared) or news.
+    """
+
+    def __init__(
+        self,
+        settings: Any,
+        logger: logging.Logger | logging.LoggerAdapter[logging.Logger],
+        observe: Observer | None = None,
+    ):
         self._settings = settings
         self._logger = logger
+        self._observe = observe
+
+    def _saw(self, obj: JsonObject | None) -> None:
+        if self._observe is not None and isinstance(obj, dict):
+            self._observe.saw(obj)
 
     async def _call(self, method: str, url: str, *, payload: object = None, headers: dict[str, str] | None = None) -> Any:
         response = await api.request(
@@ -105,11 +133,13 @@ class KopfCluster:
             result: JsonObject = await self._call("get", ref.url())
         except errors.APINotFoundError:
             return None
+        self._saw(result)
         return result
 
     async def create(self, obj: JsonObject) -> JsonObject:
         ref = Ref.of(obj)
         result: JsonObject = await self._call("post", ref.url(collection=True), payload=obj)
+        self._saw(result)
         self._logger.info(f"Created {ref}")
         return result
 
@@ -120,10 +150,13 @@ class KopfCluster:
             )
         except errors.APINotFoundError:
             return None
+        self._saw(result)
         self._logger.info(f"Patched {ref}{'/' + subresource if subresource else ''}")
         return result
 
     async def delete(self, ref: Ref) -> bool:
+        if self._observe is not None:
+            self._observe.forget((ref.kind, ref.namespace, ref.name))
         try:
             await self._call("delete", ref.url())
         except errors.APINotFoundError:

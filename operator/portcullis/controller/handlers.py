@@ -74,7 +74,8 @@ def _snapshot(body: Any) -> JsonObject:
 
 def _cluster(memo: Any, logger: Any) -> KopfCluster:
     # kopf hands `settings` to activity handlers only; the startup handler keeps them.
-    return KopfCluster(_memory(memo).settings, logger)
+    memory = _memory(memo)
+    return KopfCluster(memory.settings, logger, observe=memory)
 
 
 def _memory(memo: Any) -> Memory:
@@ -242,6 +243,8 @@ async def mapping_event(
     """Fires on every ToolMapping event: re-reconcile the servers it names now and named before."""
     namespace = _ns(namespace)
     memory = _memory(memo)
+    if memory.spec_already_handled(event.get("type"), body):
+        return  # a status write (ours): the spec, all that a reconcile reads, is unchanged
     cluster = _cluster(memo, logger)
     raw = _snapshot(body)
     target = mapping_server_ref(raw)
@@ -274,6 +277,8 @@ async def connection_event(
 ) -> None:
     """Fires on every MCPConnection event: re-reconcile the servers whose mappings use it."""
     namespace = _ns(namespace)
+    if _memory(memo).spec_already_handled(event.get("type"), body):
+        return  # a status write (ours): the spec, all that a reconcile reads, is unchanged
     cluster = _cluster(memo, logger)
     mappings = list(mappings_by_namespace.get(namespace, []))
     servers = {
@@ -304,6 +309,7 @@ async def child_event(
     event: kopf.RawEvent,
     namespace: str | None,
     labels: kopf.Labels,
+    body: kopf.Body,
     memo: kopf.Memo,
     logger: kopf.Logger,
     servers_by_key: Index = None,
@@ -315,6 +321,8 @@ async def child_event(
     server = labels.get(SERVER_LABEL)
     if server is None or namespace is None or (namespace, server) not in servers_by_key:
         return
+    if _memory(memo).already_seen(event.get("type"), body):
+        return  # a version a reconcile already wrote or compared: nothing new to repair
     await reconcile_server(
         _cluster(memo, logger),
         (namespace, server),

@@ -16,7 +16,8 @@ daemon, all at once.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -27,7 +28,7 @@ from portcullis.api.manifests import format_validation_error
 from portcullis.api.resources import API_VERSION, MCPConnection, ToolMapping, VirtualMCPServer
 from portcullis.api.status import ConditionType, Reason
 from portcullis.compile import Problem, cluster_url, compile
-from portcullis.controller.cluster import Cluster, JsonObject, Ref
+from portcullis.controller.cluster import Cluster, JsonObject, ObjectKey, Ref, object_key
 from portcullis.controller.conditions import (
     Condition,
     ServerState,
@@ -44,6 +45,7 @@ from portcullis.render.disruption_budget import build_disruption_budget
 from portcullis.render.metadata import signing_keys_name
 
 ServerKey = tuple[str, str]
+_SEEN_VERSIONS = 8
 # The namespace's mappings and connections as kopf's indexes hold them right now.
 World = Callable[[str], tuple[list[JsonObject], list[JsonObject]]]
 
@@ -59,9 +61,54 @@ class Memory:
     # server when a mapping is retargeted or deleted.
     mapping_targets: dict[ServerKey, str] = field(default_factory=dict)
     gateway_status: dict[ServerKey, JsonObject] = field(default_factory=dict)
+    # Recent resourceVersions of each object as this operator read or wrote them (shown by
+    # KopfCluster). Every write comes back as a watch event, and kopf delivers one object's
+    # events in order, one at a time, so echoes can arrive after newer versions: without
+    # this, each child created and each status patched re-triggered a full reconcile.
+    seen: dict[ObjectKey, deque[str]] = field(default_factory=dict)
+    # The generation of each ToolMapping and MCPConnection last acted on: only their spec
+    # feeds a reconcile, and status writes (ours) do not move the generation.
+    generations: dict[ObjectKey, int] = field(default_factory=dict)
 
     def lock(self, key: ServerKey) -> asyncio.Lock:
         return self.locks.setdefault(key, asyncio.Lock())
+
+    def saw(self, obj: JsonObject) -> None:
+        version = (obj.get("metadata") or {}).get("resourceVersion")
+        if isinstance(version, str):
+            versions = self.seen.setdefault(object_key(obj), deque(maxlen=_SEEN_VERSIONS))
+            if version not in versions:
+                versions.append(version)
+
+    def forget(self, key: ObjectKey) -> None:
+        self.seen.pop(key, None)
+        self.generations.pop(key, None)
+
+    def already_seen(self, event_type: str | None, body: Mapping[str, Any]) -> bool:
+        """True if this event carries a version of the object we already acted on.
+
+        A deletion is always news (an emulator may repeat the last version in it), and
+        forgets the object.
+        """
+        if event_type == "DELETED":
+            self.forget(object_key(body))
+            return False
+        version = (body.get("metadata") or {}).get("resourceVersion")
+        return version is not None and version in self.seen.get(object_key(body), ())
+
+    def spec_already_handled(self, event_type: str | None, body: Mapping[str, Any]) -> bool:
+        """True if this event's generation (its spec) was already acted on; else record it."""
+        key = object_key(body)
+        if event_type == "DELETED":
+            self.forget(key)
+            return False
+        generation = (body.get("metadata") or {}).get("generation")
+        if not isinstance(generation, int):
+            return False
+        if generation <= self.generations.get(key, 0):
+            return True
+        self.generations[key] = generation
+        return False
 
 
 def now_utc() -> datetime:
@@ -140,14 +187,17 @@ def owned_part(obj: JsonObject) -> JsonObject:
 
 async def apply(cluster: Cluster, desired: JsonObject) -> JsonObject:
     """Create `desired` if missing; else patch it only where it differs. Returns the observed object."""
-    ref = Ref.of(desired)
-    observed = await cluster.get(ref)
+    return await apply_over(cluster, desired, await cluster.get(Ref.of(desired)))
+
+
+async def apply_over(cluster: Cluster, desired: JsonObject, observed: JsonObject | None) -> JsonObject:
+    """`apply` when the current object (`observed`, None if missing) was already read."""
     if observed is None:
         return await cluster.create(desired)
     owned = owned_part(desired)
     if is_subset(owned, observed):
         return observed
-    patched = await cluster.patch(ref, owned)
+    patched = await cluster.patch(Ref.of(desired), owned)
     return patched if patched is not None else await cluster.create(desired)
 
 
@@ -224,24 +274,35 @@ async def _reconcile_locked(
         keep_seconds=server.spec.session_tokens.max_ttl_seconds,
     )
     children = build_children(server, compilation.config, image=server.spec.image or options.image, keys_json=decision.keys_json)
+
+    async def apply_child(child: JsonObject) -> JsonObject:
+        if child["kind"] != "Secret":
+            return await apply(cluster, child)
+        if secret is None:
+            return await cluster.create({**child, "metadata": {**child["metadata"], "annotations": decision.annotations}})
+        if decision.changed:
+            patch = {**child, "metadata": {**child["metadata"], "annotations": decision.annotations}}
+            return await cluster.patch(secret_ref, patch) or secret
+        return await apply_over(cluster, child, secret)
+
+    # Children are independent objects, so they are read and written concurrently: a
+    # reconcile costs about one round trip per phase, not one per child. The Deployment
+    # goes last, once the ServiceAccount, config and keys its pods mount exist (a pod
+    # refused for a missing ServiceAccount is retried only after a backoff).
+    first = [c for c in children if c["kind"] != "Deployment"]
+    last = [c for c in children if c["kind"] == "Deployment"]
     observed: dict[str, JsonObject] = {}
-    for child in children:
-        if child["kind"] == "Secret" and secret is not None:
-            if decision.changed:
-                patch = {**child, "metadata": {**child["metadata"], "annotations": decision.annotations}}
-                await cluster.patch(secret_ref, patch)
-            else:
-                await apply(cluster, child)
-            continue
-        if child["kind"] == "Secret":
-            child = {**child, "metadata": {**child["metadata"], "annotations": decision.annotations}}
-        observed[child["kind"]] = await apply(cluster, child)
+    for phase in (first, last):
+        for child, result in zip(phase, await asyncio.gather(*(apply_child(c) for c in phase)), strict=True):
+            observed[child["kind"]] = result
 
     ns = server.metadata.namespace
+    unwanted = []
     if build_autoscaler(server) is None:
-        await remove_if_present(cluster, Ref("autoscaling/v2", "HorizontalPodAutoscaler", server.metadata.name, ns))
+        unwanted.append(Ref("autoscaling/v2", "HorizontalPodAutoscaler", server.metadata.name, ns))
     if build_disruption_budget(server) is None:
-        await remove_if_present(cluster, Ref("policy/v1", "PodDisruptionBudget", server.metadata.name, ns))
+        unwanted.append(Ref("policy/v1", "PodDisruptionBudget", server.metadata.name, ns))
+    await asyncio.gather(*(remove_if_present(cluster, ref) for ref in unwanted))
 
     # --- status of the server
     gateway = memory.gateway_status.get(key)
@@ -350,3 +411,4 @@ async def clean_up_server(cluster: Cluster, raw_server: JsonObject, memory: Memo
             await cluster.delete(Ref("rbac.authorization.k8s.io/v1", "Role", f"{name}-vault", vault_ns))
     memory.gateway_status.pop(key, None)
     memory.locks.pop(key, None)
+    memory.forget(("VirtualMCPServer", ns, name))
