@@ -11,7 +11,7 @@ from portcullis.demo import run_demo
 
 def test_the_demo_shows_the_slice_the_token_the_call_and_the_audit(tmp_path: Path) -> None:
     out = io.StringIO()
-    assert run_demo(state_dir=tmp_path, out=out) == 0
+    assert run_demo(state_dir=tmp_path / "fresh" / "state", out=out) == 0
     text = out.getvalue()
     assert "MCP URL (mcp_server_url): http://127.0.0.1:" in text
     assert "tools exposed / upstream: 2 / 35  (inbox_fetch_mails, search_mails)" in text

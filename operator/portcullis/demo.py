@@ -112,6 +112,7 @@ def run_demo(*, serve: bool = False, port: int = 8080, state_dir: Path | None = 
     state = state_dir or (default_state_dir() / "demo")
     memory = MemoryAuditSink()
     audit_dir = Path(tempfile.mkdtemp(prefix="portcullis-demo-audit-")) if not serve else state
+    audit_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     audit_path = audit_dir / "audit.jsonl"
     audit = FanoutAuditSink(memory, FileAuditSink(str(audit_path)), MetricsAuditSink())
     with inbox_upstream() as upstream_url:
