@@ -15,6 +15,7 @@ change handlers, because only their deletion needs a finalizer.
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import logging
 from typing import Any
@@ -55,6 +56,7 @@ CHILDREN = (
 )
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}
 FINALIZER = "portcullis.dev/cleanup"
+KOPF_PREFIX = "kopf.portcullis.dev"
 
 # kopf passes every index to handlers by name; indexes are not in kopf's handler
 # protocols, so they take a default to keep the handlers assignable to those protocols.
@@ -105,9 +107,12 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     """Fires once when the operator starts: settings and per-operator memory."""
     memo.portcullis = Memory(settings=settings)
     settings.persistence.finalizer = FINALIZER
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix="portcullis.dev")
+    # kopf's own annotations get a prefix of their own: kopf leaves every annotation under
+    # its storage prefix out of the diff it watches, and `portcullis.dev/rotate-keys` on a
+    # server is a change the update handler must see.
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=KOPF_PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix="portcullis.dev", key="last-handled-configuration"
+        prefix=KOPF_PREFIX, key="last-handled-configuration"
     )
     # kopf reports every handler run as a Kubernetes Event; keep only the ones worth reading.
     settings.posting.level = logging.WARNING
@@ -199,9 +204,11 @@ async def server_resync(
     memory = _memory(memo)
     while not stopped:
         options = options_module.current()
-        await stopped.wait(options.resync_seconds)
-        if stopped:
-            break
+        # A plain sleep: kopf cancels async daemons when they must stop (cancellation_timeout
+        # is set). `await stopped.wait(n)` races that cancellation on Python 3.11: a
+        # cancellation landing as the wait times out escaped as a TimeoutError and failed
+        # the operator's shutdown.
+        await asyncio.sleep(options.resync_seconds)
         try:
             gateway = await options.fetch_status(parse_server(_snapshot(body)))
         except Exception as exc:  # a bad spec or a broken fetch must not end the daemon
