@@ -206,6 +206,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         namespaces=args.namespace or None,
         clusterwide=args.all_namespaces,
         peering=args.peering,
+        priority=args.priority,
         liveness_port=args.liveness_port,
     )
     return 0
@@ -298,6 +299,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-n", "--namespace", action="append", help="watch this namespace (repeatable)")
     p.add_argument("-A", "--all-namespaces", action="store_true", help="watch the whole cluster")
     p.add_argument("--peering", help="kopf peering name (for more than one operator replica)")
+    p.add_argument(
+        "--priority",
+        type=int,
+        help="peering priority: the highest acts, the others stand by (default with --peering: random per process)",
+    )
     p.add_argument("--liveness-port", type=int, default=8080)
     p.set_defaults(func=cmd_operator)
 

@@ -324,3 +324,14 @@ def test_operator_may_do_its_job(group: str, resource: str, verbs: list[str]) ->
 def test_operator_cannot_touch_pods_or_nodes() -> None:
     rules = operator_rules()
     assert not any(allows(rules, "", r, v) for r in ("pods", "nodes", "pods/exec") for v in ("get", "create", "delete"))
+
+
+def test_several_replicas_peer_and_share_no_priority() -> None:
+    # Every pod gets the same args: a --priority here would tie all replicas at the top, and
+    # kopf pauses every replica that ties. Each process draws its own instead.
+    deployment = one(render({"replicas": 3}), "Deployment")
+    assert deployment["spec"]["replicas"] == 3
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert "--peering=portcullis" in container["args"]
+    assert not [a for a in container["args"] if a.startswith("--priority")]
+    assert '3 operator replicas peer through "portcullis".' in notes({"replicas": 3})

@@ -1,9 +1,14 @@
 """`portcullis operator`: kopf under the hood, with a health endpoint and peering.
 
-With `peering` set, several operator replicas share the work safely: kopf's peering
-objects elect one active replica (the others stand by), so run with a peering name
-whenever the Deployment has more than one replica. Without it the operator is
-standalone and must run as a single replica.
+With `peering` set, several operator replicas share the work safely: each replica
+announces itself in kopf's peering object with a priority; the replica with the highest
+priority acts and every other one pauses. kopf pauses *all* replicas that share the top
+priority (none can tell which of them should act), so each process needs a priority of
+its own: `--priority` sets it, and with peering and no `--priority` each process draws a
+random one (31 bits, so a tie between a handful of replicas is practically impossible).
+When the active replica goes away, its peering entry expires and the next-highest
+resumes. Run with a peering name whenever the Deployment has more than one replica;
+without it the operator is standalone and must run as a single replica.
 
 The liveness endpoint answers `GET /healthz` on all interfaces (kubelet probes come from
 the node) with kopf's probe results, including the number of servers tracked.
@@ -13,6 +18,7 @@ from __future__ import annotations
 
 import importlib
 import logging
+import secrets
 
 import kopf
 
@@ -21,17 +27,28 @@ from portcullis.controller import options as options_module
 HANDLERS_MODULE = "portcullis.controller.handlers"
 
 
+def peering_priority(peering: str | None, priority: int | None) -> int | None:
+    """The priority to peer with: the one given, else a random one when peering (None when standalone)."""
+    if priority is not None and peering is None:
+        raise ValueError("a peering priority needs a peering name (--peering)")
+    if peering is None:
+        return None
+    return priority if priority is not None else secrets.randbelow(2**31)
+
+
 def run_operator(
     *,
     namespaces: list[str] | None,
     clusterwide: bool,
     peering: str | None,
+    priority: int | None = None,
     liveness_port: int = 8080,
     options: options_module.Options | None = None,
 ) -> None:
     """Run the operator until interrupted (SIGINT/SIGTERM)."""
     if namespaces and clusterwide:
         raise ValueError("watch either the listed namespaces or the whole cluster, not both")
+    chosen = peering_priority(peering, priority)
     if options is not None:
         options_module.install(options)
     importlib.import_module(HANDLERS_MODULE)  # registers the handlers with kopf
@@ -39,6 +56,7 @@ def run_operator(
     kopf.run(
         standalone=peering is None,
         peering_name=peering,
+        priority=chosen,
         namespaces=namespaces or [],
         # No namespaces named means the whole cluster, as for `kubectl get -A`.
         clusterwide=clusterwide or not namespaces,
