@@ -7,6 +7,9 @@ those. This subclass adds them, and a few more real-server behaviours:
 
 - ``metadata.generateName`` produces a name;
 - a merge patch carrying ``metadata.resourceVersion`` is refused with 409 when stale;
+- a JSON patch whose ``test`` operation fails is refused with 422, as the API server does
+  (kmock answers 500). kopf guards its finalizer patches with a ``test`` of resourceVersion
+  and, on 422, tries again with a fresh body; on 500 it retries the stale patch forever;
 - POSTs of ``*Review`` kinds (TokenReview, SubjectAccessReview) are not stored: the API server
   answers them without persisting, and tests answer them with a reaction, e.g.
   ``k8s['post /apis/authentication.k8s.io/v1/tokenreviews'] << handler``.
@@ -37,6 +40,7 @@ from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import attrs
+import jsonpatch
 import kmock
 from kmock._internal import apps, dsl, enums, rendering
 
@@ -110,7 +114,10 @@ class Emulator(kmock.KubernetesEmulator, _FastDispatch):
             self._fill_created(request, data)
         elif request.resource is not None and request.action == enums.action.UPDATE and request.name is not None:
             self._fill_patched(request, data)
-        return await super()._handle(request)
+        try:
+            return await super()._handle(request)
+        except jsonpatch.JsonPatchTestFailed as exc:
+            raise _TestFailed() from exc
 
     def _fill_created(self, request: rendering.Request, data: dict[str, Any]) -> None:
         meta = data.setdefault("metadata", {})
@@ -150,6 +157,13 @@ class _Conflict(kmock.KubernetesError):
     status: int = 409
     reason: str = "Conflict"
     message: str = "the object has been modified; please apply your changes to the latest version"
+
+
+@attrs.frozen
+class _TestFailed(kmock.KubernetesError):
+    status: int = 422
+    reason: str = "Invalid"
+    message: str = "the JSON patch test operation failed: the object has changed"
 
 
 def _now() -> str:
