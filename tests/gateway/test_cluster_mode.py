@@ -142,3 +142,25 @@ async def test_credentials_and_revocations_live_in_the_cluster() -> None:
                         assert str(exc) == "revoked"
                         break
                     await anyio.sleep(0.02)
+
+
+async def test_an_application_backend_mints_with_its_service_account_as_rbac_allows() -> None:
+    import httpx2
+
+    from tests.gateway.test_admission import _serve_reviews
+
+    keys = SigningKeys.generate()
+    with run_asgi(inbox.build_app(required_auth={f"Bearer {ALICE_SECRET}": "alice@example.com"})) as inbox_url:
+        async with emulator() as k8s, KubeClient(str(k8s.url)) as client, cluster_gateway(client, inbox_url, keys) as servers:
+            _serve_reviews(k8s)  # "good-token" is a ServiceAccount RBAC allows to mint on summarizer
+            admin = f"http://127.0.0.1:{servers.listeners[1].port}/v1/tokens"
+            async with httpx2.AsyncClient(timeout=10) as http:
+                allowed = await http.post(admin, json={"user": "alice@example.com"}, headers={"Authorization": "Bearer good-token"})
+                stolen = await http.post(admin, json={"user": "alice@example.com"}, headers={"Authorization": "Bearer stolen-token"})
+                anonymous = await http.post(admin, json={"user": "alice@example.com"})
+                revoke = await http.post(admin.replace("tokens", "revocations"), json={"user": "alice@example.com"},
+                                         headers={"Authorization": "Bearer good-token"})
+            assert allowed.status_code == 201, allowed.text
+            assert (stolen.status_code, anonymous.status_code, revoke.status_code) == (403, 401, 403)
+            async with agent(mcp_url(servers), allowed.json()["token"], "2026-07-28") as session:
+                assert not (await session.call_tool("fetch_mails", {"limit": 1})).is_error

@@ -139,7 +139,10 @@ def status(gateway: Gateway) -> dict[str, Any]:
 
 def build_admin_app(gateway: Gateway, *, auth: AdminAuth, keys: Callable[[], SigningKeys]) -> Starlette:
     async def guarded(request: Request, action: str) -> str:
-        caller = await auth.authorize(_bearer(request), action)
+        try:
+            caller = await auth.authorize(_bearer(request), action)
+        except Exception as exc:  # the reviewer is unreachable: fail closed, and say so
+            raise AdminError(503, "auth_unavailable", f"cannot check the caller right now ({type(exc).__name__}); try again") from None
         if caller is None:
             raise AdminError(401 if _bearer(request) is None else 403, "forbidden", f"not allowed to {action}")
         return caller
