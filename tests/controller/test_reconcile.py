@@ -269,12 +269,22 @@ async def test_an_invalid_server_spec_fails_without_children() -> None:
         assert not exists(k8s, "apps/v1/deployments", "summarizer")
 
 
+def gateway_status_body(unknown: list[dict[str, str]] | None = None) -> dict[str, Any]:
+    """What the gateway's GET /v1/status answers (portcullis.gateway.admin.status)."""
+    return {
+        "server": "summarizer", "url": "http://summarizer.acme.svc:8080/mcp", "ready": True,
+        "exposed": 1, "upstream": 30, "schemaTokens": {"exposed": 180, "upstream": 6100},
+        "unknownTools": unknown or [],
+        "connections": {"gmail": {"toolCount": 30, "error": None}},
+    }
+
+
 @pytest.mark.anyio
 async def test_an_available_deployment_makes_the_server_ready_with_gateway_counts() -> None:
     from portcullis.controller.options import Options
 
     async def gateway_status(server: Any) -> dict[str, Any]:
-        return {"exposed": 1, "upstream": 30, "schemaTokens": {"exposed": 180, "upstream": 6100}}
+        return gateway_status_body()
 
     async with operator_emulator() as k8s, running_operator(k8s, options=Options(resync_seconds=0.05, fetch_status=gateway_status)):
         await create_world(k8s)
@@ -342,3 +352,30 @@ def test_memory_acts_on_each_mapping_generation_once() -> None:
     assert memory.spec_already_handled("MODIFIED", mapping)  # a late echo of generation 1
     assert not memory.spec_already_handled("DELETED", changed)
     assert not memory.spec_already_handled("ADDED", mapping)  # recreated under the same name
+
+
+@pytest.mark.anyio
+async def test_a_tool_the_upstream_lacks_is_reported_on_its_own_mapping() -> None:
+    from portcullis.controller.options import Options
+
+    async def gateway_status(server: Any) -> dict[str, Any]:
+        return gateway_status_body(
+            [{"mapping": "summarizer-gmail", "name": "fetch_mails", "exposedAs": "fetch_mails", "connection": "gmail"}]
+        )
+
+    async with operator_emulator() as k8s, running_operator(k8s, options=Options(resync_seconds=0.05, fetch_status=gateway_status)):
+        await create_world(k8s)
+        await post(k8s, crd_path("toolmappings"), {
+            "apiVersion": API_VERSION, "kind": "ToolMapping", "metadata": {"name": "summarizer-labels", "namespace": NS},
+            "spec": {"serverRef": {"name": "summarizer"}, "connectionRef": {"name": "gmail"}, "tools": [{"name": "label"}]},
+        })
+
+        def accepted(name: str) -> dict[str, Any]:
+            return condition(obj(k8s, TMAPS, name), "Accepted")
+
+        await eventually(lambda: accepted("summarizer-gmail").get("reason") == "UnknownUpstreamTool")
+        assert accepted("summarizer-gmail")["status"] == "False"
+        assert "'gmail' does not offer fetch_mails" in accepted("summarizer-gmail")["message"]
+        await eventually(lambda: accepted("summarizer-labels").get("reason") == "Accepted")
+        # Reported, not removed: the tool stays in the config for when the upstream offers it.
+        assert config_tools(k8s) == ["fetch_mails", "label"]

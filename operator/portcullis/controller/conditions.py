@@ -14,6 +14,7 @@ from typing import Any
 
 from portcullis.api.status import ConditionType, Phase, Reason
 from portcullis.compile import Problem
+from portcullis.controller.gateway_report import GatewayReport
 
 JsonObject = dict[str, Any]
 
@@ -72,7 +73,7 @@ class ServerState:
     exposed_tools: int = 0
     available_replicas: int = 0
     wanted_replicas: int = 1
-    gateway: JsonObject | None = None
+    gateway: GatewayReport | None = None
     invalid_spec: str | None = None
 
 
@@ -109,13 +110,13 @@ def server_status(state: ServerState, previous: JsonObject | None, *, now: str) 
 
     tools: JsonObject = {"exposed": state.exposed_tools}
     summary_upstream = "?"
-    gateway = state.gateway or {}
-    if isinstance(gateway.get("upstream"), int):
-        tools["upstream"] = gateway["upstream"]
-        summary_upstream = str(gateway["upstream"])
-    tokens = gateway.get("schemaTokens")
-    if isinstance(tokens, dict) and all(isinstance(tokens.get(k), int) for k in ("exposed", "upstream")):
-        tools["schemaTokens"] = {"exposed": tokens["exposed"], "upstream": tokens["upstream"]}
+    if state.gateway is not None:
+        tools["upstream"] = state.gateway.upstream
+        summary_upstream = str(state.gateway.upstream)
+        tools["schemaTokens"] = {
+            "exposed": state.gateway.schema_tokens_exposed,
+            "upstream": state.gateway.schema_tokens_upstream,
+        }
     return _drop_none({
         "phase": phase.value,
         "url": state.url,

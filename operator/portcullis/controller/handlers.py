@@ -25,6 +25,7 @@ import kopf
 from portcullis.api.resources import GROUP, VERSION
 from portcullis.controller import options as options_module
 from portcullis.controller.cluster import JsonObject, KopfCluster
+from portcullis.controller.gateway_report import read_gateway_status
 from portcullis.controller.reconcile import (
     Memory,
     ServerKey,
@@ -210,12 +211,12 @@ async def server_resync(
         # the operator's shutdown.
         await asyncio.sleep(options.resync_seconds)
         try:
-            gateway = await options.fetch_status(parse_server(_snapshot(body)))
+            report = read_gateway_status(await options.fetch_status(parse_server(_snapshot(body))))
         except Exception as exc:  # a bad spec or a broken fetch must not end the daemon
             logger.debug(f"No gateway status: {exc!r}")
-            gateway = None
-        if gateway is not None:
-            memory.gateway_status[(_ns(namespace), name)] = gateway
+            report = None
+        if report is not None:
+            memory.gateway_status[(_ns(namespace), name)] = report
         try:
             await reconcile_server(
                 _cluster(memo, logger),

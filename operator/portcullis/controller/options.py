@@ -5,11 +5,9 @@ through; `run_operator` (and the tests) install one `Options` before kopf starts
 handlers read it with `current()`. One process runs one operator, so one slot suffices.
 
 Tool counts come from the gateways themselves, the only ones that know the upstream
-tool lists: `GET /v1/status` on the admin port answers
-`{"exposed": int, "upstream": int, "schemaTokens": {"exposed": int, "upstream": int},
-  "unknownTools": [{"mapping": str, "name": str}, ...]}` (the last is optional: mapped
-tools the upstream does not offer). The fetch is a one-method plug point so tests and
-the emulator benchmark can answer without a running gateway.
+tool lists: `GET /v1/status` on the admin port (the contract, and how it is read, is in
+`gateway_report.py`). The fetch returns that body as is and is a one-method plug point,
+so tests and the emulator benchmark can answer without a running gateway.
 """
 
 from __future__ import annotations
@@ -30,7 +28,7 @@ StatusFetcher = Callable[[VirtualMCPServer], Awaitable[dict[str, Any] | None]]
 
 
 async def fetch_gateway_status(server: VirtualMCPServer) -> dict[str, Any] | None:
-    """Ask the server's gateways (through its Service) for their tool counts; None if unreachable."""
+    """Ask the server's gateways (through its Service) for their status body; None if unreachable."""
     url = f"http://{server.metadata.name}.{server.metadata.namespace}.svc:{ADMIN_PORT}/v1/status"
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=3)) as session:

@@ -37,6 +37,7 @@ from portcullis.controller.conditions import (
     server_status,
 )
 from portcullis.controller.desired import is_subset, without
+from portcullis.controller.gateway_report import GatewayReport, UnknownTool
 from portcullis.controller.keys import decide_keys
 from portcullis.controller.options import Options
 from portcullis.render.autoscaler import build_autoscaler
@@ -60,7 +61,7 @@ class Memory:
     # (namespace, mapping) -> the server it named when last seen, to re-reconcile the old
     # server when a mapping is retargeted or deleted.
     mapping_targets: dict[ServerKey, str] = field(default_factory=dict)
-    gateway_status: dict[ServerKey, JsonObject] = field(default_factory=dict)
+    gateway_status: dict[ServerKey, GatewayReport] = field(default_factory=dict)
     # Recent resourceVersions of each object as this operator read or wrote them (shown by
     # KopfCluster). Every write comes back as a watch event, and kopf delivers one object's
     # events in order, one at a time, so echoes can arrive after newer versions: without
@@ -327,30 +328,26 @@ async def _reconcile_locked(
     await write_status(cluster, ref, previous_status, server_status(state, previous_status, now=stamp))
 
     # --- status of the mappings that name this server, and of the namespace's connections
-    unknown = _unknown_tools(gateway)
+    unknown = gateway.still_unknown(compilation.config.tools) if gateway is not None else {}
     for raw in mine:
         name = str(raw["metadata"]["name"])
         mapping_problems = [p for p in problems if p.kind == "ToolMapping" and p.name == name]
         if not mapping_problems and unknown.get(name):
-            mapping_problems = [
-                Problem(
-                    "ToolMapping",
-                    name,
-                    "spec.tools",
-                    Reason.UNKNOWN_UPSTREAM_TOOL,
-                    f"the upstream does not offer {', '.join(sorted(unknown[name]))}",
-                )
-            ]
+            mapping_problems = [unknown_tools_problem(name, unknown[name])]
         await write_accepted(cluster, "ToolMapping", raw, mapping_condition(mapping_problems), stamp)
     await write_connection_statuses(cluster, raw_connections, raw_mappings, parsed.invalid, stamp)
 
 
-def _unknown_tools(gateway: JsonObject | None) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for item in (gateway or {}).get("unknownTools") or []:
-        if isinstance(item, dict) and isinstance(item.get("mapping"), str) and isinstance(item.get("name"), str):
-            out.setdefault(item["mapping"], set()).add(item["name"])
-    return out
+def unknown_tools_problem(mapping: str, tools: list[UnknownTool]) -> Problem:
+    """A mapping that names tools its (listed) upstream does not offer: not fatal, but said."""
+    by_connection: dict[str, list[str]] = {}
+    for tool in tools:
+        shown = tool.name if tool.exposed_as == tool.name else f"{tool.name} (as {tool.exposed_as})"
+        by_connection.setdefault(tool.connection, []).append(shown)
+    message = "; ".join(
+        f"connection {conn!r} does not offer {', '.join(sorted(names))}" for conn, names in sorted(by_connection.items())
+    )
+    return Problem("ToolMapping", mapping, "spec.tools", Reason.UNKNOWN_UPSTREAM_TOOL, message)
 
 
 async def write_accepted(cluster: Cluster, kind: str, raw: JsonObject, condition: Condition, stamp: str) -> None:
