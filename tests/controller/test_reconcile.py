@@ -379,3 +379,44 @@ async def test_a_tool_the_upstream_lacks_is_reported_on_its_own_mapping() -> Non
         await eventually(lambda: accepted("summarizer-labels").get("reason") == "Accepted")
         # Reported, not removed: the tool stays in the config for when the upstream offers it.
         assert config_tools(k8s) == ["fetch_mails", "label"]
+
+
+@pytest.mark.anyio
+async def test_moving_the_vault_namespace_removes_the_old_vault_grant() -> None:
+    roles, bindings = "rbac.authorization.k8s.io/v1/roles", "rbac.authorization.k8s.io/v1/rolebindings"
+    async with operator_emulator() as k8s, running_operator(k8s):
+        await create_world(k8s, server_spec={"vault": {"namespace": "acme-vault"}})
+        await eventually(lambda: exists(k8s, roles, "summarizer-vault", "acme-vault"))
+        await eventually(lambda: exists(k8s, bindings, "summarizer-vault", "acme-vault"))
+
+        await patch(k8s, crd_path("virtualmcpservers", "summarizer"), {"spec": {"vault": {"namespace": "vault-two"}}})
+        await eventually(lambda: exists(k8s, roles, "summarizer-vault", "vault-two"))
+        await eventually(lambda: not exists(k8s, roles, "summarizer-vault", "acme-vault"))
+        assert not exists(k8s, bindings, "summarizer-vault", "acme-vault")
+        assert exists(k8s, bindings, "summarizer-vault", "vault-two")
+        account = obj(k8s, "v1/serviceaccounts", "summarizer-gateway")
+        assert account["metadata"]["annotations"]["portcullis.dev/vault-namespace"] == "vault-two"
+
+        # Back to the server's own namespace (spec.vault.namespace unset): vault-two is cleared too.
+        await patch(k8s, crd_path("virtualmcpservers", "summarizer"), {"spec": {"vault": None}})
+        await eventually(lambda: not exists(k8s, roles, "summarizer-vault", "vault-two"))
+        assert not exists(k8s, bindings, "summarizer-vault", "vault-two")
+        assert exists(k8s, roles, "summarizer-vault", NS) and exists(k8s, bindings, "summarizer-vault", NS)
+
+
+@pytest.mark.anyio
+async def test_a_foreign_role_with_the_vault_name_is_left_alone() -> None:
+    roles = "rbac.authorization.k8s.io/v1/roles"
+    async with operator_emulator() as k8s, running_operator(k8s):
+        await post(k8s, "/apis/rbac.authorization.k8s.io/v1/namespaces/shared/roles", {
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+            "metadata": {"name": "summarizer-vault", "namespace": "shared"}, "rules": [],
+        })
+        await create_world(k8s, server_spec={"vault": {"namespace": "acme-vault"}})
+        await eventually(lambda: exists(k8s, roles, "summarizer-vault", "acme-vault"))
+        # Someone points the account's record at a namespace holding a Role that is not ours.
+        await patch(k8s, "/api/v1/namespaces/acme/serviceaccounts/summarizer-gateway",
+                    {"metadata": {"annotations": {"portcullis.dev/vault-namespace": "shared"}}})
+        await eventually(lambda: obj(k8s, "v1/serviceaccounts", "summarizer-gateway")["metadata"]["annotations"]
+                         ["portcullis.dev/vault-namespace"] == "acme-vault")
+        assert exists(k8s, roles, "summarizer-vault", "shared")

@@ -260,3 +260,12 @@ def test_a_server_without_uid_cannot_be_rendered() -> None:
     srv = VirtualMCPServer.model_validate({"metadata": {"name": "s", "namespace": "acme"}})
     with pytest.raises(ValueError, match="uid"):
         build_service(srv)
+
+
+def test_the_gateway_account_records_its_vault_namespace() -> None:
+    from portcullis.render.rbac import build_service_account
+
+    assert build_service_account(server(vault={"namespace": "acme-vault"}))["metadata"] == {
+        **META, "name": "summarizer-gateway", "annotations": {"portcullis.dev/vault-namespace": "acme-vault"},
+    }
+    assert build_service_account(server())["metadata"]["annotations"] == {"portcullis.dev/vault-namespace": "acme"}

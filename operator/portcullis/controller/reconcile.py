@@ -43,7 +43,15 @@ from portcullis.controller.options import Options
 from portcullis.render.autoscaler import build_autoscaler
 from portcullis.render.children import build_children
 from portcullis.render.disruption_budget import build_disruption_budget
-from portcullis.render.metadata import signing_keys_name
+from portcullis.render.metadata import (
+    MANAGED_BY,
+    MANAGED_BY_LABEL,
+    SERVER_LABEL,
+    VAULT_NAMESPACE_ANNOTATION,
+    gateway_account_name,
+    signing_keys_name,
+    vault_role_name,
+)
 
 ServerKey = tuple[str, str]
 _SEEN_VERSIONS = 8
@@ -202,6 +210,21 @@ async def apply_over(cluster: Cluster, desired: JsonObject, observed: JsonObject
     return patched if patched is not None else await cluster.create(desired)
 
 
+def _is_ours(obj: JsonObject, server: str) -> bool:
+    labels = (obj.get("metadata") or {}).get("labels") or {}
+    return bool(labels.get(MANAGED_BY_LABEL) == MANAGED_BY and labels.get(SERVER_LABEL) == server)
+
+
+async def remove_vault_grant(cluster: Cluster, server: VirtualMCPServer, namespace: str) -> None:
+    """Delete the server's vault Role and RoleBinding in `namespace`, if they are ours."""
+    name = vault_role_name(server)
+    for kind in ("RoleBinding", "Role"):
+        ref = Ref("rbac.authorization.k8s.io/v1", kind, name, namespace)
+        found = await cluster.get(ref)
+        if found is not None and _is_ours(found, server.metadata.name):
+            await cluster.delete(ref)
+
+
 async def remove_if_present(cluster: Cluster, ref: Ref) -> None:
     if await cluster.get(ref) is not None:
         await cluster.delete(ref)
@@ -266,7 +289,8 @@ async def _reconcile_locked(
     compilation = compile(server, parsed.mappings, parsed.connections)
 
     secret_ref = Ref("v1", "Secret", signing_keys_name(server), server.metadata.namespace)
-    secret = await cluster.get(secret_ref)
+    account_ref = Ref("v1", "ServiceAccount", gateway_account_name(server), server.metadata.namespace)
+    secret, account = await asyncio.gather(cluster.get(secret_ref), cluster.get(account_ref))
     decision = decide_keys(
         secret,
         server_annotations=server.metadata.annotations,
@@ -276,7 +300,16 @@ async def _reconcile_locked(
     )
     children = build_children(server, compilation.config, image=server.spec.image or options.image, keys_json=decision.keys_json)
 
+    # The gateway ServiceAccount remembers where its vault Role was granted: when
+    # spec.vault.namespace moves, remove the old grant first, and only then record the
+    # new namespace on the account (so a failure in between is retried, not forgotten).
+    granted_in = ((account or {}).get("metadata", {}).get("annotations") or {}).get(VAULT_NAMESPACE_ANNOTATION)
+    if granted_in and granted_in != server.vault_namespace:
+        await remove_vault_grant(cluster, server, granted_in)
+
     async def apply_child(child: JsonObject) -> JsonObject:
+        if child["kind"] == "ServiceAccount":
+            return await apply_over(cluster, child, account)
         if child["kind"] != "Secret":
             return await apply(cluster, child)
         if secret is None:

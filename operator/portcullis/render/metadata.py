@@ -16,6 +16,10 @@ from portcullis.api.resources import API_VERSION, VirtualMCPServer
 MANAGED_BY = "portcullis-operator"
 SERVER_LABEL = "portcullis.dev/server"
 MANAGED_BY_LABEL = "app.kubernetes.io/managed-by"
+# On the gateway ServiceAccount: the namespace its vault Role was granted in. It is how
+# the operator finds the old vault Role and RoleBinding when spec.vault.namespace changes
+# (they live outside the server's namespace, so no owner reference removes them).
+VAULT_NAMESPACE_ANNOTATION = "portcullis.dev/vault-namespace"
 
 MCP_PORT = 8080
 ADMIN_PORT = 8081

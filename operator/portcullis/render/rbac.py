@@ -15,6 +15,7 @@ from typing import Any
 
 from portcullis.api.resources import VirtualMCPServer
 from portcullis.render.metadata import (
+    VAULT_NAMESPACE_ANNOTATION,
     auth_delegator_binding_name,
     gateway_account_name,
     object_meta,
@@ -33,7 +34,10 @@ def build_service_account(server: VirtualMCPServer) -> dict[str, Any]:
     return {
         "apiVersion": "v1",
         "kind": "ServiceAccount",
-        "metadata": object_meta(server, gateway_account_name(server)),
+        "metadata": {
+            **object_meta(server, gateway_account_name(server)),
+            "annotations": {VAULT_NAMESPACE_ANNOTATION: server.vault_namespace},
+        },
     }
 
 
