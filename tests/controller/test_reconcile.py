@@ -391,17 +391,21 @@ async def test_moving_the_vault_namespace_removes_the_old_vault_grant() -> None:
 
         await patch(k8s, crd_path("virtualmcpservers", "summarizer"), {"spec": {"vault": {"namespace": "vault-two"}}})
         await eventually(lambda: exists(k8s, roles, "summarizer-vault", "vault-two"))
+        await eventually(lambda: exists(k8s, bindings, "summarizer-vault", "vault-two"))
         await eventually(lambda: not exists(k8s, roles, "summarizer-vault", "acme-vault"))
         assert not exists(k8s, bindings, "summarizer-vault", "acme-vault")
-        assert exists(k8s, bindings, "summarizer-vault", "vault-two")
-        account = obj(k8s, "v1/serviceaccounts", "summarizer-gateway")
-        assert account["metadata"]["annotations"]["portcullis.dev/vault-namespace"] == "vault-two"
+
+        def recorded() -> str:
+            return str(obj(k8s, "v1/serviceaccounts", "summarizer-gateway")["metadata"]["annotations"]
+                       ["portcullis.dev/vault-namespace"])
+
+        await eventually(lambda: recorded() == "vault-two")
 
         # Back to the server's own namespace (spec.vault.namespace unset): vault-two is cleared too.
         await patch(k8s, crd_path("virtualmcpservers", "summarizer"), {"spec": {"vault": None}})
         await eventually(lambda: not exists(k8s, roles, "summarizer-vault", "vault-two"))
         assert not exists(k8s, bindings, "summarizer-vault", "vault-two")
-        assert exists(k8s, roles, "summarizer-vault", NS) and exists(k8s, bindings, "summarizer-vault", NS)
+        await eventually(lambda: exists(k8s, roles, "summarizer-vault", NS) and exists(k8s, bindings, "summarizer-vault", NS))
 
 
 @pytest.mark.anyio
