@@ -135,6 +135,14 @@ async def test_mapping_added_changed_and_removed_update_the_config() -> None:
         })
         await eventually(lambda: config_tools(k8s) == ["fetch_mails", "gmail_send", "label"])
 
+        await eventually(lambda: condition(obj(k8s, TMAPS, "summarizer-gmail"), "Accepted").get("observedGeneration") == 2)
+        await eventually(lambda: condition(obj(k8s, TMAPS, "summarizer-more"), "Accepted").get("status") == "True")
+        # Every status write to a mapping says something new (no rewrite from a stale copy).
+        for name in ("summarizer-gmail", "summarizer-more"):
+            path = crd_path("toolmappings", name) + "/status"
+            written = [r.data["status"] for r in request_log(k8s) if r.method.value == "PATCH" and r.url.path == path]
+            assert written and all(a != b for a, b in zip(written, written[1:], strict=False)), written
+
         await delete(k8s, crd_path("toolmappings", "summarizer-gmail"))
         await eventually(lambda: config_tools(k8s) == ["label"])
         await eventually(lambda: (obj(k8s, VMS, "summarizer").get("status") or {}).get("tools") == {"exposed": 1})
@@ -424,3 +432,58 @@ async def test_a_foreign_role_with_the_vault_name_is_left_alone() -> None:
         await eventually(lambda: obj(k8s, "v1/serviceaccounts", "summarizer-gateway")["metadata"]["annotations"]
                          ["portcullis.dev/vault-namespace"] == "acme-vault")
         assert exists(k8s, roles, "summarizer-vault", "shared")
+
+
+class RecordingCluster:
+    """A `Cluster` holding objects in a dict and recording every call, for the status writers."""
+
+    def __init__(self, *objects: dict[str, Any]) -> None:
+        self.objects = {(o["kind"], o["metadata"]["name"]): o for o in objects}
+        self.calls: list[str] = []
+
+    async def get(self, ref: Any) -> dict[str, Any] | None:
+        self.calls.append(f"GET {ref.kind}/{ref.name}")
+        return self.objects.get((ref.kind, ref.name))
+
+    async def create(self, obj: dict[str, Any]) -> dict[str, Any]:
+        raise AssertionError("status writers never create")
+
+    async def patch(self, ref: Any, patch: dict[str, Any], *, subresource: str | None = None) -> dict[str, Any] | None:
+        self.calls.append(f"PATCH {ref.kind}/{ref.name}/{subresource}")
+        self.objects[(ref.kind, ref.name)] = {**self.objects[(ref.kind, ref.name)], **patch}
+        return self.objects[(ref.kind, ref.name)]
+
+    async def delete(self, ref: Any) -> bool:
+        raise AssertionError("status writers never delete")
+
+
+def mapping_copy(generation: int, status: dict[str, Any] | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"kind": "ToolMapping", "metadata": {"name": "m", "namespace": NS, "generation": generation}}
+    return {**body, "status": status} if status is not None else body
+
+
+@pytest.mark.anyio
+async def test_a_stale_index_copy_does_not_rewrite_a_status_the_live_object_has() -> None:
+    from portcullis.controller.conditions import mapping_condition
+    from portcullis.controller.reconcile import write_accepted
+
+    accepted = mapping_condition([])
+    # What an earlier reconcile wrote; kopf's copy of the mapping has not seen it yet.
+    cluster = RecordingCluster(mapping_copy(1))
+    await write_accepted(cluster, "ToolMapping", mapping_copy(1), accepted, "2026-11-22T05:00:00Z")
+    assert cluster.calls == ["GET ToolMapping/m", "PATCH ToolMapping/m/status"]
+    written = cluster.objects[("ToolMapping", "m")]["status"]
+
+    cluster.calls.clear()
+    await write_accepted(cluster, "ToolMapping", mapping_copy(1), accepted, "2026-11-22T05:00:09Z")
+    assert cluster.calls == ["GET ToolMapping/m"]  # the live object already says it: no write
+
+    cluster.calls.clear()
+    await write_accepted(cluster, "ToolMapping", mapping_copy(1, written), accepted, "2026-11-22T05:00:09Z")
+    assert cluster.calls == []  # a settled world: not even a read
+
+    # The live spec moved on (generation 2): the old condition is not written over it.
+    cluster.objects[("ToolMapping", "m")]["metadata"]["generation"] = 2
+    cluster.calls.clear()
+    await write_accepted(cluster, "ToolMapping", mapping_copy(1), mapping_condition([]), "2026-11-22T05:00:09Z")
+    assert cluster.calls == ["GET ToolMapping/m"]

@@ -6,7 +6,9 @@ and call in. That keeps the control flow readable top to bottom and testable.
 
 Apply is create-if-missing, else merge-patch-if-different (see `desired.py`), so an
 unchanged world produces reads and no writes. Status is written the same way: built
-from what was observed, compared with what is there, patched only when it differs.
+from what was observed, compared with what is there, patched only when it differs
+(for mappings and connections, "what is there" is the live object whenever kopf's
+index copy disagrees, because that copy lags our own writes).
 
 Reconciles of one server are serialised by a per-server lock: a server can be triggered
 by its own change, by a mapping, by a connection, by a child's event and by the resync
@@ -384,11 +386,27 @@ def unknown_tools_problem(mapping: str, tools: list[UnknownTool]) -> Problem:
 
 
 async def write_accepted(cluster: Cluster, kind: str, raw: JsonObject, condition: Condition, stamp: str) -> None:
+    """Write the `Accepted` status of a mapping or connection, if the live object differs.
+
+    `raw` is kopf's index copy, which lags our own writes: kopf delivers one object's
+    events in order, so while a handler of that object runs, its copy still lacks the
+    status we just wrote, and every reconcile in between wrote the same status again
+    (11 PATCHes to one mapping in a benchmark run). When the copy differs, the live
+    object decides: one GET instead of a redundant PATCH (and its watch echo). If the
+    live spec is newer than the copy, this condition describes an old spec: the event
+    of the newer one is on its way and its reconcile reports it.
+    """
     meta = raw.get("metadata") or {}
     ref = Ref(API_VERSION, kind, str(meta.get("name")), str(meta.get("namespace", "default")))
-    previous = raw.get("status") or {}
-    desired = accepted_status(condition, previous, generation=meta.get("generation"), now=stamp)
-    await write_status(cluster, ref, previous, desired)
+    generation = meta.get("generation")
+    desired = accepted_status(condition, raw.get("status") or {}, generation=generation, now=stamp)
+    if is_subset(desired, raw.get("status") or {}):
+        return
+    live = await cluster.get(ref)
+    if live is None or (live.get("metadata") or {}).get("generation") != generation:
+        return
+    previous = live.get("status") or {}
+    await write_status(cluster, ref, previous, accepted_status(condition, previous, generation=generation, now=stamp))
 
 
 async def write_connection_statuses(
