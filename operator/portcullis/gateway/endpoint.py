@@ -37,6 +37,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from portcullis import __version__
 from portcullis.gateway.core import Gateway, RPCError, Unauthenticated, complete_tool_result
 from portcullis.gateway.fastpath import FastToolCall, is_candidate
+from portcullis.gateway.upstream import ProgressSink, progress_sink
 from portcullis.gateway.tokens import SessionClaims
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
@@ -74,6 +75,21 @@ def _relayed(params: types.CallToolRequestParams | types.GetPromptRequestParams)
     return params.model_dump(by_alias=True, mode="json", exclude_none=True, include=_RELAYED_PARAMS)
 
 
+def _progress_relay(ctx: Any) -> ProgressSink:
+    async def relay(params: dict[str, Any]) -> None:
+        progress = params.get("progress")
+        if isinstance(progress, (int, float)):
+            total = params.get("total")
+            message = params.get("message")
+            await ctx.session.report_progress(
+                float(progress),
+                float(total) if isinstance(total, (int, float)) else None,
+                message if isinstance(message, str) else None,
+            )
+
+    return relay
+
+
 def build_mcp_server(gateway: Gateway) -> Server[Any]:
     # 2026-07-28 clients learn of allowlist changes on a `subscriptions/listen` stream.
     # Each replica watches the config itself and publishes its own change, so an
@@ -99,10 +115,18 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
         return types.ListToolsResult(tools=[types.Tool.model_validate(t) for t in definitions])
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> dict[str, Any]:
+        # The agent's progress token is forwarded upstream in `_meta`; the upstream's
+        # progress notifications come back on its SSE answer and are passed on here.
+        wants_progress = params.meta is not None and (
+            params.meta.get("progress_token") is not None or params.meta.get("progressToken") is not None
+        )
+        reset = progress_sink.set(_progress_relay(ctx) if wants_progress else None)
         try:
             result = await gateway.call_tool(_claims(), params.name, params.arguments, _relayed(params))
         except RPCError as exc:
             raise _raise(exc) from None
+        finally:
+            progress_sink.reset(reset)
         return complete_tool_result(result)
 
     async def list_prompts(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
@@ -298,7 +322,9 @@ def build_app(
 
     app = server.streamable_http_app(
         streamable_http_path=MCP_PATH,
-        json_response=True,
+        # SSE where the answer needs a stream (progress); a call that emits nothing is still
+        # answered as plain JSON on the 2026-07-28 wire. Plain modern tools/call takes the short path.
+        json_response=False,
         stateless_http=True,
         max_request_body_size=max_body_bytes,
         # Every /mcp request must carry a bearer token, which a DNS-rebinding page cannot

@@ -24,10 +24,11 @@ nothing here hangs longer than the connection's timeout.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import hashlib
 import itertools
 import json
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -55,6 +56,12 @@ _ACCEPT: Final = "application/json, text/event-stream"
 # JSON-RPC errors that say "this server does not speak the modern era".
 _UNSUPPORTED_VERSION: Final = -32022
 _MAX_LEGACY_SESSIONS: Final = 1024
+
+
+ProgressSink = Callable[[dict[str, Any]], Awaitable[None]]
+progress_sink: contextvars.ContextVar[ProgressSink | None] = contextvars.ContextVar("portcullis_progress", default=None)
+"""Where an upstream's `notifications/progress` for the current call go (set by the endpoint
+when the agent asked for progress). A context variable, so the hot path passes nothing."""
 
 
 class UpstreamError(Exception):
@@ -416,10 +423,13 @@ async def _read_sse_response(response: aiohttp.ClientResponse, request_id: objec
                 message = json.loads(payload)
             except ValueError:
                 continue
-            if isinstance(message, dict) and message.get("id") == request_id and (
-                "result" in message or "error" in message
-            ):
+            if not isinstance(message, dict):
+                continue
+            if message.get("id") == request_id and ("result" in message or "error" in message):
                 return message
+            sink = progress_sink.get()
+            if sink is not None and message.get("method") == "notifications/progress" and isinstance(message.get("params"), dict):
+                await sink(message["params"])
     return None
 
 
