@@ -411,25 +411,16 @@ def _result_of(message: dict[str, Any], connection: str, status: int) -> dict[st
 
 
 async def _read_sse_response(response: aiohttp.ClientResponse, request_id: object) -> dict[str, Any] | None:
-    """Read server-sent events until the JSON-RPC response to `request_id` arrives."""
-    data_lines: list[str] = []
-    async for raw_line in response.content:
-        line = raw_line.decode("utf-8", "replace").rstrip("\r\n")
-        if line.startswith("data:"):
-            data_lines.append(line[5:].lstrip(" "))
-        elif line == "" and data_lines:
-            payload, data_lines = "\n".join(data_lines), []
-            try:
-                message = json.loads(payload)
-            except ValueError:
-                continue
-            if not isinstance(message, dict):
-                continue
-            if message.get("id") == request_id and ("result" in message or "error" in message):
-                return message
-            sink = progress_sink.get()
-            if sink is not None and message.get("method") == "notifications/progress" and isinstance(message.get("params"), dict):
-                await sink(message["params"])
+    """Read server-sent events until the JSON-RPC response to `request_id` arrives.
+
+    Progress notifications met on the way go to the current call's `progress_sink`.
+    """
+    sink = progress_sink.get()
+    async for message in _sse_messages(response):
+        if message.get("id") == request_id and ("result" in message or "error" in message):
+            return message
+        if sink is not None and message.get("method") == "notifications/progress" and isinstance(message.get("params"), dict):
+            await sink(message["params"])
     return None
 
 
