@@ -291,14 +291,16 @@ def measure_memory(upstream_url: str, workdir: Path, s: Settings, where: Placeme
             hwm = _status_field(gw.pid, "VmHWM")
             closed_rss = None
             closed_after = None
+            still_open_after_wait = None
             if s.wait_for_close:
-                # uvicorn closes a keep-alive connection idle for timeout_keep_alive (5 s by default);
-                # wait (bounded) until it has, and read RSS again: is the memory given back?
+                # The gateway closes a keep-alive connection idle for its timeout_keep_alive (75 s);
+                # wait (bounded) to see whether it has, and read RSS again either way.
                 deadline = time.monotonic() + 20
                 while load.still_open(socks) and time.monotonic() < deadline:
                     time.sleep(0.5)
                 closed_after = time.monotonic() - started
                 closed_rss = load.rss_kib(gw.pid)
+                still_open_after_wait = load.still_open(socks)
         finally:
             for sock in socks:
                 sock.close()
@@ -317,6 +319,7 @@ def measure_memory(upstream_url: str, workdir: Path, s: Settings, where: Placeme
             "gateway_fds_after": fds_after,
             "rss_after_server_closed_kib": closed_rss,
             "server_closed_within_s": closed_after,
+            "still_open_after_wait": still_open_after_wait,
         }
         log(f"  RSS {before} KiB -> {after} KiB with {alive}/{s.sessions} idle sessions open "
             f"({report.memory['per_session_bytes']:.0f} B/session); fds {fds_before} -> {fds_after}; failures {len(failures)}")
@@ -398,8 +401,10 @@ def render(report: Report) -> str:
                    f"{mem['rss_after_kib'] / 1024:.1f} MiB | {(mem['rss_after_kib'] - mem['rss_before_kib']) / 1024:.1f} MiB | "
                    f"{mem['per_session_bytes'] / 1024:.1f} KiB | {mem['gateway_fds_before']} → {mem['gateway_fds_after']} | {mem['failures']} |")
         if mem.get("rss_after_server_closed_kib") is not None:
-            out.append(f"\nThe gateway (uvicorn, `timeout_keep_alive` 5 s) closed the idle connections itself; "
-                       f"{mem['server_closed_within_s']:.1f} s after the first opened, RSS was "
+            held = mem.get("still_open_after_wait") or 0
+            what = (f"{held} sessions were still open (the gateway keeps idle agent connections 75 s)" if held
+                    else "the gateway had closed the idle connections itself")
+            out.append(f"\n{mem['server_closed_within_s']:.1f} s after the first opened, {what}; RSS was "
                        f"{mem['rss_after_server_closed_kib'] / 1024:.1f} MiB. Agent-facing state per session: none "
                        f"(stateless, no `Mcp-Session-Id`), so the cost is one open connection.")
 

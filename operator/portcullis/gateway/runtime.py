@@ -130,6 +130,10 @@ class Servers:
                     lifespan="on" if index == 0 else "off",
                     access_log=False,
                     timeout_graceful_shutdown=5,
+                    # Agents pause for seconds between tool calls (model time); uvicorn's 5 s
+                    # default would make most calls pay a new connection. 75 s outlives common
+                    # load-balancer idle timeouts (60 s), so the balancer closes first, cleanly.
+                    timeout_keep_alive=75,
                 )
             )
             for index, listener in enumerate(self.listeners)
