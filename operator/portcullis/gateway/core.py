@@ -395,13 +395,9 @@ class Gateway:
     # --- prompts and resources (deny by default) --------------------------------------
 
     async def list_prompts(self, claims: SessionClaims) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for prompt in self._config.prompts:
-            listing = await self._upstream_items(claims, prompt.connection, "prompts/list", "prompts", "name")
-            definition = listing.get(prompt.upstream_name)
-            if definition is not None:
-                out.append({**definition, "name": prompt.name})
-        return out
+        prompts = self._config.prompts
+        found = await self._listed(claims, [(p.connection, p.upstream_name) for p in prompts], "prompts/list", "prompts", "name")
+        return [{**definition, "name": prompt.name} for prompt, definition in zip(prompts, found, strict=True) if definition]
 
     async def get_prompt(
         self, claims: SessionClaims, name: str, arguments: dict[str, str] | None, relay: Mapping[str, Any] | None = None
@@ -418,13 +414,8 @@ class Gateway:
         return relay_result(result)
 
     async def list_resources(self, claims: SessionClaims) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        for resource in self._config.resources:
-            listing = await self._upstream_items(claims, resource.connection, "resources/list", "resources", "uri")
-            definition = listing.get(resource.uri)
-            if definition is not None:
-                out.append(definition)
-        return out
+        wanted = [(r.connection, r.uri) for r in self._config.resources]
+        return [d for d in await self._listed(claims, wanted, "resources/list", "resources", "uri") if d]
 
     async def read_resource(self, claims: SessionClaims, uri: str) -> dict[str, Any]:
         started, request_id = time.perf_counter(), uuid.uuid4().hex
@@ -508,15 +499,19 @@ class Gateway:
 
     async def list_resource_templates(self, claims: SessionClaims) -> list[dict[str, Any]]:
         """The exposed templates, as their upstreams list them (a template no upstream lists is left out)."""
-        out: list[dict[str, Any]] = []
-        for template in self._config.resource_templates:
-            listing = await self._upstream_items(
-                claims, template.connection, "resources/templates/list", "resourceTemplates", "uriTemplate"
-            )
-            definition = listing.get(template.uri_template)
-            if definition is not None:
-                out.append(definition)
-        return out
+        wanted = [(t.connection, t.uri_template) for t in self._config.resource_templates]
+        found = await self._listed(claims, wanted, "resources/templates/list", "resourceTemplates", "uriTemplate")
+        return [d for d in found if d]
+
+    async def _listed(
+        self, claims: SessionClaims, wanted: list[tuple[str, str]], method: str, key: str, id_key: str
+    ) -> list[dict[str, Any] | None]:
+        """For each (connection, upstream id), the upstream's definition or None; each connection listed once."""
+        listings = {
+            connection: await self._upstream_items(claims, connection, method, key, id_key)
+            for connection in dict.fromkeys(connection for connection, _ in wanted)
+        }
+        return [listings[connection].get(item) for connection, item in wanted]
 
     async def _upstream_items(
         self, claims: SessionClaims, connection: str, method: str, key: str, id_key: str
