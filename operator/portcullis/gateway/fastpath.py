@@ -71,8 +71,9 @@ class FastToolCall:
         """Requests answered here rather than by the SDK (tests use it to know which path ran)."""
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, claims: SessionClaims) -> None:
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        if not self._plain_request_headers(scope, headers):
+        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
+        headers = dict(raw)
+        if not self._plain_request_headers(raw, headers):
             await self.fallback(scope, receive, send)
             return
         body = await _read_body(receive)
@@ -95,7 +96,7 @@ class FastToolCall:
             self._header_tools = (exposure, names)
         return self._header_tools[1]
 
-    def _plain_request_headers(self, scope: Scope, headers: dict[str, str]) -> bool:
+    def _plain_request_headers(self, raw: list[tuple[str, str]], headers: dict[str, str]) -> bool:
         length = headers.get("content-length")
         if length is None or not length.isdigit() or int(length) > self.max_body_bytes:
             return False  # chunked or oversized: the SDK's body limit answers
@@ -104,8 +105,7 @@ class FastToolCall:
         accept = [t.split(";")[0].strip().lower() for t in headers.get("accept", "").split(",")]
         if not any(t in ("application/json", "application/*", "*/*") for t in accept):
             return False
-        raw = [(k.decode("latin-1"), v.decode("latin-1")) for k, v in scope["headers"]]
-        return find_duplicated_routing_header(raw) is None
+        return find_duplicated_routing_header(raw) is None  # a folded dict would hide duplicates
 
     async def _answer(self, request_id: int | str, claims: SessionClaims, name: str, params: dict[str, Any], send: Send) -> None:
         meta = params.get("_meta")
