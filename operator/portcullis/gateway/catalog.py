@@ -33,11 +33,9 @@ def estimate_tokens(definition: dict[str, Any]) -> int:
 
 @dataclass
 class UpstreamListing:
-    """One connection's tools (and prompts, resources) as last fetched."""
+    """One connection's tools as last fetched (prompts and resources are fetched per request)."""
 
     tools: dict[str, dict[str, Any]] | None = None
-    prompts: dict[str, dict[str, Any]] | None = None
-    resources: dict[str, dict[str, Any]] | None = None
     error: str | None = None
     fetched_at: float = 0.0
 

@@ -19,7 +19,6 @@ import random
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -86,12 +85,6 @@ def tool_error(text: str) -> dict[str, Any]:
 def unknown_tool(name: str) -> RPCError:
     # Same answer for "not exposed" and "does not exist": the allowlist does not leak what it hides.
     return RPCError(INVALID_PARAMS, f"Unknown tool: {name}")
-
-
-@dataclass
-class CallContext:
-    claims: SessionClaims
-    request_id: str
 
 
 class Gateway:
