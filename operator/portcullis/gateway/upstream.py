@@ -70,8 +70,12 @@ class UpstreamError(Exception):
     The message is safe to show an agent: it names the connection, never a credential.
     """
 
-    def __init__(self, connection: str, message: str):
+    def __init__(self, connection: str, message: str, *, status: int | None = None, transport: bool = False):
         self.connection = connection
+        self.status = status
+        """The HTTP status, when the upstream answered with one."""
+        self.transport = transport
+        """True when nothing was answered at all (refused, timed out): the upstream's era is still unknown."""
         super().__init__(f"upstream {connection!r}: {message}")
 
 
@@ -242,7 +246,7 @@ class UpstreamClient:
                 await self._modern("server/discover", {}, credential)
                 self._era = "modern"
             except (UpstreamRPCError, UpstreamError) as exc:
-                if isinstance(exc, UpstreamError) and _is_transport_failure(exc):
+                if isinstance(exc, UpstreamError) and exc.transport:
                     raise
                 self._era = "legacy"
             return self._era
@@ -294,7 +298,7 @@ class UpstreamClient:
                 return result
             except UpstreamError as exc:
                 # 404 on a session means the upstream forgot it (restart, idle expiry): open a new one once.
-                if attempt == 1 and "HTTP 404" in str(exc) and session.session_id:
+                if attempt == 1 and exc.status == 404 and session.session_id:
                     self._sessions.pop(key, None)
                     continue
                 raise
@@ -355,15 +359,15 @@ class UpstreamClient:
                 else:
                     raw = await response.read()
                     if response.status >= 400 and not ctype.startswith("application/json"):
-                        raise UpstreamError(self.name, f"HTTP {response.status} from {self.config.url}")
+                        raise UpstreamError(self.name, f"HTTP {response.status} from {self.config.url}", status=response.status)
                     message = _decode(raw, self.name)
                 if message is None:
-                    raise UpstreamError(self.name, f"HTTP {response.status}: no JSON-RPC response")
+                    raise UpstreamError(self.name, f"HTTP {response.status}: no JSON-RPC response", status=response.status)
                 return _result_of(message, self.name, response.status), response.headers
         except asyncio.TimeoutError:
-            raise UpstreamError(self.name, f"no answer within {self.config.timeout_seconds}s") from None
+            raise UpstreamError(self.name, f"no answer within {self.config.timeout_seconds}s", transport=True) from None
         except aiohttp.ClientConnectionError as exc:
-            raise UpstreamError(self.name, f"unreachable ({type(exc).__name__})") from None
+            raise UpstreamError(self.name, f"unreachable ({type(exc).__name__})", transport=True) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(self.name, f"bad HTTP exchange ({type(exc).__name__})") from None
 
@@ -375,11 +379,6 @@ class UpstreamClient:
                 await response.read()
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamError(self.name, f"handshake failed ({type(exc).__name__})") from None
-
-
-def _is_transport_failure(exc: UpstreamError) -> bool:
-    text = str(exc)
-    return "unreachable" in text or "no answer within" in text
 
 
 def _credential_key(credential: Mapping[str, str] | None) -> str:
@@ -406,7 +405,7 @@ def _result_of(message: dict[str, Any], connection: str, status: int) -> dict[st
         raise UpstreamRPCError(message["error"])
     result = message.get("result")
     if not isinstance(result, dict):
-        raise UpstreamError(connection, f"HTTP {status}: response has neither result nor error")
+        raise UpstreamError(connection, f"HTTP {status}: response has neither result nor error", status=status)
     return result
 
 
