@@ -20,6 +20,7 @@ import argparse
 import base64
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -81,7 +82,9 @@ async def propagate(runs: int) -> dict[str, list[float]]:
                 keys = SigningKeys.from_json(base64.b64decode(secret["data"]["keys.json"]).decode())
                 await KubernetesVault(client, NS).put(NS, "alice@example.com", "inbox", SECRET)
 
-                servers = await build(client, "summarizer", NS, "127.0.0.1", (0, 0, 0), audit=MemoryAuditSink())
+                servers = await build(
+                    client, "summarizer", NS, "127.0.0.1", (0, 0, 0), audit=MemoryAuditSink(), state_dir=Path(tempfile.mkdtemp())
+                )
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(servers.serve)
                     with anyio.fail_after(20):

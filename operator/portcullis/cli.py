@@ -5,6 +5,7 @@
     portcullis compile -f PATH...                print the compiled config, or the errors
     portcullis token mint|revoke ...             through a running gateway's admin API
     portcullis credentials set|delete|list ...   the local vault
+    portcullis audit query|verify ...            the audit log: filter it, prove it intact
     portcullis gateway --in-cluster ...          the gateway as the operator deploys it
     portcullis operator                          the Kubernetes operator
     portcullis crds                              the CustomResourceDefinitions, as YAML
@@ -190,6 +191,13 @@ def cmd_credentials(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- audit -----------------------------------------------------------------------------------
+
+
+def cmd_audit(args: argparse.Namespace) -> int:
+    return int(args.audit_handler(args, _state_dir(args), _admin_call))
+
+
 # --- cluster entry points -----------------------------------------------------------------------
 
 
@@ -208,6 +216,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
         peering=args.peering,
         priority=args.priority,
         liveness_port=args.liveness_port,
+        metrics_port=args.metrics_port or None,
     )
     return 0
 
@@ -288,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
         state(p)
         p.set_defaults(func=cmd_credentials, action=action)
 
+    from portcullis.audit_cli import add_parser as add_audit_parser
+
+    add_audit_parser(sub, state, cmd_audit)
+
     p = sub.add_parser("gateway", help="run the gateway as the operator deploys it")
     p.add_argument("--in-cluster", action="store_true", required=True)
     p.add_argument("--server", default=os.environ.get("PORTCULLIS_SERVER"))
@@ -305,6 +318,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="peering priority: the highest acts, the others stand by (default with --peering: random per process)",
     )
     p.add_argument("--liveness-port", type=int, default=8080)
+    p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (0: none)")
     p.set_defaults(func=cmd_operator)
 
     p = sub.add_parser("crds", help="print the CustomResourceDefinitions as YAML (--write DIR, --check DIR)")
@@ -326,7 +340,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as exc:
         from portcullis.serve import ServeError
 
-        if isinstance(exc, (ServeError, OSError)):
+        if isinstance(exc, (ServeError, OSError, ValueError)):
             return _fail(str(exc))
         raise
 

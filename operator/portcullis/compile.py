@@ -16,6 +16,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from portcullis.api.config import (
+    AuditConfig,
     ConnectionConfig,
     ExposedPrompt,
     ExposedResource,
@@ -121,7 +122,13 @@ def compile(  # noqa: A001 - the name DESIGN.md gives this function
             default_ttl_seconds=server.spec.session_tokens.default_ttl_seconds,
             max_ttl_seconds=server.spec.session_tokens.max_ttl_seconds,
         ),
-        audit_retention_days=server.spec.audit.retention_days,
+        audit=AuditConfig(
+            retention_days=server.spec.audit.retention_days,
+            store=server.spec.audit.store,
+            postgres_url=server.spec.audit.postgres.url_secret_ref if server.spec.audit.postgres else None,
+            on_store_failure=server.spec.audit.on_store_failure,
+            queue_size=server.spec.audit.queue_size,
+        ),
         connections={
             name: ConnectionConfig(
                 name=name,

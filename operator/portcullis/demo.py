@@ -26,8 +26,7 @@ from typing import Any
 from portcullis.api.manifests import Manifests, load_manifests
 from portcullis.api.resources import MCPConnection
 from portcullis.gateway.audit import FanoutAuditSink, FileAuditSink, MemoryAuditSink
-from portcullis.gateway.local import admin_secret, default_state_dir
-from portcullis.gateway.metrics import MetricsAuditSink
+from portcullis.gateway.local import LocalState, admin_secret, default_state_dir
 from portcullis.gateway.runtime import Listener, Servers, bind, run_in_thread
 from portcullis.serve import local_gateway
 
@@ -80,6 +79,13 @@ def _post(url: str, secret: str, body: dict[str, Any]) -> dict[str, Any]:
         return answer
 
 
+def _get(url: str, secret: str) -> dict[str, Any]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {secret}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        answer: dict[str, Any] = json.loads(response.read())
+        return answer
+
+
 async def agent_session(url: str, token: str) -> dict[str, Any]:
     """What an agent sees: the MCP SDK client with a bearer token."""
     import httpx2
@@ -114,7 +120,7 @@ def run_demo(*, serve: bool = False, port: int = 8080, state_dir: Path | None = 
     audit_dir = Path(tempfile.mkdtemp(prefix="portcullis-demo-audit-")) if not serve else state
     audit_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     audit_path = audit_dir / "audit.jsonl"
-    audit = FanoutAuditSink(memory, FileAuditSink(str(audit_path)), MetricsAuditSink())
+    audit = FanoutAuditSink(memory, FileAuditSink(str(audit_path)))
     with inbox_upstream() as upstream_url:
         manifests = demo_manifests(upstream_url)
         with local_gateway(
@@ -126,7 +132,14 @@ def run_demo(*, serve: bool = False, port: int = 8080, state_dir: Path | None = 
             token = minted["token"]
             seen = asyncio.run(agent_session(gw.url, token))
             status = json.loads(urllib.request.urlopen(gw.admin_url + "/v1/status", timeout=10).read())
+            verified = _get(gw.admin_url + "/v1/audit/verify", admin_secret(state))
             _summary(out, gw.url, gw.admin_url, token, seen, status, memory, audit_path)
+            print(
+                f"  audit store: {LocalState(state).audit_db} (SQLite): chains verified "
+                f"{'intact' if verified['ok'] else 'BROKEN'} over {verified['events']} events\n"
+                f"  query it: portcullis audit query --state-dir {state} --user {DEMO_USER}",
+                file=out,
+            )
             if serve:
                 print(
                     "\nServing until Ctrl-C. Point an agent at the URL above with the token as its bearer token,\n"

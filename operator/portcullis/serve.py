@@ -18,11 +18,10 @@ from portcullis.api.manifests import Manifests, load_manifests
 from portcullis.api.resources import VirtualMCPServer
 from portcullis.compile import CompileError, compile_strict, orphan_mappings
 from portcullis.gateway.admin import build_admin_app
-from portcullis.gateway.audit import AuditSink, FanoutAuditSink, JsonLinesAuditSink
+from portcullis.gateway.audit import AuditSink, JsonLinesAuditSink
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.endpoint import DEFAULT_MAX_BODY_BYTES, BearerAuth, build_app
 from portcullis.gateway.local import LocalState, build_local_gateway
-from portcullis.gateway.metrics import MetricsAuditSink
 from portcullis.gateway.runtime import Listener, Servers, bind, run_in_thread, with_lifespan
 
 
@@ -89,8 +88,8 @@ def local_gateway(
     try:
         config = compile_for(manifests, server, url)
         state = LocalState(state_dir)
-        sink = audit if audit is not None else FanoutAuditSink(JsonLinesAuditSink(sys.stdout), MetricsAuditSink())
-        gateway, keys = build_local_gateway(config, state, audit=sink, secrets=manifests.secrets)
+        sinks = [audit] if audit is not None else [JsonLinesAuditSink(sys.stdout)]
+        gateway, keys = build_local_gateway(config, state, audit=sinks, secrets=manifests.secrets)
     except BaseException:
         mcp_sock.close()
         admin_sock.close()

@@ -7,9 +7,11 @@ of the real inbox upstream, and drives it with the MCP SDK client.
 from __future__ import annotations
 
 import base64
+import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import anyio
@@ -72,12 +74,13 @@ async def cluster_gateway(client: KubeClient, inbox_url: str, keys: SigningKeys)
         {"metadata": {"name": "summarizer-signing-keys"}, "data": {"keys.json": base64.b64encode(keys.to_json().encode()).decode()}},
     )
     await KubernetesVault(client, NS).put(NS, "alice@example.com", "inbox", ALICE_SECRET)
-    servers = await build(client, "summarizer", NS, "127.0.0.1", (0, 0, 0), audit=MemoryAuditSink())
-    async with anyio.create_task_group() as tg:
-        tg.start_soon(servers.serve)
-        await wait_started(servers)
-        yield servers
-        servers.stop()
+    with tempfile.TemporaryDirectory() as state:
+        servers = await build(client, "summarizer", NS, "127.0.0.1", (0, 0, 0), audit=MemoryAuditSink(), state_dir=Path(state))
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(servers.serve)
+            await wait_started(servers)
+            yield servers
+            servers.stop()
 
 
 def token_for(servers: Servers, keys: SigningKeys, user: str = "alice@example.com") -> str:

@@ -106,6 +106,7 @@ def test_deployment_is_hardened_and_rolls_on_keys_not_on_config() -> None:
                                 {"name": "PORTCULLIS_SERVER", "value": "summarizer"},
                                 {"name": "PORTCULLIS_NAMESPACE", "value": "acme"},
                                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                                {"name": "PORTCULLIS_STATE_DIR", "value": "/var/lib/portcullis"},
                             ],
                             "ports": [
                                 {"name": "mcp", "containerPort": 8080, "protocol": "TCP"},
@@ -132,10 +133,16 @@ def test_deployment_is_hardened_and_rolls_on_keys_not_on_config() -> None:
                                 "runAsNonRoot": True,
                                 "capabilities": {"drop": ["ALL"]},
                             },
-                            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                            "volumeMounts": [
+                                {"name": "tmp", "mountPath": "/tmp"},
+                                {"name": "state", "mountPath": "/var/lib/portcullis"},
+                            ],
                         }
                     ],
-                    "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                    "volumes": [
+                        {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                        {"name": "state", "emptyDir": {"sizeLimit": "1Gi"}},
+                    ],
                 },
             },
         },

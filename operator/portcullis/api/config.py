@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from portcullis.api.resources import CredentialSpec, Model
+from portcullis.api.resources import CredentialSpec, Model, SecretKeyReference
 
 CONFIG_VERSION: Literal[1] = 1
 
@@ -26,6 +26,16 @@ class ServerInfo(Model):
 class TokenPolicy(Model):
     default_ttl_seconds: int = 900
     max_ttl_seconds: int = 3600
+
+
+class AuditConfig(Model):
+    retention_days: int = 90
+    store: Literal["sqlite", "postgres", "none"] = "sqlite"
+    postgres_url: SecretKeyReference | None = Field(
+        default=None, description="Secret (in the server's namespace) holding the PostgreSQL URL; never the URL itself."
+    )
+    on_store_failure: Literal["refuse", "allow"] = "refuse"
+    queue_size: int = 10_000
 
 
 class ConnectionConfig(Model):
@@ -74,7 +84,7 @@ class GatewayConfig(Model):
     tenant: str = Field(description="The tenant is the server's namespace.")
     vault_namespace: str
     tokens: TokenPolicy = Field(default_factory=TokenPolicy)
-    audit_retention_days: int = 90
+    audit: AuditConfig = Field(default_factory=AuditConfig)
     connections: dict[str, ConnectionConfig] = Field(default_factory=dict)
     tools: tuple[ExposedTool, ...] = ()
     prompts: tuple[ExposedPrompt, ...] = ()

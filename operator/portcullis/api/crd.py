@@ -46,6 +46,7 @@ from pydantic import BaseModel, Field
 from portcullis.api.resources import (
     GROUP,
     VERSION,
+    AuditSpec,
     AutoscalingSpec,
     CredentialSpec,
     MCPConnection,
@@ -155,6 +156,12 @@ _CEL_RULES: dict[type[BaseModel], list[JSON]] = {
         {
             "rule": "(has(self.source) && self.source == 'shared') == has(self.secretRef)",
             "message": "secretRef is required when source is shared, and only allowed then",
+        }
+    ],
+    AuditSpec: [
+        {
+            "rule": "(has(self.store) && self.store == 'postgres') == has(self.postgres)",
+            "message": "postgres is required when store is postgres, and only allowed then",
         }
     ],
     AutoscalingSpec: [

@@ -195,10 +195,57 @@ class VaultSpec(WireModel):
     ] = None
 
 
+class PostgresAuditSpec(WireModel):
+    """A PostgreSQL database for the audit events of this server (many servers may share one)."""
+
+    url_secret_ref: Annotated[
+        SecretKeyReference,
+        Field(
+            alias="urlSecretRef",
+            description="Secret key holding the connection URL, e.g. postgresql://user:password@host:5432/audit.",
+        ),
+    ]
+
+
 class AuditSpec(WireModel):
+    """Where this server's audit events are kept, for how long, and what happens when they cannot be."""
+
     retention_days: Annotated[
         int, Field(ge=1, le=3650, description="How long audit events are kept, in days.")
     ] = 90
+    store: Annotated[
+        Literal["sqlite", "postgres", "none"],
+        Field(
+            description=(
+                "Durable store besides the JSON lines on stdout: sqlite (a file per gateway process; in a cluster "
+                "it lives only as long as the pod, so use it for evaluation), postgres (urlSecretRef; for production), "
+                "or none (stdout only)."
+            )
+        ),
+    ] = "sqlite"
+    postgres: Annotated[
+        PostgresAuditSpec | None, Field(description="The PostgreSQL store; required when store is postgres, forbidden otherwise.")
+    ] = None
+    on_store_failure: Annotated[
+        Literal["refuse", "allow"],
+        Field(
+            description=(
+                "When the store is unreachable and the audit queue is full: refuse (the call is not made and the "
+                "agent is told why) or allow (the call is served and counted as unaudited)."
+            )
+        ),
+    ] = "refuse"
+    queue_size: Annotated[
+        int, Field(ge=100, le=1_000_000, description="Events held in memory while the store is slow or down.")
+    ] = 10_000
+
+    @model_validator(mode="after")
+    def _postgres_matches_store(self) -> AuditSpec:
+        if self.store == "postgres" and self.postgres is None:
+            raise ValueError("postgres.urlSecretRef is required when store is postgres")
+        if self.store != "postgres" and self.postgres is not None:
+            raise ValueError("postgres is only allowed when store is postgres")
+        return self
 
 
 class VirtualMCPServerSpec(WireModel):
@@ -216,7 +263,7 @@ class VirtualMCPServerSpec(WireModel):
     vault: Annotated[VaultSpec, Field(description="Where user credentials live.")] = Field(
         default_factory=VaultSpec
     )
-    audit: Annotated[AuditSpec, Field(description="Audit retention.")] = Field(default_factory=AuditSpec)
+    audit: Annotated[AuditSpec, Field(description="Audit store, retention and failure policy.")] = Field(default_factory=AuditSpec)
     image: Annotated[
         str | None, Field(max_length=512, description="Gateway image; defaults to the operator's own.")
     ] = None

@@ -19,19 +19,22 @@ import asyncio
 import base64
 import contextlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from portcullis.api.config import GatewayConfig
 from portcullis.api.resources import SecretKeyReference
 from portcullis.gateway.admin import build_admin_app
 from portcullis.gateway.admission import KubernetesAdminAuth
-from portcullis.gateway.audit import AuditSink, FanoutAuditSink, JsonLinesAuditSink
+from portcullis.gateway.audit import AuditSink, JsonLinesAuditSink
+from portcullis.gateway.audit.keys import KubernetesAuditKeys
+from portcullis.gateway.audit.trail import AuditTrail, default_writer_id, store_for
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.endpoint import build_app
-from portcullis.gateway.metrics import MetricsAuditSink
 from portcullis.gateway.revocation import KubernetesRevocations
 from portcullis.gateway.runtime import Listener, Servers, bind, new_event_loop, with_lifespan
 from portcullis.gateway.tokens import SigningKeys, TokenVerifier
@@ -84,6 +87,7 @@ async def build(
     ports: tuple[int, int, int] = (MCP_PORT, ADMIN_PORT, METRICS_PORT),
     *,
     audit: AuditSink | None = None,
+    state_dir: Path | None = None,
 ) -> Servers:
     """Read the server's config and keys from the API and bind its ports; `serve()` the result."""
     base = f"/api/v1/namespaces/{namespace}"
@@ -96,12 +100,30 @@ async def build(
         return base64.b64decode(value).decode() if value else None
 
     revocations = KubernetesRevocations(client, namespace, f"{server}-revocations")
+    state = state_dir or Path(os.environ.get("PORTCULLIS_STATE_DIR", "/var/lib/portcullis"))
+    ref = config.audit.postgres_url
+    trail = AuditTrail(
+        server=f"{namespace}/{server}",
+        tenant=config.tenant,
+        keys=KubernetesAuditKeys(client, config.vault_namespace),
+        sinks=[audit or JsonLinesAuditSink(sys.stdout)],
+        store=store_for(
+            config.audit.store,
+            sqlite_path=state / "audit" / "audit.db",
+            postgres_url=await shared_secret(namespace, ref) if ref else None,
+        ),
+        on_store_failure=config.audit.on_store_failure,
+        retention_days=config.audit.retention_days,
+        capacity=config.audit.queue_size,
+        # The pod name names the chain, so an auditor can tell which replica wrote what.
+        writer=f"{os.environ['POD_NAME']}/{default_writer_id().rsplit('/', 1)[-1]}" if os.environ.get("POD_NAME") else None,
+    )
     gateway = Gateway(
         config,
         verifier=TokenVerifier(lambda: keys[0], issuer=config.server.issuer, audience=config.server.url),
         vault=KubernetesVault(client, config.vault_namespace),
         revocations=revocations,
-        audit=audit or FanoutAuditSink(JsonLinesAuditSink(sys.stdout), MetricsAuditSink()),
+        audit=trail,
         secrets=shared_secret,
     )
 

@@ -17,17 +17,25 @@ import contextlib
 import logging
 import random
 import time
-import uuid
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
 from mcp.shared.uri_template import InvalidUriTemplate, UriTemplate
 
 from portcullis.api.config import ExposedResourceTemplate, GatewayConfig
-from portcullis.api.resources import SecretKeyReference
-from portcullis.gateway.audit import AuditEvent, AuditSink, Decision, Outcome
+from portcullis.gateway.audit import Outcome, Reason
+from portcullis.gateway.audit.metrics import set_exposure
+from portcullis.gateway.audit.recorder import CallRecord, recording
+from portcullis.gateway.audit.trail import AuditTrail
 from portcullis.gateway.catalog import Catalog, Exposure
+from portcullis.gateway.credentials import (
+    CredentialError,
+    Credentials,
+    MissingCredential,
+    SecretResolver,
+    UnreadableCredential,
+)
 from portcullis.gateway.revocation import RevocationStore
 from portcullis.gateway.tokens import SessionClaims, TokenError, TokenVerifier
 from portcullis.gateway.upstream import (
@@ -74,10 +82,6 @@ class RPCError(Exception):
         return error
 
 
-SecretResolver = Callable[[str, SecretKeyReference], Awaitable[str | None]]
-"""(namespace, secretRef) -> the shared credential, for connections with `source: shared`."""
-
-
 def tool_error(text: str) -> dict[str, Any]:
     return {"content": [{"type": "text", "text": text}], "isError": True}
 
@@ -97,7 +101,7 @@ class Gateway:
         verifier: TokenVerifier,
         vault: Vault,
         revocations: RevocationStore,
-        audit: AuditSink,
+        audit: AuditTrail,
         secrets: SecretResolver | None = None,
         refresh_seconds: float = 300.0,
     ):
@@ -105,7 +109,7 @@ class Gateway:
         self.vault = vault
         self.revocations = revocations
         self.audit = audit
-        self._secrets = secrets
+        self.credentials = Credentials(lambda: self._config, vault, secrets)
         self.refresh_seconds = refresh_seconds
         self.catalog = Catalog()
         self._http: aiohttp.ClientSession | None = None
@@ -122,6 +126,7 @@ class Gateway:
     # --- lifecycle -------------------------------------------------------------
 
     async def start(self) -> None:
+        await self.audit.start()
         # No total connection cap: one slow upstream holding its connections open
         # must not starve calls to the others; the per-host cap bounds each upstream.
         connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=60, ttl_dns_cache=60)
@@ -138,6 +143,7 @@ class Gateway:
                 await task
         if self._http is not None:
             await self._http.close()
+        await self.audit.stop()
 
     @property
     def config(self) -> GatewayConfig:
@@ -175,7 +181,11 @@ class Gateway:
 
     def _rebuild_exposure(self) -> None:
         before = self._exposure.tools
-        self._exposure = self.catalog.expose(self._config)
+        self._exposure = exposure = self.catalog.expose(self._config)
+        set_exposure(
+            self.audit.server, exposed=len(exposure.tools), upstream=exposure.upstream_tool_count,
+            exposed_tokens=exposure.exposed_tokens, upstream_tokens=exposure.upstream_tokens,
+        )
         # Whole definitions: a changed schema is a change agents must refetch too.
         if before != self._exposure.tools:
             self._tools_changed()
@@ -218,7 +228,7 @@ class Gateway:
         # credential first, and with the first caller's credential if that was refused.
         conn = self._config.connections[connection]
         if conn.credential.source == "shared":
-            return await self._shared_credential(connection)
+            return await self.credentials.shared(connection)
         return None
 
     # --- upstream change streams -----------------------------------------------------
@@ -337,7 +347,7 @@ class Gateway:
         # An upstream that refused an anonymous listing gets listed with this caller's credential.
         for connection in {t.connection for t in exposure.missing}:
             if self.catalog.listing(connection).tools is None:
-                credential = await self._credential_or_none(claims.sub, connection)
+                credential = await self.credentials.headers_or_none(claims.sub, connection)
                 if credential:
                     await self.refresh(connection, credential)
 
@@ -349,41 +359,67 @@ class Gateway:
         `relay` is the rest of the agent's request params (`_meta`, and the
         multi-round-trip `inputResponses`/`requestState` of SEP-2322), forwarded as they came.
         """
-        started = time.perf_counter()
-        request_id = uuid.uuid4().hex
-        exposed = self._exposure.by_name.get(name)
-        if exposed is None and any(t.name == name for t in self._config.tools):
-            # Allowlisted but not listed yet (upstream down at start, or refused anonymous listing).
-            await self._fill_missing(claims, self._exposure)
+        with self._request(claims, "tools/call", name) as record:
+            record.arguments(arguments)
             exposed = self._exposure.by_name.get(name)
-        if exposed is None or (claims.tools is not None and name not in claims.tools):
-            reason = "not_exposed" if exposed is None else "outside_token_scope"
-            self._record(claims, request_id, name, None, "deny", reason, "denied", started)
-            raise unknown_tool(name)
-        connection = exposed.connection
-        try:
-            credential = await self._credential(claims.sub, connection)
-        except _MissingCredential:
-            self._record(claims, request_id, name, connection, "deny", "no_credential", "denied", started)
-            return tool_error(
+            if exposed is None and any(t.name == name for t in self._config.tools):
+                # Allowlisted but not listed yet (upstream down at start, or refused anonymous listing).
+                await self._fill_missing(claims, self._exposure)
+                exposed = self._exposure.by_name.get(name)
+            if exposed is None or (claims.tools is not None and name not in claims.tools):
+                record.deny(Reason.NOT_EXPOSED if exposed is None else Reason.OUTSIDE_TOKEN_SCOPE)
+                raise unknown_tool(name)
+            connection = exposed.connection
+            record.allow(connection)
+            try:
+                credential = await self.credentials.headers(claims.sub, connection)
+            except CredentialError as exc:
+                return tool_error(self._credential_refusal(record, exc, claims.sub))
+            if not record.admit():
+                return tool_error(_AUDIT_REFUSAL)
+            params: dict[str, Any] = {**relay, "name": exposed.upstream_name} if relay else {"name": exposed.upstream_name}
+            if arguments is not None:
+                params["arguments"] = arguments
+            try:
+                with record.upstream():
+                    result = await self._upstreams[connection].request("tools/call", params, credential=credential)
+            except UpstreamRPCError as exc:
+                record.failed(Reason.UPSTREAM_RPC_ERROR)
+                raise _relayed_rpc_error(exc) from None
+            except UpstreamError as exc:
+                record.failed(Reason.UPSTREAM_FAILED, detail=exc.kind)
+                return tool_error(f"The tool {name!r} is unavailable: {exc}. Try again later.")
+            relayed = relay_result(result)
+            record.result(relayed, "tool_error" if relayed.get("isError") else "ok")
+            return relayed
+
+    @contextlib.contextmanager
+    def _request(self, claims: SessionClaims, method: str, name: str | None) -> Iterator[CallRecord]:
+        """One request on the call path: audited once on the way out, and no internals on the wire."""
+        with recording(self.audit, claims, method, name) as record:
+            try:
+                yield record
+            except RPCError:
+                raise
+            except Exception as exc:  # nobody anticipated it: the agent gets a request id, the log the details
+                record.failed(Reason.INTERNAL_ERROR, "error", type(exc).__name__)
+                log.exception("request %s (%s %s) failed", record.request_id, method, name)
+                raise RPCError(INTERNAL_ERROR, f"Internal error in the gateway (request {record.request_id}).") from None
+
+    def _credential_refusal(self, record: CallRecord, exc: CredentialError, user: str) -> str:
+        """Audit a call stopped at the resolve step, and say what the user can do about it."""
+        connection = exc.connection
+        if isinstance(exc, MissingCredential):
+            record.deny(Reason.NO_CREDENTIAL)
+            return (
                 f"You have not connected {connection!r} yet: connect {connection} first "
-                f"(an administrator can run `portcullis credentials set --user {claims.sub} --connection {connection}`)."
+                f"(an administrator can run `portcullis credentials set --user {user} --connection {connection}`)."
             )
-        params: dict[str, Any] = {**relay, "name": exposed.upstream_name} if relay else {"name": exposed.upstream_name}
-        if arguments is not None:
-            params["arguments"] = arguments
-        try:
-            result = await self._upstreams[connection].request("tools/call", params, credential=credential)
-        except UpstreamRPCError as exc:
-            self._record(claims, request_id, name, connection, "allow", "upstream_rpc_error", "upstream_error", started)
-            raise RPCError(int(exc.error.get("code", INTERNAL_ERROR)), str(exc.error.get("message", "")), exc.error.get("data")) from None
-        except UpstreamError as exc:
-            self._record(claims, request_id, name, connection, "allow", "upstream_failed", "upstream_error", started)
-            return tool_error(f"The tool {name!r} is unavailable: {exc}. Try again later.")
-        relayed = relay_result(result)
-        outcome: Outcome = "tool_error" if relayed.get("isError") else "ok"
-        self._record(claims, request_id, name, connection, "allow", "allowlisted", outcome, started)
-        return relayed
+        if isinstance(exc, UnreadableCredential):
+            record.deny(Reason.CREDENTIAL_UNREADABLE, outcome="error")
+            return f"Your stored credential for {connection!r} cannot be used any more: reconnect {connection} (store it again)."
+        record.deny(Reason.VAULT_UNAVAILABLE, outcome="error", detail=str(exc))
+        return f"The credential store is unavailable right now, so {connection!r} cannot be called. Try again later."
 
     # --- prompts and resources (deny by default) --------------------------------------
 
@@ -395,31 +431,30 @@ class Gateway:
     async def get_prompt(
         self, claims: SessionClaims, name: str, arguments: dict[str, str] | None, relay: Mapping[str, Any] | None = None
     ) -> dict[str, Any]:
-        started, request_id = time.perf_counter(), uuid.uuid4().hex
-        prompt = next((p for p in self._config.prompts if p.name == name), None)
-        if prompt is None:
-            self._record(claims, request_id, name, None, "deny", "not_exposed", "denied", started, method="prompts/get")
-            raise RPCError(INVALID_PARAMS, f"Unknown prompt: {name}")
-        params: dict[str, Any] = {**relay, "name": prompt.upstream_name} if relay else {"name": prompt.upstream_name}
-        if arguments:
-            params["arguments"] = arguments
-        result = await self._forward(claims, request_id, prompt.connection, "prompts/get", params, name, started)
-        return relay_result(result)
+        with self._request(claims, "prompts/get", name) as record:
+            record.arguments(arguments)
+            prompt = next((p for p in self._config.prompts if p.name == name), None)
+            if prompt is None:
+                record.deny(Reason.NOT_EXPOSED)
+                raise RPCError(INVALID_PARAMS, f"Unknown prompt: {name}")
+            params: dict[str, Any] = {**relay, "name": prompt.upstream_name} if relay else {"name": prompt.upstream_name}
+            if arguments:
+                params["arguments"] = arguments
+            return await self._forward(record, claims, prompt.connection, params)
 
     async def list_resources(self, claims: SessionClaims) -> list[dict[str, Any]]:
         wanted = [(r.connection, r.uri) for r in self._config.resources]
         return [d for d in await self._listed(claims, wanted, "resources/list", "resources", "uri") if d]
 
     async def read_resource(self, claims: SessionClaims, uri: str) -> dict[str, Any]:
-        started, request_id = time.perf_counter(), uuid.uuid4().hex
-        connection = self._resource_connection(uri)
-        if connection is None:
-            self._record(claims, request_id, uri, None, "deny", "not_exposed", "denied", started, method="resources/read")
-            # The upstream's own answer for an unknown URI (SEP-2164), so a hidden resource
-            # looks exactly like a missing one.
-            raise RPCError(INVALID_PARAMS, f"Resource not found: {uri}", {"uri": uri})
-        result = await self._forward(claims, request_id, connection, "resources/read", {"uri": uri}, uri, started)
-        return relay_result(result)
+        with self._request(claims, "resources/read", uri) as record:
+            connection = self._resource_connection(uri)
+            if connection is None:
+                record.deny(Reason.NOT_EXPOSED)
+                # The upstream's own answer for an unknown URI (SEP-2164), so a hidden resource
+                # looks exactly like a missing one.
+                raise RPCError(INVALID_PARAMS, f"Resource not found: {uri}", {"uri": uri})
+            return await self._forward(record, claims, connection, {"uri": uri})
 
     async def complete(
         self,
@@ -434,30 +469,29 @@ class Gateway:
         Any other reference gets the error an unknown prompt or resource gets, and no
         upstream request is made: completions must not reveal what the allowlist hides.
         """
-        started, request_id = time.perf_counter(), uuid.uuid4().hex
         method = "completion/complete"
         params: dict[str, Any] = {**relay} if relay else {}
         params["argument"] = dict(argument)
         if context is not None:
             params["context"] = dict(context)
-        if ref.get("type") == "ref/prompt":
-            name = str(ref.get("name"))
-            prompt = next((p for p in self._config.prompts if p.name == name), None)
-            if prompt is None:
-                self._record(claims, request_id, name, None, "deny", "not_exposed", "denied", started, method=method)
-                raise RPCError(INVALID_PARAMS, f"Unknown prompt: {name}")
-            params["ref"] = {**ref, "name": prompt.upstream_name}
-            connection, label = prompt.connection, name
-        else:
-            uri = str(ref.get("uri"))
-            found = self._resource_connection(uri) if ref.get("type") == "ref/resource" else None
-            if found is None:
-                self._record(claims, request_id, uri, None, "deny", "not_exposed", "denied", started, method=method)
-                raise RPCError(INVALID_PARAMS, f"Resource not found: {uri}", {"uri": uri})
-            params["ref"] = dict(ref)
-            connection, label = found, uri
-        result = await self._forward(claims, request_id, connection, method, params, label, started)
-        return relay_result(result)
+        label = str(ref.get("name")) if ref.get("type") == "ref/prompt" else str(ref.get("uri"))
+        with self._request(claims, method, label) as record:
+            record.arguments(params)
+            if ref.get("type") == "ref/prompt":
+                prompt = next((p for p in self._config.prompts if p.name == label), None)
+                if prompt is None:
+                    record.deny(Reason.NOT_EXPOSED)
+                    raise RPCError(INVALID_PARAMS, f"Unknown prompt: {label}")
+                params["ref"] = {**ref, "name": prompt.upstream_name}
+                connection = prompt.connection
+            else:
+                found = self._resource_connection(label) if ref.get("type") == "ref/resource" else None
+                if found is None:
+                    record.deny(Reason.NOT_EXPOSED)
+                    raise RPCError(INVALID_PARAMS, f"Resource not found: {label}", {"uri": label})
+                params["ref"] = dict(ref)
+                connection = found
+            return await self._forward(record, claims, connection, params)
 
     def _resource_connection(self, uri: str) -> str | None:
         """The connection serving `uri`, or None when it is not exposed.
@@ -510,126 +544,57 @@ class Gateway:
         self, claims: SessionClaims, connection: str, method: str, key: str, id_key: str
     ) -> dict[str, dict[str, Any]]:
         try:
-            credential = await self._credential_or_none(claims.sub, connection)
+            credential = await self.credentials.headers_or_none(claims.sub, connection)
             items = await self._upstreams[connection].list_all(method, key, credential=credential)
         except (UpstreamError, UpstreamRPCError) as exc:
             log.warning("%s on %s failed: %s", method, connection, exc)
             return {}
         return {str(i.get(id_key)): i for i in items if isinstance(i, dict)}
 
-    async def _forward(
-        self, claims: SessionClaims, request_id: str, connection: str, method: str, params: dict[str, Any], label: str, started: float
-    ) -> dict[str, Any]:
+    async def _forward(self, record: CallRecord, claims: SessionClaims, connection: str, params: dict[str, Any]) -> dict[str, Any]:
+        """Resolve, forward and relay one allowed prompt, resource or completion request."""
+        record.allow(connection)
         try:
-            credential = await self._credential(claims.sub, connection)
-        except _MissingCredential:
-            self._record(claims, request_id, label, connection, "deny", "no_credential", "denied", started, method=method)
-            raise RPCError(INVALID_PARAMS, f"You have not connected {connection!r} yet: connect {connection} first.") from None
+            credential = await self.credentials.headers(claims.sub, connection)
+        except CredentialError as exc:
+            raise RPCError(INVALID_PARAMS, self._credential_refusal(record, exc, claims.sub)) from None
+        if not record.admit():
+            raise RPCError(INTERNAL_ERROR, _AUDIT_REFUSAL)
         try:
-            result = await self._upstreams[connection].request(method, params, credential=credential)
+            with record.upstream():
+                result = await self._upstreams[connection].request(record.method, params, credential=credential)
         except UpstreamRPCError as exc:
-            self._record(claims, request_id, label, connection, "allow", "upstream_rpc_error", "upstream_error", started, method=method)
-            raise RPCError(int(exc.error.get("code", INTERNAL_ERROR)), str(exc.error.get("message", "")), exc.error.get("data")) from None
+            record.failed(Reason.UPSTREAM_RPC_ERROR)
+            raise _relayed_rpc_error(exc) from None
         except UpstreamError as exc:
-            self._record(claims, request_id, label, connection, "allow", "upstream_failed", "upstream_error", started, method=method)
+            record.failed(Reason.UPSTREAM_FAILED, detail=exc.kind)
             raise RPCError(INTERNAL_ERROR, str(exc)) from None
-        self._record(claims, request_id, label, connection, "allow", "allowlisted", "ok", started, method=method)
-        return result
+        relayed = relay_result(result)
+        record.result(relayed, "ok")
+        return relayed
 
-    # --- credentials -------------------------------------------------------------------
-
-    async def _credential(self, user: str, connection: str) -> dict[str, str] | None:
-        conn = self._config.connections[connection]
-        spec = conn.credential
-        if spec.source == "none":
-            return None
-        if spec.source == "shared":
-            shared = await self._shared_credential(connection)
-            if shared is None:
-                raise _MissingCredential(connection)
-            return shared
-        secret = await self.vault.get(self._config.tenant, user, connection)
-        if secret is None:
-            raise _MissingCredential(connection)
-        return {spec.header: spec.header_value(secret)}
-
-    async def _credential_or_none(self, user: str, connection: str) -> dict[str, str] | None:
-        try:
-            return await self._credential(user, connection)
-        except _MissingCredential:
-            return None
-
-    async def _shared_credential(self, connection: str) -> dict[str, str] | None:
-        spec = self._config.connections[connection].credential
-        if spec.secret_ref is None or self._secrets is None:
-            return None
-        secret = await self._secrets(self._config.server.namespace, spec.secret_ref)
-        return None if secret is None else {spec.header: spec.header_value(secret)}
-
-    async def missing_connections(self, user: str) -> list[str]:
-        """Connections this server needs a credential of `user` for, and has none."""
-        missing = []
-        for connection in self._config.user_connections():
-            if await self.vault.get(self._config.tenant, user, connection) is None:
-                missing.append(connection)
-        return missing
+    async def missing_connections(self, user: str) -> tuple[list[str], list[str]]:
+        """(not connected, stored but unreadable) connections this server needs of `user`."""
+        return await self.credentials.missing(user)
 
     # --- audit -----------------------------------------------------------------------------
 
-    def _record(
-        self,
-        claims: SessionClaims | None,
-        request_id: str,
-        tool: str | None,
-        connection: str | None,
-        decision: Decision,
-        reason: str,
-        outcome: Outcome,
-        started: float,
-        *,
-        method: str = "tools/call",
-    ) -> None:
-        self.audit.emit(
-            AuditEvent(
-                time=time.time(),
-                request_id=request_id,
-                server=self._config.server.name,
-                tenant=self._config.tenant,
-                user=claims.sub if claims else None,
-                tool=tool,
-                connection=connection,
-                decision=decision,
-                reason=reason,
-                outcome=outcome,
-                latency_ms=(time.perf_counter() - started) * 1000,
-                jti=claims.jti if claims else None,
-                method=method,
-            )
-        )
-
-    def record_unauthenticated(self, reason: str, method: str | None) -> None:
+    def record_unauthenticated(self, reason: str, method: str | None, *, outcome: Outcome = "unauthenticated") -> None:
         """Audit a request refused before any identity was established."""
-        self.audit.emit(
-            AuditEvent(
-                time=time.time(),
-                request_id=uuid.uuid4().hex,
-                server=self._config.server.name,
-                tenant=self._config.tenant,
-                user=None,
-                tool=None,
-                connection=None,
-                decision="deny",
-                reason=reason,
-                outcome="unauthenticated",
-                latency_ms=0.0,
-                jti=None,
-                method=method or "?",
-            )
-        )
+        with recording(self.audit, None, method or "?", None) as record:
+            record.deny(reason, outcome=outcome)
 
 
-class _MissingCredential(Exception):
-    pass
+_AUDIT_REFUSAL = (
+    "This call was not made: the gateway cannot record it in the audit log right now "
+    "(the audit store is unavailable and its queue is full). Try again shortly."
+)
+
+
+def _relayed_rpc_error(exc: UpstreamRPCError) -> RPCError:
+    code = exc.error.get("code", INTERNAL_ERROR)
+    return RPCError(code if isinstance(code, int) and not isinstance(code, bool) else INTERNAL_ERROR,
+                    str(exc.error.get("message", "")), exc.error.get("data"))
 
 
 def complete_tool_result(result: dict[str, Any]) -> dict[str, Any]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import json
+import logging
 from typing import Any
 
 import mcp_types as types
@@ -35,10 +36,13 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from portcullis import __version__
+from portcullis.gateway.audit import Reason
 from portcullis.gateway.core import Gateway, RPCError, Unauthenticated, complete_tool_result
 from portcullis.gateway.fastpath import FastToolCall, is_candidate
 from portcullis.gateway.upstream import ProgressSink, progress_sink
 from portcullis.gateway.tokens import SessionClaims
+
+log = logging.getLogger("portcullis.gateway")
 
 DEFAULT_MAX_BODY_BYTES = 4 * 1024 * 1024
 MCP_PATH = "/mcp"
@@ -229,8 +233,18 @@ class BearerAuth:
         try:
             claims = self.gateway.authenticate(token)
         except Unauthenticated as exc:
-            self.gateway.record_unauthenticated(str(exc), None)
+            self.gateway.record_unauthenticated(str(exc), _header(scope, b"mcp-method"))
             await _unauthorized(str(exc), self.metadata_url, token is not None)(scope, receive, send)
+            return
+        except Exception as exc:  # the revocation or key store failed: fail closed, audited, no internals
+            log.warning("authenticating a request failed: %s", type(exc).__name__)
+            self.gateway.record_unauthenticated(Reason.AUTH_UNAVAILABLE, _header(scope, b"mcp-method"), outcome="error")
+            response = JSONResponse(
+                {"jsonrpc": "2.0", "id": None, "error": {"code": -32603, "message": "cannot check the session token right now; try again"}},
+                status_code=503,
+                headers={"Retry-After": "1"},
+            )
+            await response(scope, receive, send)
             return
         reset = current_claims.set(claims)
         try:

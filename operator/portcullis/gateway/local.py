@@ -4,6 +4,8 @@
     <state>/keys/<namespace>/<server>.json     session-token signing keys (0600)
     <state>/vault/<tenant>/...                 sealed user credentials (see vault.local)
     <state>/revocations/<namespace>/<server>.json
+    <state>/audit/audit.db                     the embedded audit store (SQLite, 0600)
+    <state>/audit/keys/<tenant>.key            the tenant's audit key (digests, hash chain; 0600)
 
 Several processes share it safely (the CLI minting or revoking while `serve`
 runs), which is also what makes two local replicas behave like two pods.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import os
 import secrets as _secrets
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,8 @@ from portcullis.api.config import GatewayConfig
 from portcullis.api.resources import SecretKeyReference
 from portcullis.gateway.admission import SecretAdminAuth
 from portcullis.gateway.audit import AuditSink
+from portcullis.gateway.audit.keys import LocalAuditKeys
+from portcullis.gateway.audit.trail import AuditTrail, store_for
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.revocation import FileRevocations
 from portcullis.gateway.tokens import LocalKeyStore, SigningKeys, TokenVerifier
@@ -72,6 +77,14 @@ class LocalState:
             self.state_dir / "revocations" / config.server.namespace / f"{config.server.name}.json"
         )
 
+    @property
+    def audit_db(self) -> Path:
+        return self.state_dir / "audit" / "audit.db"
+
+    @property
+    def audit_keys(self) -> LocalAuditKeys:
+        return LocalAuditKeys(self.state_dir)
+
     def admin_auth(self) -> SecretAdminAuth:
         return SecretAdminAuth(admin_secret(self.state_dir))
 
@@ -80,11 +93,26 @@ def build_local_gateway(
     config: GatewayConfig,
     state: LocalState,
     *,
-    audit: AuditSink,
+    audit: Sequence[AuditSink],
     secrets: dict[tuple[str, str], dict[str, str]] | None = None,
 ) -> tuple[Gateway, SigningKeys]:
     keys = state.keys(config)
     shared = secrets or {}
+    ref = config.audit.postgres_url
+    trail = AuditTrail(
+        server=f"{config.server.namespace}/{config.server.name}",
+        tenant=config.tenant,
+        keys=state.audit_keys,
+        sinks=audit,
+        store=store_for(
+            config.audit.store,
+            sqlite_path=state.audit_db,
+            postgres_url=shared.get((config.server.namespace, ref.name), {}).get(ref.key) if ref else None,
+        ),
+        on_store_failure=config.audit.on_store_failure,
+        retention_days=config.audit.retention_days,
+        capacity=config.audit.queue_size,
+    )
 
     async def resolve(namespace: str, ref: SecretKeyReference) -> str | None:
         return shared.get((namespace, ref.name), {}).get(ref.key)
@@ -94,7 +122,7 @@ def build_local_gateway(
         verifier=TokenVerifier(lambda: keys, issuer=config.server.issuer, audience=config.server.url),
         vault=state.vault,
         revocations=state.revocations(config),
-        audit=audit,
+        audit=trail,
         secrets=resolve,
     )
     return gateway, keys

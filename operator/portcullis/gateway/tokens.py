@@ -141,6 +141,8 @@ class SessionClaims:
     iat: int
     jti: str
     tools: tuple[str, ...] | None = None
+    agent_run_id: str | None = None
+    """Set by the application at minting, so the calls of one agent run group together in the audit log."""
 
 
 class TokenError(Exception):
@@ -164,6 +166,7 @@ def mint_token(
     tenant: str,
     ttl_seconds: int,
     tools: tuple[str, ...] | None = None,
+    agent_run_id: str | None = None,
     now: int | None = None,
 ) -> tuple[str, SessionClaims]:
     """Sign a session token with the current key."""
@@ -174,7 +177,9 @@ def mint_token(
     iat = _now(now)
     claims = SessionClaims(
         iss=issuer, aud=audience, sub=user, tenant=tenant, iat=iat, exp=iat + ttl_seconds,
-        jti=_b64url(secrets.token_bytes(16)), tools=tuple(tools) if tools is not None else None,
+        # Hex, not base64url: a jti is typed on command lines, and one starting with "-" reads as a flag.
+        jti=secrets.token_hex(16), tools=tuple(tools) if tools is not None else None,
+        agent_run_id=agent_run_id,
     )
     payload: dict[str, Any] = {
         "iss": claims.iss, "aud": claims.aud, "sub": claims.sub, "tenant": claims.tenant,
@@ -182,6 +187,8 @@ def mint_token(
     }
     if claims.tools is not None:
         payload["tools"] = list(claims.tools)
+    if claims.agent_run_id is not None:
+        payload["agent_run_id"] = claims.agent_run_id
     key = keys.current
     token = jwt.encode(payload, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid})
     return token, claims
@@ -259,10 +266,13 @@ def _claims(payload: Mapping[str, Any]) -> SessionClaims:
         raise TokenError("malformed")
     if not isinstance(payload["exp"], int) or not isinstance(payload["iat"], int):
         raise TokenError("malformed")
+    run = payload.get("agent_run_id")
+    if run is not None and not isinstance(run, str):
+        raise TokenError("malformed")
     return SessionClaims(
         iss=payload["iss"], aud=payload["aud"], sub=payload["sub"], tenant=tenant,
         exp=payload["exp"], iat=payload["iat"], jti=payload["jti"],
-        tools=tuple(tools) if tools is not None else None,
+        tools=tuple(tools) if tools is not None else None, agent_run_id=run,
     )
 
 

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aiohttp
+from aiohttp.http_exceptions import HttpProcessingError
 from mcp.shared.inbound import (
     MCP_METHOD_HEADER,
     MCP_NAME_HEADER,
@@ -77,6 +78,13 @@ class UpstreamError(Exception):
         self.transport = transport
         """True when nothing was answered at all (refused, timed out): the upstream's era is still unknown."""
         super().__init__(f"upstream {connection!r}: {message}")
+
+    @property
+    def kind(self) -> str:
+        """What failed, in words safe for the audit log: never the upstream's bytes."""
+        if self.transport:
+            return "transport"
+        return f"http {self.status}" if self.status is not None else "protocol"
 
 
 class NoChangeStream(UpstreamError):
@@ -231,6 +239,8 @@ class UpstreamClient:
             raise UpstreamError(self.name, f"no change stream within {self.config.timeout_seconds}s") from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(self.name, f"change stream dropped ({type(exc).__name__})") from None
+        except (ValueError, HttpProcessingError):  # one event line over the stream reader's limit
+            raise UpstreamError(self.name, "sent a change-stream line longer than the gateway reads") from None
         raise UpstreamError(self.name, "change stream ended")
 
     def _stream_timeout(self) -> aiohttp.ClientTimeout:
@@ -370,6 +380,8 @@ class UpstreamClient:
             raise UpstreamError(self.name, f"unreachable ({type(exc).__name__})", transport=True) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(self.name, f"bad HTTP exchange ({type(exc).__name__})") from None
+        except (ValueError, HttpProcessingError):  # aiohttp's reader: one event line over its limit (LineTooLong)
+            raise UpstreamError(self.name, "sent an event line longer than the gateway reads") from None
 
     async def _notify(self, body: dict[str, Any], headers: dict[str, str]) -> None:
         try:

@@ -24,6 +24,8 @@ from portcullis.render.metadata import (
 from portcullis.render.metadata import labels as child_labels
 
 KEYS_DIGEST_ANNOTATION = "portcullis.dev/signing-keys-digest"
+STATE_DIR = "/var/lib/portcullis"
+STATE_SIZE = "1Gi"
 GATEWAY_UID = 10001
 RESOURCES = {
     "requests": {"cpu": "100m", "memory": "128Mi"},
@@ -61,6 +63,7 @@ def build_deployment(server: VirtualMCPServer, *, image: str, keys_digest: str) 
                             {"name": "PORTCULLIS_SERVER", "value": name},
                             {"name": "PORTCULLIS_NAMESPACE", "value": ns},
                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            {"name": "PORTCULLIS_STATE_DIR", "value": STATE_DIR},
                         ],
                         "ports": [
                             {"name": "mcp", "containerPort": MCP_PORT, "protocol": "TCP"},
@@ -84,10 +87,17 @@ def build_deployment(server: VirtualMCPServer, *, image: str, keys_digest: str) 
                             "runAsNonRoot": True,
                             "capabilities": {"drop": ["ALL"]},
                         },
-                        "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+                        "volumeMounts": [
+                            {"name": "tmp", "mountPath": "/tmp"},
+                            {"name": "state", "mountPath": STATE_DIR},
+                        ],
                     }
                 ],
-                "volumes": [{"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}}],
+                "volumes": [
+                    {"name": "tmp", "emptyDir": {"sizeLimit": "64Mi"}},
+                    # The embedded audit store (spec.audit.store: sqlite) lives here, as long as the pod.
+                    {"name": "state", "emptyDir": {"sizeLimit": STATE_SIZE}},
+                ],
             },
         },
     }

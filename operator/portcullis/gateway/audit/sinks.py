@@ -1,66 +1,19 @@
-"""Audit events: one per call and one per denial.
+"""Where events go besides the durable store: stdout JSON lines, a file, memory.
 
-An event says who (user, token `jti`), what (server, tool, connection), the
-decision and why, how it ended and how long it took. It never carries argument
-values, credentials or tokens: the event type has no field for them, so no code
-path can leak one by accident.
-
-Writing an event never blocks a call: sinks buffer and write off the request
-path, and a sink that fails counts the failure (a metric and a stderr line)
-instead of failing the call silently.
+`AuditSink` is the one-method plug point. Writing never blocks a call: the JSON-lines
+sink buffers and writes once per loop iteration, and a sink that fails counts the
+failure and says so once on stderr instead of failing the call.
 """
 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
 import sys
-import time
 from collections import deque
-from dataclasses import dataclass
-from typing import Literal, Protocol, TextIO
+from typing import Protocol, TextIO
 
-Decision = Literal["allow", "deny"]
-Outcome = Literal["ok", "tool_error", "upstream_error", "denied", "unauthenticated"]
-
-
-@dataclass(frozen=True)
-class AuditEvent:
-    time: float
-    request_id: str
-    server: str
-    tenant: str
-    user: str | None
-    tool: str | None
-    connection: str | None
-    decision: Decision
-    reason: str
-    outcome: Outcome
-    latency_ms: float
-    jti: str | None
-    method: str = "tools/call"
-    kind: str = "portcullis.audit/v1"
-
-    def to_json(self) -> str:
-        # Built by hand rather than with dataclasses.asdict (a deep copy): this runs per call.
-        data = {
-            "kind": self.kind,
-            "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(self.time)) + f".{int(self.time * 1000) % 1000:03d}Z",
-            "request_id": self.request_id,
-            "server": self.server,
-            "tenant": self.tenant,
-            "user": self.user,
-            "method": self.method,
-            "tool": self.tool,
-            "connection": self.connection,
-            "decision": self.decision,
-            "reason": self.reason,
-            "outcome": self.outcome,
-            "latency_ms": round(self.latency_ms, 3),
-            "jti": self.jti,
-        }
-        return json.dumps(data, separators=(",", ":"))
+from portcullis.gateway.audit.events import AuditEvent
 
 
 class AuditSink(Protocol):

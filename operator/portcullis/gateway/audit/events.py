@@ -1,0 +1,150 @@
+"""The audit event: one per call and one per denial, and the words it is written in.
+
+An event says who (user, token `jti`, the agent run the token was minted for), what
+(server, method, tool, connection), the decision and the rule that decided, how it
+ended, and how long it took (the gateway's own time kept apart from the upstream's).
+It never carries argument values, results, credentials or tokens: the type has no
+field for them. What it carries instead are keyed digests (HMAC-SHA-256 under the
+tenant's audit key) of the arguments and of the result, so a disputed call can be
+matched to a payload held elsewhere, while the store alone reveals nothing of it.
+
+Reasons and outcomes are declared once, here; the call path, the metrics, the query
+filters and the docs all use these names.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+Decision = Literal["allow", "deny"]
+Outcome = Literal["ok", "tool_error", "upstream_error", "denied", "unauthenticated", "error"]
+DECISIONS: Final = ("allow", "deny")
+OUTCOMES: Final = ("ok", "tool_error", "upstream_error", "denied", "unauthenticated", "error")
+
+KIND: Final = "portcullis.audit/v1"
+
+
+class Reason:
+    """Why a call was allowed or denied, or how it failed. Values are stable API."""
+
+    ALLOWLISTED: Final = "allowlisted"
+    NOT_EXPOSED: Final = "not_exposed"
+    OUTSIDE_TOKEN_SCOPE: Final = "outside_token_scope"
+    NO_CREDENTIAL: Final = "no_credential"
+    CREDENTIAL_UNREADABLE: Final = "credential_unreadable"
+    """The user's sealed credential does not open (moved, altered, or the tenant key changed)."""
+    VAULT_UNAVAILABLE: Final = "vault_unavailable"
+    UPSTREAM_FAILED: Final = "upstream_failed"
+    UPSTREAM_RPC_ERROR: Final = "upstream_rpc_error"
+    AUDIT_UNAVAILABLE: Final = "audit_unavailable"
+    """`onStoreFailure: refuse` and the audit queue is full: the call is not made."""
+    AUTH_UNAVAILABLE: Final = "auth_unavailable"
+    """The token or revocation store failed while checking the caller."""
+    INTERNAL_ERROR: Final = "internal_error"
+    """An exception nobody anticipated; the event still gets written, with this reason."""
+    CANCELLED: Final = "cancelled"
+    """The agent disconnected or cancelled while the call ran."""
+    RETENTION: Final = "retention"
+    """The event recording a pruning of old events."""
+
+
+NOT_EXPOSED_LABEL: Final = "(not exposed)"
+"""The metric label for a denied name: agents choose those, so they must not become label values."""
+
+
+def iso_time(epoch: float) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch * 1_000_000) % 1_000_000:06d}Z"
+
+
+@dataclass(frozen=True, slots=True)
+class AuditEvent:
+    time_us: int
+    """When the request was answered, in microseconds since the epoch (exact in every store)."""
+    request_id: str
+    server: str
+    """`<namespace>/<name>` of the virtual MCP server."""
+    tenant: str
+    user: str | None
+    method: str
+    tool: str | None
+    """The tool, prompt or resource URI the request named (as the agent named it)."""
+    connection: str | None
+    decision: Decision
+    reason: str
+    outcome: Outcome
+    latency_ms: float
+    upstream_ms: float | None = None
+    """Time spent waiting on the upstream; the gateway's own time is latency_ms minus this."""
+    jti: str | None = None
+    agent_run_id: str | None = None
+    args_digest: str | None = None
+    result_digest: str | None = None
+    detail: str | None = None
+    """A short, safe note for operators (an exception class, an upstream HTTP status); never payload."""
+    kind: str = KIND
+
+    @property
+    def time(self) -> float:
+        return self.time_us / 1_000_000
+
+    def to_dict(self) -> dict[str, Any]:
+        # Built by hand rather than with dataclasses.asdict (a deep copy): this runs per call.
+        return {
+            "kind": self.kind,
+            "time": iso_time(self.time),
+            "time_us": self.time_us,
+            "request_id": self.request_id,
+            "server": self.server,
+            "tenant": self.tenant,
+            "user": self.user,
+            "method": self.method,
+            "tool": self.tool,
+            "connection": self.connection,
+            "decision": self.decision,
+            "reason": self.reason,
+            "outcome": self.outcome,
+            "latency_ms": self.latency_ms,
+            "upstream_ms": self.upstream_ms,
+            "jti": self.jti,
+            "agent_run_id": self.agent_run_id,
+            "args_digest": self.args_digest,
+            "result_digest": self.result_digest,
+            "detail": self.detail,
+        }
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"))
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AuditEvent:
+        return cls(
+            time_us=int(data["time_us"]),
+            request_id=str(data["request_id"]),
+            server=str(data["server"]),
+            tenant=str(data["tenant"]),
+            user=data.get("user"),
+            method=str(data["method"]),
+            tool=data.get("tool"),
+            connection=data.get("connection"),
+            decision=data["decision"],
+            reason=str(data["reason"]),
+            outcome=data["outcome"],
+            latency_ms=float(data["latency_ms"]),
+            upstream_ms=None if data.get("upstream_ms") is None else float(data["upstream_ms"]),
+            jti=data.get("jti"),
+            agent_run_id=data.get("agent_run_id"),
+            args_digest=data.get("args_digest"),
+            result_digest=data.get("result_digest"),
+            detail=data.get("detail"),
+            kind=str(data.get("kind", KIND)),
+        )
+
+
+FIELDS: Final = (
+    "time_us", "request_id", "server", "tenant", "user", "method", "tool", "connection", "decision", "reason",
+    "outcome", "latency_ms", "upstream_ms", "jti", "agent_run_id", "args_digest", "result_digest", "detail", "kind",
+)
+"""Every field of an event, in the order the stores and the hash chain use."""
