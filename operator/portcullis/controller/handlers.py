@@ -11,6 +11,10 @@ namespace) and refreshes the gateway-reported tool counts and the key schedule.
 Mappings, connections and children are observed with `on.event`, which writes nothing
 to the objects it watches (no finalizers, no kopf annotations); only servers get kopf's
 change handlers, because only their deletion needs a finalizer.
+
+Every hand-off runs inside `metrics.observe_reconcile(kind)`, which times it and counts it as a
+success or an error (kopf's TemporaryError and PermanentError too) for Prometheus; the
+kind is the one the handler fired for, and children count under their server.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import kopf
 
 from portcullis.api.resources import GROUP, VERSION
+from portcullis.controller import metrics
 from portcullis.controller import options as options_module
 from portcullis.controller.cluster import JsonObject, KopfCluster
 from portcullis.controller.gateway_report import read_gateway_status
@@ -58,6 +63,7 @@ CHILDREN = (
 OURS = {MANAGED_BY_LABEL: MANAGED_BY}
 FINALIZER = "portcullis.dev/cleanup"
 KOPF_PREFIX = "kopf.portcullis.dev"
+METRICS_MEMO = "portcullis_metrics"
 
 # kopf passes every index to handlers by name; indexes are not in kopf's handler
 # protocols, so they take a default to keep the handlers assignable to those protocols.
@@ -121,6 +127,24 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         settings.watching.label_selectors[group, version, plural] = f"{MANAGED_BY_LABEL}={MANAGED_BY}"
 
 
+# A port that cannot be bound is a misconfiguration, not a passing fault: fail the start
+# (as kopf does for its liveness port) instead of retrying while the operator runs unseen.
+@kopf.on.startup(errors=kopf.ErrorsMode.PERMANENT)
+def serve_metrics(memo: kopf.Memo, **_: Any) -> None:
+    """Fires once when the operator starts: serve Prometheus metrics, if a port is set."""
+    port = options_module.current().metrics_port
+    if port is not None:
+        memo[METRICS_MEMO] = metrics.serve(port)
+
+
+@kopf.on.cleanup()
+def stop_metrics(memo: kopf.Memo, **_: Any) -> None:
+    """Fires once when the operator stops: close the metrics port."""
+    server = memo.pop(METRICS_MEMO, None)
+    if server is not None:
+        server.stop()
+
+
 # --- indexes ------------------------------------------------------------------------
 
 
@@ -159,13 +183,14 @@ async def server_changed(
     **_: Any,
 ) -> None:
     """Fires when a VirtualMCPServer is created, changed, or found at startup: reconcile it."""
-    await reconcile_server(
-        _cluster(memo, logger),
-        (_ns(namespace), name),
-        _world(mappings_by_namespace, connections_by_namespace),
-        options=options_module.current(),
-        memory=_memory(memo),
-    )
+    with metrics.observe_reconcile("VirtualMCPServer"):
+        await reconcile_server(
+            _cluster(memo, logger),
+            (_ns(namespace), name),
+            _world(mappings_by_namespace, connections_by_namespace),
+            options=options_module.current(),
+            memory=_memory(memo),
+        )
 
 
 @kopf.on.delete(*SERVERS)
@@ -179,11 +204,12 @@ async def server_deleted(
     **_: Any,
 ) -> None:
     """Fires when a VirtualMCPServer is deleted: remove what owner references cannot."""
-    cluster = _cluster(memo, logger)
-    await clean_up_server(cluster, _snapshot(body), _memory(memo))
-    for raw in mappings_by_namespace.get(namespace, []):
-        if mapping_server_ref(raw) == body.get("metadata", {}).get("name"):
-            await report_orphan_mapping(cluster, raw)
+    with metrics.observe_reconcile("VirtualMCPServer"):
+        cluster = _cluster(memo, logger)
+        await clean_up_server(cluster, _snapshot(body), _memory(memo))
+        for raw in mappings_by_namespace.get(namespace, []):
+            if mapping_server_ref(raw) == body.get("metadata", {}).get("name"):
+                await report_orphan_mapping(cluster, raw)
 
 
 @kopf.daemon(*SERVERS, cancellation_timeout=5.0)
@@ -218,13 +244,14 @@ async def server_resync(
         if report is not None:
             memory.gateway_status[(_ns(namespace), name)] = report
         try:
-            await reconcile_server(
-                _cluster(memo, logger),
-                (_ns(namespace), name),
-                _world(mappings_by_namespace, connections_by_namespace),
-                options=options,
-                memory=memory,
-            )
+            with metrics.observe_reconcile("VirtualMCPServer"):  # inside the try: a failed resync still counts
+                await reconcile_server(
+                    _cluster(memo, logger),
+                    (_ns(namespace), name),
+                    _world(mappings_by_namespace, connections_by_namespace),
+                    options=options,
+                    memory=memory,
+                )
         except kopf.PermanentError:
             raise
         except Exception as exc:  # retried at the next resync; the change handlers retry on their own
@@ -260,13 +287,14 @@ async def mapping_event(
     if event.get("type") != "DELETED" and target is not None:
         memory.mapping_targets[(namespace, name)] = target
     keys = {(namespace, t) for t in (target, previous) if t is not None}
-    for key in _known_servers(servers_by_key, keys):
-        await reconcile_server(
-            cluster, key, _world(mappings_by_namespace, connections_by_namespace),
-            options=options_module.current(), memory=memory,
-        )
-    if event.get("type") != "DELETED" and target is not None and (namespace, target) not in servers_by_key:
-        await report_orphan_mapping(cluster, raw)
+    with metrics.observe_reconcile("ToolMapping"):
+        for key in _known_servers(servers_by_key, keys):
+            await reconcile_server(
+                cluster, key, _world(mappings_by_namespace, connections_by_namespace),
+                options=options_module.current(), memory=memory,
+            )
+        if event.get("type") != "DELETED" and target is not None and (namespace, target) not in servers_by_key:
+            await report_orphan_mapping(cluster, raw)
 
 
 @kopf.on.event(*CONNECTIONS)
@@ -295,18 +323,19 @@ async def connection_event(
         if mapping_connection_ref(m) == name and (target := mapping_server_ref(m)) is not None
     }
     known = _known_servers(servers_by_key, servers)
-    for key in known:
-        await reconcile_server(
-            cluster, key, _world(mappings_by_namespace, connections_by_namespace),
-            options=options_module.current(), memory=_memory(memo),
-        )
-    if not known and event.get("type") != "DELETED":
-        # No server reconcile will speak for it: report its own acceptance.
-        from portcullis.controller.reconcile import now_utc, parse_world
+    with metrics.observe_reconcile("MCPConnection"):
+        for key in known:
+            await reconcile_server(
+                cluster, key, _world(mappings_by_namespace, connections_by_namespace),
+                options=options_module.current(), memory=_memory(memo),
+            )
+        if not known and event.get("type") != "DELETED":
+            # No server reconcile will speak for it: report its own acceptance.
+            from portcullis.controller.reconcile import now_utc, parse_world
 
-        stamp = now_utc().isoformat().replace("+00:00", "Z")
-        raw = _snapshot(body)
-        await write_connection_statuses(cluster, [raw], mappings, parse_world([], [raw]).invalid, stamp)
+            stamp = now_utc().isoformat().replace("+00:00", "Z")
+            raw = _snapshot(body)
+            await write_connection_statuses(cluster, [raw], mappings, parse_world([], [raw]).invalid, stamp)
 
 
 # --- children -------------------------------------------------------------------------
@@ -331,13 +360,14 @@ async def child_event(
         return
     if _memory(memo).already_seen(event.get("type"), body):
         return  # a version a reconcile already wrote or compared: nothing new to repair
-    await reconcile_server(
-        _cluster(memo, logger),
-        (namespace, server),
-        _world(mappings_by_namespace, connections_by_namespace),
-        options=options_module.current(),
-        memory=_memory(memo),
-    )
+    with metrics.observe_reconcile("VirtualMCPServer"):  # a child's repair is a reconcile of its server
+        await reconcile_server(
+            _cluster(memo, logger),
+            (namespace, server),
+            _world(mappings_by_namespace, connections_by_namespace),
+            options=options_module.current(),
+            memory=_memory(memo),
+        )
 
 
 for _group, _version, _plural in CHILDREN:

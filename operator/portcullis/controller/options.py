@@ -49,6 +49,9 @@ class Options:
     resync_seconds: float = 60.0
     key_rotation_seconds: float = 24 * 3600.0
     fetch_status: StatusFetcher = field(default=fetch_gateway_status)
+    # Where Prometheus metrics are served (all interfaces), None for nowhere. Off here,
+    # so tests that run operators in one process bind no port; `run_operator` turns it on.
+    metrics_port: int | None = None
 
 
 _current: list[Options] = [Options()]

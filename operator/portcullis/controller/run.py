@@ -11,11 +11,14 @@ resumes. Run with a peering name whenever the Deployment has more than one repli
 without it the operator is standalone and must run as a single replica.
 
 The liveness endpoint answers `GET /healthz` on all interfaces (kubelet probes come from
-the node) with kopf's probe results, including the number of servers tracked.
+the node) with kopf's probe results, including the number of servers tracked. Prometheus
+metrics (`controller/metrics.py`) are served on a port of their own, 9090 by default, also on
+all interfaces: Prometheus scrapes from other nodes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import logging
 import secrets
@@ -43,14 +46,19 @@ def run_operator(
     peering: str | None,
     priority: int | None = None,
     liveness_port: int = 8080,
+    metrics_port: int | None = 9090,
     options: options_module.Options | None = None,
 ) -> None:
-    """Run the operator until interrupted (SIGINT/SIGTERM)."""
+    """Run the operator until interrupted (SIGINT/SIGTERM); `metrics_port=None` serves no metrics."""
     if namespaces and clusterwide:
         raise ValueError("watch either the listed namespaces or the whole cluster, not both")
     chosen = peering_priority(peering, priority)
-    if options is not None:
-        options_module.install(options)
+    # The metrics server is started by a kopf startup handler (`handlers.serve_metrics`) and
+    # closed by a cleanup handler, not here around kopf.run: so its life is kopf's, and what
+    # stubs or embeds kopf.run (the CLI tests, KopfRunner in the suite) binds no fixed port
+    # unless it asks for one. The port reaches the handler the way all configuration does.
+    chosen_options = options if options is not None else options_module.current()
+    options_module.install(dataclasses.replace(chosen_options, metrics_port=metrics_port))
     importlib.import_module(HANDLERS_MODULE)  # registers the handlers with kopf
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     kopf.run(
