@@ -43,3 +43,15 @@ def test_binding_ties_the_role_to_the_backend_service_account() -> None:
     assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": role["metadata"]["name"]}
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "app-backend", "namespace": "acme"}]
     assert {d["metadata"]["namespace"] for d in docs()} == {"acme"}
+
+
+AUDITOR = EXAMPLE.parent / "auditor.yaml"
+
+
+@pytest.mark.parametrize("doc", [d for d in yaml.safe_load_all(AUDITOR.read_text()) if d], ids=lambda d: str(d["kind"]))
+def test_the_auditor_example_is_valid_and_grants_only_audit(doc: dict[str, Any]) -> None:
+    kubernetes_validate.validate(doc, "1.33", strict=True)
+    if doc["kind"] == "Role":
+        assert doc["rules"] == [
+            {"apiGroups": ["portcullis.dev"], "resources": ["virtualmcpservers"], "resourceNames": ["summarizer"], "verbs": ["audit"]}
+        ]

@@ -8,10 +8,16 @@ from portcullis.gateway.admission import AdminAuth, KubernetesAdminAuth, SecretA
 from portcullis.kube import KubeClient, KubeError
 from tests.support.kmock_support import Emulator, emulator
 
-TOKENS = {"good-token": {"username": "system:serviceaccount:agents:runner", "uid": "u-1",
-                         "groups": ["system:serviceaccounts", "system:serviceaccounts:agents"]}}
+TOKENS = {
+    "good-token": {"username": "system:serviceaccount:agents:runner", "uid": "u-1",
+                   "groups": ["system:serviceaccounts", "system:serviceaccounts:agents"]},
+    "auditor-token": {"username": "system:serviceaccount:acme:auditor", "uid": "u-2", "groups": ["system:serviceaccounts"]},
+}
 # (user, verb, namespace, name) tuples that RBAC would allow.
-ALLOWED = {("system:serviceaccount:agents:runner", "mint", "acme", "summarizer")}
+ALLOWED = {
+    ("system:serviceaccount:agents:runner", "mint", "acme", "summarizer"),
+    ("system:serviceaccount:acme:auditor", "audit", "acme", "summarizer"),
+}
 
 
 def _token_review(request: Any) -> dict[str, Any]:
@@ -67,6 +73,16 @@ async def test_authorize_combines_both_reviews() -> None:
         assert await other.authorize("good-token", "mint") is None
         reviews = [r for r in k8s if r.method == "POST"]
         assert reviews and all(r.data["spec"].get("token") != "x" for r in reviews)
+
+
+@pytest.mark.anyio
+async def test_reading_the_audit_log_is_its_own_verb() -> None:
+    async with emulator() as k8s, KubeClient(str(k8s.url)) as client:
+        _serve_reviews(k8s)
+        auth: AdminAuth = KubernetesAdminAuth(client, namespace="acme", server="summarizer")
+        assert await auth.authorize("auditor-token", "audit") == "system:serviceaccount:acme:auditor"
+        assert await auth.authorize("auditor-token", "mint") is None
+        assert await auth.authorize("good-token", "audit") is None  # a minter cannot read the log
 
 
 @pytest.mark.anyio

@@ -288,14 +288,22 @@ class AuditTrail:
         if not self._opened:
             await store.open()
             self._opened = True
+        await self._settle()
         return await store.query(query)
+
+    async def _settle(self, timeout: float = 2.0) -> None:
+        """Let what this process has queued reach the store first (read your writes), bounded:
+        a failing store must not stall an auditor's read."""
+        if self._tasks:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.flush(), timeout)
 
     async def verify(self, since_us: int | None = None, until_us: int | None = None) -> VerifyReport:
         store = self._reader()
         if not self._opened:
             await store.open()
             self._opened = True
-        await self.flush()
+        await self._settle()
         # This process's own head proves its chain was not cut short at the end.
         heads = {self.writer: self._stored_head} if until_us is None and self._stored_head[0] else {}
         return await verify_audit(store, self.key.chain_key, self.server, since_us, until_us, heads=heads)
