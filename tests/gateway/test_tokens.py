@@ -51,7 +51,7 @@ def test_a_minted_token_verifies_to_its_claims() -> None:
     token, claims = _mint(keys, tools=("gmail_fetch",))
     assert _verifier(keys).verify(token) == claims
     assert claims.sub == "alice@example.com" and claims.tenant == "acme" and claims.tools == ("gmail_fetch",)
-    assert claims.exp - claims.iat == 900
+    assert claims.exp - int(claims.iat) == 900
     assert len(bytes.fromhex(claims.jti)) == 16 and not claims.jti.startswith("-")
     assert jwt.get_unverified_header(token)["kid"] == keys.current.kid
 

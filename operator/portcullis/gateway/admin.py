@@ -112,6 +112,7 @@ def mint(gateway: Gateway, keys: SigningKeys, body: dict[str, Any]) -> dict[str,
         ttl_seconds=ttl,
         tools=scope,
         agent_run_id=run,
+        after=gateway.revocations.revoked_at(user),
     )
     return {
         "token": token,
@@ -243,7 +244,7 @@ def build_admin_app(gateway: Gateway, *, auth: AdminAuth, keys: Callable[[], Sig
                 await gateway.revocations.revoke_token(body["jti"], expires_at)
                 return JSONResponse({"revoked": {"jti": body["jti"]}})
             if isinstance(body.get("user"), str):
-                at = int(time.time())
+                at = round(time.time(), 3)
                 await gateway.revocations.revoke_user(body["user"], at)
                 return JSONResponse({"revoked": {"user": body["user"], "issuedAtOrBefore": at}})
             raise AdminError(400, "bad_request", "give `jti` or `user`")

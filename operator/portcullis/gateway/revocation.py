@@ -2,7 +2,9 @@
 
 Two kinds of entry: a token by ``jti`` (kept until the token's own expiry, then pruned) and a
 user with a time ``at`` (every token of that user issued at or before ``at`` is rejected, so
-re-minting afterwards works). ``is_revoked`` is synchronous and reads an in-memory view; each
+re-minting afterwards works). Both times are kept to the millisecond, and minting issues a token
+strictly after the user's last revocation it knows of (``revoked_at``), so a token minted in the
+same second as a revocation, on either side of it, is judged by which came first. ``is_revoked`` is synchronous and reads an in-memory view; each
 store keeps that view current its own way:
 
 - ``MemoryRevocations``: the view is the store (tests, single process).
@@ -47,8 +49,12 @@ class RevocationStore(Protocol):
         """Revoke one token until ``expires_at`` (its ``exp``; afterwards it is dead anyway)."""
         ...
 
-    async def revoke_user(self, user: str, at: int) -> None:
-        """Revoke every token of ``user`` issued at or before ``at``."""
+    async def revoke_user(self, user: str, at: float) -> None:
+        """Revoke every token of ``user`` issued at or before ``at`` (epoch seconds, to the millisecond)."""
+        ...
+
+    def revoked_at(self, user: str) -> float | None:
+        """When every token of ``user`` was last revoked, if ever."""
         ...
 
 
@@ -57,7 +63,7 @@ class Revocations:
     """An immutable snapshot: jti -> expiry, user key -> revoked-at. Replaced, never mutated."""
 
     tokens: Mapping[str, int] = dataclasses.field(default_factory=dict)
-    users: Mapping[str, int] = dataclasses.field(default_factory=dict)
+    users: Mapping[str, float] = dataclasses.field(default_factory=dict)
 
     def revokes(self, claims: SessionClaims, user_key: str) -> bool:
         if claims.jti in self.tokens:
@@ -70,7 +76,7 @@ class Revocations:
         tokens[jti] = max(expires_at, tokens.get(jti, expires_at))
         return Revocations(tokens, self.users)
 
-    def with_user(self, user_key: str, at: int, now: int) -> Revocations:
+    def with_user(self, user_key: str, at: float, now: int) -> Revocations:
         users = dict(self.users)
         users[user_key] = max(at, users.get(user_key, at))
         tokens = {j: exp for j, exp in self.tokens.items() if exp >= now}
@@ -95,8 +101,11 @@ class MemoryRevocations:
         _check_jti(jti)
         self._view = self._view.with_token(jti, expires_at, int(time.time()))
 
-    async def revoke_user(self, user: str, at: int) -> None:
+    async def revoke_user(self, user: str, at: float) -> None:
         self._view = self._view.with_user(user, at, int(time.time()))
+
+    def revoked_at(self, user: str) -> float | None:
+        return self._view.users.get(user)
 
 
 class FileRevocations:
@@ -126,7 +135,7 @@ class FileRevocations:
             return Revocations()
         return Revocations(
             {str(k): int(v) for k, v in (doc.get("tokens") or {}).items()},
-            {str(k): int(v) for k, v in (doc.get("users") or {}).items()},
+            {str(k): float(v) for k, v in (doc.get("users") or {}).items()},
         )
 
     def is_revoked(self, claims: SessionClaims) -> bool:
@@ -153,9 +162,12 @@ class FileRevocations:
         with self._locked():
             self._write(self._read().with_token(jti, expires_at, int(time.time())))
 
-    async def revoke_user(self, user: str, at: int) -> None:
+    async def revoke_user(self, user: str, at: float) -> None:
         with self._locked():
             self._write(self._read().with_user(user, at, int(time.time())))
+
+    def revoked_at(self, user: str) -> float | None:
+        return self._refresh().users.get(user)
 
 
 def user_key(user: str) -> str:
@@ -210,14 +222,14 @@ class KubernetesRevocations:
     def _apply(self, obj: Mapping[str, Any] | None) -> None:
         data = (obj or {}).get("data") or {}
         tokens: dict[str, int] = {}
-        users: dict[str, int] = {}
+        users: dict[str, float] = {}
         for key, value in data.items():
             kind, _, ident = str(key).partition(".")
             with contextlib.suppress(ValueError):
                 if kind == "jti":
                     tokens[ident] = int(value)
                 elif kind == "user":
-                    users[ident] = int(value)
+                    users[ident] = float(value)
         self._view = Revocations(tokens, users)
         self._synced = True
         if self._synced_event is not None:
@@ -270,8 +282,11 @@ class KubernetesRevocations:
         data[f"jti.{jti}"] = str(max(expires_at, self._view.tokens.get(jti, expires_at)))
         await self._patch(data)
 
-    async def revoke_user(self, user: str, at: int) -> None:
+    async def revoke_user(self, user: str, at: float) -> None:
         key = user_key(user)
         data = self._expired(int(time.time()))
-        data[f"user.{key}"] = str(max(at, self._view.users.get(key, at)))
+        data[f"user.{key}"] = repr(max(at, self._view.users.get(key, at)))
         await self._patch(data)
+
+    def revoked_at(self, user: str) -> float | None:
+        return self._view.users.get(user_key(user))

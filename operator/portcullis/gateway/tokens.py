@@ -138,7 +138,8 @@ class SessionClaims:
     sub: str
     tenant: str
     exp: int
-    iat: int
+    iat: float
+    """Issued-at, to the millisecond (RFC 7519 NumericDate allows fractions): revocation by user compares it."""
     jti: str
     tools: tuple[str, ...] | None = None
     agent_run_id: str | None = None
@@ -167,16 +168,21 @@ def mint_token(
     ttl_seconds: int,
     tools: tuple[str, ...] | None = None,
     agent_run_id: str | None = None,
-    now: int | None = None,
+    now: float | None = None,
+    after: float | None = None,
 ) -> tuple[str, SessionClaims]:
     """Sign a session token with the current key."""
     if ttl_seconds <= 0:
         raise ValueError("ttl_seconds must be positive")
     if not user:
         raise ValueError("a token needs a user")
-    iat = _now(now)
+    # Milliseconds, and strictly after `after` (the user's last revocation): a token minted
+    # right after "revoke every token of U" must not fall under it, whatever the clock's grain.
+    iat = round(time.time() if now is None else now, 3)
+    if after is not None and iat <= after:
+        iat = round(after + 0.001, 3)
     claims = SessionClaims(
-        iss=issuer, aud=audience, sub=user, tenant=tenant, iat=iat, exp=iat + ttl_seconds,
+        iss=issuer, aud=audience, sub=user, tenant=tenant, iat=iat, exp=int(iat) + ttl_seconds,
         # Hex, not base64url: a jti is typed on command lines, and one starting with "-" reads as a flag.
         jti=secrets.token_hex(16), tools=tuple(tools) if tools is not None else None,
         agent_run_id=agent_run_id,
@@ -264,7 +270,8 @@ def _claims(payload: Mapping[str, Any]) -> SessionClaims:
         raise TokenError("malformed")
     if tools is not None and (not isinstance(tools, list) or not all(isinstance(t, str) for t in tools)):
         raise TokenError("malformed")
-    if not isinstance(payload["exp"], int) or not isinstance(payload["iat"], int):
+    iat = payload["iat"]
+    if not isinstance(payload["exp"], int) or isinstance(iat, bool) or not isinstance(iat, (int, float)):
         raise TokenError("malformed")
     run = payload.get("agent_run_id")
     if run is not None and not isinstance(run, str):
