@@ -28,6 +28,7 @@ from typing import Any
 
 from portcullis.api.config import GatewayConfig
 from portcullis.api.resources import SecretKeyReference
+from portcullis.gateway import tracing
 from portcullis.gateway.admin import build_admin_app
 from portcullis.gateway.admission import KubernetesAdminAuth
 from portcullis.gateway.audit import AuditSink, JsonLinesAuditSink
@@ -185,6 +186,7 @@ def main(*, server: str | None, namespace: str | None, host: str) -> int:
         print("portcullis gateway: --server and --namespace (or PORTCULLIS_SERVER/PORTCULLIS_NAMESPACE) are required", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    tracing.configure_from_env()
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(run(server, namespace, host))
     return 0

@@ -24,6 +24,7 @@ import aiohttp
 from mcp.shared.uri_template import InvalidUriTemplate, UriTemplate
 
 from portcullis.api.config import ExposedResourceTemplate, GatewayConfig
+from portcullis.gateway import tracing
 from portcullis.gateway.audit import Outcome, Reason
 from portcullis.gateway.audit.metrics import set_exposure
 from portcullis.gateway.audit.recorder import CallRecord, recording
@@ -54,6 +55,8 @@ log = logging.getLogger("portcullis.gateway")
 
 # Verified tokens kept to skip re-checking signatures; cleared whole when full (simple, bounded).
 _VERIFIED_CACHE_SIZE = 10_000
+# Backoff jitter from a generator of our own, not the application's module-level one.
+_jitter = random.Random()
 # Reopening a dropped upstream change stream: from about a second, doubling, to at most a minute.
 _WATCH_MIN_BACKOFF = 1.0
 _WATCH_MAX_BACKOFF = 60.0
@@ -279,7 +282,7 @@ class Gateway:
                 log.exception("change stream of %s failed", connection)
             if opened_at is not None and loop.time() - opened_at >= _WATCH_MAX_BACKOFF:
                 delay = _WATCH_MIN_BACKOFF
-            await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+            await asyncio.sleep(delay * _jitter.uniform(0.5, 1.0))
             delay = min(delay * 2, _WATCH_MAX_BACKOFF)
 
     async def _upstream_changed(self, connection: str, method: str) -> None:
@@ -360,19 +363,22 @@ class Gateway:
         multi-round-trip `inputResponses`/`requestState` of SEP-2322), forwarded as they came.
         """
         with self._request(claims, "tools/call", name) as record:
+            tracing.audit(record)
             record.arguments(arguments)
-            exposed = self._exposure.by_name.get(name)
-            if exposed is None and any(t.name == name for t in self._config.tools):
-                # Allowlisted but not listed yet (upstream down at start, or refused anonymous listing).
-                await self._fill_missing(claims, self._exposure)
+            with tracing.span("authorize"):
                 exposed = self._exposure.by_name.get(name)
-            if exposed is None or (claims.tools is not None and name not in claims.tools):
-                record.deny(Reason.NOT_EXPOSED if exposed is None else Reason.OUTSIDE_TOKEN_SCOPE)
-                raise unknown_tool(name)
-            connection = exposed.connection
-            record.allow(connection)
+                if exposed is None and any(t.name == name for t in self._config.tools):
+                    # Allowlisted but not listed yet (upstream down at start, or refused anonymous listing).
+                    await self._fill_missing(claims, self._exposure)
+                    exposed = self._exposure.by_name.get(name)
+                if exposed is None or (claims.tools is not None and name not in claims.tools):
+                    record.deny(Reason.NOT_EXPOSED if exposed is None else Reason.OUTSIDE_TOKEN_SCOPE)
+                    raise unknown_tool(name)
+                connection = exposed.connection
+                record.allow(connection)
             try:
-                credential = await self.credentials.headers(claims.sub, connection)
+                with tracing.span("credential"):
+                    credential = await self.credentials.headers(claims.sub, connection)
             except CredentialError as exc:
                 return tool_error(self._credential_refusal(record, exc, claims.sub))
             if not record.admit():
@@ -381,7 +387,7 @@ class Gateway:
             if arguments is not None:
                 params["arguments"] = arguments
             try:
-                with record.upstream():
+                with record.upstream(), tracing.span("upstream", client=True):
                     result = await self._upstreams[connection].request("tools/call", params, credential=credential)
             except UpstreamRPCError as exc:
                 record.failed(Reason.UPSTREAM_RPC_ERROR)
@@ -553,15 +559,17 @@ class Gateway:
 
     async def _forward(self, record: CallRecord, claims: SessionClaims, connection: str, params: dict[str, Any]) -> dict[str, Any]:
         """Resolve, forward and relay one allowed prompt, resource or completion request."""
+        tracing.audit(record)
         record.allow(connection)
         try:
-            credential = await self.credentials.headers(claims.sub, connection)
+            with tracing.span("credential"):
+                credential = await self.credentials.headers(claims.sub, connection)
         except CredentialError as exc:
             raise RPCError(INVALID_PARAMS, self._credential_refusal(record, exc, claims.sub)) from None
         if not record.admit():
             raise RPCError(INTERNAL_ERROR, _AUDIT_REFUSAL)
         try:
-            with record.upstream():
+            with record.upstream(), tracing.span("upstream", client=True):
                 result = await self._upstreams[connection].request(record.method, params, credential=credential)
         except UpstreamRPCError as exc:
             record.failed(Reason.UPSTREAM_RPC_ERROR)

@@ -36,6 +36,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from portcullis import __version__
+from portcullis.gateway import tracing
 from portcullis.gateway.audit import Reason
 from portcullis.gateway.core import Gateway, RPCError, Unauthenticated, complete_tool_result
 from portcullis.gateway.fastpath import FastToolCall, is_candidate
@@ -230,30 +231,35 @@ class BearerAuth:
             await response(scope, receive, send)
             return
         token = _bearer(scope)
-        try:
-            claims = self.gateway.authenticate(token)
-        except Unauthenticated as exc:
-            self.gateway.record_unauthenticated(str(exc), _header(scope, b"mcp-method"))
-            await _unauthorized(str(exc), self.metadata_url, token is not None)(scope, receive, send)
-            return
-        except Exception as exc:  # the revocation or key store failed: fail closed, audited, no internals
-            log.warning("authenticating a request failed: %s", type(exc).__name__)
-            self.gateway.record_unauthenticated(Reason.AUTH_UNAVAILABLE, _header(scope, b"mcp-method"), outcome="error")
-            response = JSONResponse(
-                {"jsonrpc": "2.0", "id": None, "error": {"code": -32603, "message": "cannot check the session token right now; try again"}},
-                status_code=503,
-                headers={"Retry-After": "1"},
-            )
-            await response(scope, receive, send)
-            return
-        reset = current_claims.set(claims)
-        try:
-            if self.fast is not None and is_candidate(scope):
-                await self.fast(scope, receive, send, claims)
-            else:
-                await self.app(scope, receive, send)
-        finally:
-            current_claims.reset(reset)
+        # The request span opens here, around authentication; tracing.py says why.
+        with tracing.request(scope, self.gateway.audit.server):
+            try:
+                with tracing.span("authenticate"):
+                    claims = self.gateway.authenticate(token)
+            except Unauthenticated as exc:
+                tracing.refused(str(exc), "unauthenticated")
+                self.gateway.record_unauthenticated(str(exc), _header(scope, b"mcp-method"))
+                await _unauthorized(str(exc), self.metadata_url, token is not None)(scope, receive, send)
+                return
+            except Exception as exc:  # the revocation or key store failed: fail closed, audited, no internals
+                log.warning("authenticating a request failed: %s", type(exc).__name__)
+                tracing.refused(Reason.AUTH_UNAVAILABLE, "error")
+                self.gateway.record_unauthenticated(Reason.AUTH_UNAVAILABLE, _header(scope, b"mcp-method"), outcome="error")
+                response = JSONResponse(
+                    {"jsonrpc": "2.0", "id": None, "error": {"code": -32603, "message": "cannot check the session token right now; try again"}},
+                    status_code=503,
+                    headers={"Retry-After": "1"},
+                )
+                await response(scope, receive, send)
+                return
+            reset = current_claims.set(claims)
+            try:
+                if self.fast is not None and is_candidate(scope):
+                    await self.fast(scope, receive, send, claims)
+                else:
+                    await self.app(scope, receive, send)
+            finally:
+                current_claims.reset(reset)
 
 
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")

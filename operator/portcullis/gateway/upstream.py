@@ -48,6 +48,7 @@ from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOC
 
 from portcullis import __version__
 from portcullis.api.config import ConnectionConfig
+from portcullis.gateway import tracing
 
 MODERN_VERSION: Final = "2026-07-28"
 LEGACY_VERSION: Final = "2025-11-25"
@@ -286,6 +287,7 @@ class UpstreamClient:
                 headers.update(mcp_param_headers(header_map, params["arguments"]))
         if credential:
             headers.update(credential)
+        tracing.inject(headers)
         response, _ = await self._post(body, headers)
         return response
 
@@ -302,6 +304,7 @@ class UpstreamClient:
                 headers[SESSION_HEADER] = session.session_id
             if credential:
                 headers.update(credential)
+            tracing.inject(headers)
             body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": params}
             try:
                 result, _ = await self._post(body, headers)
