@@ -90,6 +90,46 @@ def test_serve_credentials_and_tokens_from_the_command_line(tmp_path: Path) -> N
 
 
 def test_token_mint_without_a_running_gateway_says_what_to_do(tmp_path: Path) -> None:
+    (tmp_path / "admin-secret").write_text("a-secret-that-is-long-enough\n")
     result = run_cli("token", "mint", "--user", "a", "--state-dir", str(tmp_path), "--admin-url", "http://127.0.0.1:9")
     assert result.returncode == 1
     assert "is `portcullis serve` running?" in result.stderr
+
+
+def test_a_client_on_the_wrong_state_dir_is_told_so_and_creates_nothing(tmp_path: Path) -> None:
+    result = run_cli("token", "mint", "--user", "a", "--state-dir", str(tmp_path / "elsewhere"), "--admin-url", "http://127.0.0.1:9")
+    assert result.returncode == 1
+    assert "no admin secret in" in result.stderr and "--state-dir" in result.stderr
+    assert not (tmp_path / "elsewhere").exists()
+
+
+def test_crds_check_and_write_work_as_the_help_says(tmp_path: Path) -> None:
+    assert run_cli("crds", "--check", str(ROOT / "crds")).returncode == 0
+    assert run_cli("crds", "--write", str(tmp_path)).returncode == 0
+    assert run_cli("crds", "--check", str(tmp_path)).returncode == 0
+    (tmp_path / sorted(p.name for p in tmp_path.iterdir())[0]).write_text("stale")
+    stale = run_cli("crds", "--check", str(tmp_path))
+    assert stale.returncode == 1 and "stale" in stale.stderr
+
+
+def test_a_typo_in_a_kind_is_an_error_and_other_kinds_are_named_as_skipped(tmp_path: Path) -> None:
+    for source in MANIFESTS.iterdir():
+        (tmp_path / source.name).write_text(source.read_text())
+    (tmp_path / "other.yaml").write_text("apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web}\n")
+    skipped = run_cli("compile", "-f", str(tmp_path))
+    assert skipped.returncode == 0 and "skipped" in skipped.stderr and "Deployment web (apps/v1)" in skipped.stderr
+    (tmp_path / "typo.yaml").write_text("apiVersion: portcullis.dev/v1alpha1\nkind: ToolMaping\nmetadata: {name: x}\n")
+    typo = run_cli("compile", "-f", str(tmp_path))
+    assert typo.returncode == 1 and "typo.yaml (document 1): unknown kind 'ToolMaping'" in typo.stderr
+
+
+def test_a_port_in_use_is_named_with_the_flag_that_moves_it(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "-f", str(MANIFESTS), "--port", str(port), "--state-dir", str(tmp_path))
+    assert result.returncode == 1
+    assert f"127.0.0.1:{port} is already in use: choose another with --port" in result.stderr

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from portcullis.gateway.admin import audit_query_from, audit_row
+from portcullis.gateway.admin_input import audit_query_from, audit_row
 from portcullis.gateway.audit.events import iso_time
 from portcullis.gateway.audit.keys import AuditKey
 from portcullis.gateway.local import LocalState

@@ -39,9 +39,10 @@ def _fail(message: str, code: int = 1) -> int:
 
 
 def cmd_compile(args: argparse.Namespace) -> int:
-    from portcullis.serve import ServeError, compile_for, pick_server
+    from portcullis.serve import ServeError, compile_for, pick_server, report_skipped
 
     manifests = load_manifests(args.file)
+    report_skipped(manifests)
     chosen = [pick_server(manifests, args.server)] if args.server or len(manifests.servers) <= 1 else manifests.servers
     if not manifests.servers:
         raise ServeError("no VirtualMCPServer in the given manifests")
@@ -78,11 +79,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
         print(
             f"portcullis: serving {handle.gateway.config.server.namespace}/{handle.gateway.config.server.name}\n"
             f"  MCP URL:   {handle.url}\n  admin API: {handle.admin_url}\n"
-            f"  mint a token: portcullis token mint --admin-url {handle.admin_url} --user <id>",
+            f"  mint a token: portcullis token mint --admin-url {handle.admin_url}{_state_flag(args)} --user <id>",
             file=sys.stderr,
         )
         _run_until_signal(handle.servers)
     return 0
+
+
+def _state_flag(args: argparse.Namespace) -> str:
+    """` --state-dir DIR` when the server runs on a state directory other than the default."""
+    from portcullis.gateway.local import default_state_dir
+
+    chosen = _state_dir(args)
+    return "" if chosen == default_state_dir() else f" --state-dir {chosen}"
 
 
 def _run_until_signal(servers: Any) -> None:
@@ -109,9 +118,15 @@ def _state_dir(args: argparse.Namespace) -> Path:
 
 
 def _admin_call(args: argparse.Namespace, method: str, path: str, body: dict[str, Any] | None) -> tuple[int, Any]:
-    from portcullis.gateway.local import admin_secret
+    from portcullis.gateway.local import ADMIN_SECRET_ENV, existing_admin_secret
 
-    secret = admin_secret(_state_dir(args))
+    state = _state_dir(args)
+    secret = existing_admin_secret(state)
+    if secret is None:
+        raise ConnectionError(
+            f"no admin secret in {state} (and ${ADMIN_SECRET_ENV} is not set): pass the --state-dir "
+            "the gateway was started with, or set the secret a cluster admin gave you"
+        )
     data = None if body is None else json.dumps(body).encode()
     request = urllib.request.Request(
         args.admin_url.rstrip("/") + path,
@@ -126,9 +141,15 @@ def _admin_call(args: argparse.Namespace, method: str, path: str, body: dict[str
     except urllib.error.HTTPError as exc:
         raw = exc.read()
         try:
-            return exc.code, json.loads(raw)
+            answer = json.loads(raw)
         except ValueError:
-            return exc.code, {"message": raw.decode(errors="replace")}
+            answer = {"message": raw.decode(errors="replace")}
+        if exc.code in (401, 403) and isinstance(answer, dict):
+            answer["message"] = (
+                f"{answer.get('message', 'refused')} (the admin secret in {state} is not this gateway's: "
+                "is --state-dir the one it was started with?)"
+            )
+        return exc.code, answer
     except urllib.error.URLError as exc:
         raise ConnectionError(
             f"cannot reach the admin API at {args.admin_url} ({exc.reason}); is `portcullis serve` running?"
@@ -224,7 +245,7 @@ def cmd_operator(args: argparse.Namespace) -> int:
 def cmd_crds(args: argparse.Namespace) -> int:
     from portcullis.api.crd import main as crd_main
 
-    return crd_main(args.crd_args)
+    return crd_main(["--write", args.write] if args.write else ["--check", args.check] if args.check else [])
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -321,8 +342,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--metrics-port", type=int, default=9090, help="Prometheus metrics port (0: none)")
     p.set_defaults(func=cmd_operator)
 
-    p = sub.add_parser("crds", help="print the CustomResourceDefinitions as YAML (--write DIR, --check DIR)")
-    p.add_argument("crd_args", nargs=argparse.REMAINDER)
+    p = sub.add_parser("crds", help="print the CustomResourceDefinitions as YAML, or write or check a directory of them")
+    group = p.add_mutually_exclusive_group()
+    group.add_argument("--write", metavar="DIR", help="write one file per CRD into DIR")
+    group.add_argument("--check", metavar="DIR", help="exit 1 if DIR is not up to date")
     p.set_defaults(func=cmd_crds)
     return parser
 

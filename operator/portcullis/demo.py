@@ -133,7 +133,7 @@ def run_demo(*, serve: bool = False, port: int = 8080, state_dir: Path | None = 
             seen = asyncio.run(agent_session(gw.url, token))
             status = json.loads(urllib.request.urlopen(gw.admin_url + "/v1/status", timeout=10).read())
             verified = _get(gw.admin_url + "/v1/audit/verify", admin_secret(state))
-            _summary(out, gw.url, gw.admin_url, token, seen, status, memory, audit_path)
+            _summary(out, gw.url, gw.admin_url, token, seen, status, memory, audit_path, serve=serve)
             print(
                 f"  audit store: {LocalState(state).audit_db} (SQLite): chains verified "
                 f"{'intact' if verified['ok'] else 'BROKEN'} over {verified['events']} events\n"
@@ -159,7 +159,7 @@ async def _forever() -> None:
 
 def _summary(
     out: Any, url: str, admin_url: str, token: str, seen: dict[str, Any], status: dict[str, Any],
-    memory: MemoryAuditSink, audit_path: Path,
+    memory: MemoryAuditSink, audit_path: Path, *, serve: bool = False,
 ) -> None:
     tools = status
     exposed_tokens, upstream_tokens = tools["schemaTokens"]["exposed"], tools["schemaTokens"]["upstream"]
@@ -170,7 +170,7 @@ def _summary(
         f"\nPortcullis demo: one virtual MCP server in front of a {tools['upstream']}-tool inbox\n"
         f"  MCP URL (mcp_server_url): {url}\n"
         f"  admin API:                {admin_url}\n"
-        f"  session token ({DEMO_USER}, 15m): {token[:24]}...{token[-8:]}\n"
+        f"  session token ({DEMO_USER}, 15m): {token if serve else token[:24] + '...' + token[-8:]}\n"
         f"  tools exposed / upstream: {tools['exposed']} / {tools['upstream']}  ({', '.join(seen['tools'])})\n"
         f"  tool-schema tokens (est.): {exposed_tokens} exposed vs {upstream_tokens} upstream: {reduction:.1f}% fewer\n"
         f"  allowed call inbox_fetch_mails: {seen['result'][:100]}...\n"

@@ -34,6 +34,8 @@ from yarl import URL
 
 SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MERGE_PATCH = "application/merge-patch+json"
+# Backoff jitter from a generator of our own, not the application's module-level one.
+_jitter = random.Random()
 
 JSONObject = dict[str, Any]
 
@@ -304,7 +306,7 @@ class KubeClient:
                         yield kind, obj
             except (aiohttp.ClientError, TimeoutError, _Retry, json.JSONDecodeError):
                 backoff = min(max_backoff, max(0.2, backoff * 2))
-                await anyio.sleep(backoff * random.uniform(0.5, 1.0))
+                await anyio.sleep(backoff * _jitter.uniform(0.5, 1.0))
 
 
 async def _lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:

@@ -44,6 +44,11 @@ def pick_server(manifests: Manifests, name: str | None) -> VirtualMCPServer:
     raise ServeError(f"no VirtualMCPServer named {name!r}; found {', '.join(s.metadata.name for s in servers)}")
 
 
+def report_skipped(manifests: Manifests) -> None:
+    for what in manifests.skipped:
+        print(f"portcullis: skipped, not a Portcullis object or a v1 Secret: {what}", file=sys.stderr)
+
+
 def compile_for(manifests: Manifests, server: VirtualMCPServer, url: str) -> GatewayConfig:
     problems = orphan_mappings(manifests.servers, manifests.mappings)
     try:
@@ -80,8 +85,14 @@ def local_gateway(
 ) -> Iterator[LocalGateway]:
     """Bind, compile and build a gateway; serve it in a background thread while the block runs."""
     manifests = paths if isinstance(paths, Manifests) else load_manifests(paths)
+    report_skipped(manifests)
     server = pick_server(manifests, server_name)
-    mcp_sock, admin_sock = bind(host, port), bind(host, admin_port)
+    mcp_sock = bind(host, port, "--port")
+    try:
+        admin_sock = bind(host, admin_port, "--admin-port")
+    except BaseException:
+        mcp_sock.close()
+        raise
     shown_host = f"[{host}]" if ":" in host else host
     url = f"http://{shown_host}:{mcp_sock.getsockname()[1]}/mcp"
     admin_url = f"http://{shown_host}:{admin_sock.getsockname()[1]}"

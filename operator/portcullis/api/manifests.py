@@ -10,7 +10,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from portcullis.api.resources import KINDS, MCPConnection, ToolMapping, VirtualMCPServer, parse_resource
+from portcullis.api.resources import GROUP, KINDS, MCPConnection, ToolMapping, VirtualMCPServer, parse_resource
 
 YAML_SUFFIXES = (".yaml", ".yml", ".json")
 
@@ -25,6 +25,8 @@ class Manifests:
     mappings: list[ToolMapping] = field(default_factory=list)
     connections: list[MCPConnection] = field(default_factory=list)
     secrets: dict[tuple[str, str], dict[str, str]] = field(default_factory=dict)
+    skipped: list[str] = field(default_factory=list)
+    """Documents of other kinds that were not read (shown, so a typo does not pass unnoticed)."""
     """Plain `v1/Secret` documents, keyed by (namespace, name): shared credentials for local runs."""
 
 
@@ -66,6 +68,12 @@ def load_manifests(paths: Iterable[str | Path]) -> Manifests:
                 out.secrets[(meta.get("namespace", "default"), meta.get("name", ""))] = _secret_data(doc)
                 continue
             if kind not in KINDS:
+                api_version = str(doc.get("apiVersion") or "")
+                if api_version.split("/")[0] == GROUP:
+                    raise ManifestError(
+                        f"{where}: unknown kind {kind!r} in {api_version} (expected one of {', '.join(sorted(KINDS))})"
+                    )
+                out.skipped.append(f"{where}: {kind or '(no kind)'} {(doc.get('metadata') or {}).get('name', '')!s} ({api_version or 'no apiVersion'})".rstrip())
                 continue
             name = (doc.get("metadata") or {}).get("name", "?")
             try:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from portcullis.api.config import GatewayConfig
 from portcullis.api.resources import SecretKeyReference
+from portcullis.gateway import tracing
 from portcullis.gateway.admission import SecretAdminAuth
 from portcullis.gateway.audit import AuditSink
 from portcullis.gateway.audit.keys import LocalAuditKeys
@@ -40,6 +41,17 @@ def default_state_dir() -> Path:
         return Path(env)
     base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
     return Path(base) / "portcullis"
+
+
+def existing_admin_secret(state_dir: Path) -> str | None:
+    """The admin secret a client should present, without making one (a client never creates it)."""
+    env = os.environ.get(ADMIN_SECRET_ENV)
+    if env:
+        return env
+    try:
+        return (state_dir / "admin-secret").read_text().strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def admin_secret(state_dir: Path) -> str:
@@ -96,6 +108,7 @@ def build_local_gateway(
     audit: Sequence[AuditSink],
     secrets: dict[tuple[str, str], dict[str, str]] | None = None,
 ) -> tuple[Gateway, SigningKeys]:
+    tracing.configure_from_env()
     keys = state.keys(config)
     shared = secrets or {}
     ref = config.audit.postgres_url

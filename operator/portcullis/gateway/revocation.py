@@ -35,7 +35,7 @@ import anyio
 
 from portcullis.gateway.tokens import SessionClaims
 from portcullis.kube import KubeClient, KubeError
-from portcullis.vault.local import write_private_file
+from portcullis.vault.local import make_private_dir, write_private_file
 
 _JTI = re.compile(r"[A-Za-z0-9_-]{1,200}")
 
@@ -143,7 +143,9 @@ class FileRevocations:
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        self._path.parent.mkdir(parents=True, exist_ok=True)
+        # <state>/revocations/<namespace>/: private like the rest of the state directory.
+        make_private_dir(self._path.parent.parent)
+        make_private_dir(self._path.parent)
         fd = os.open(f"{self._path}.lock", os.O_RDWR | os.O_CREAT, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)  # read-modify-write by the CLI and the gateway at once

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import gc
 import logging
 import socket
@@ -47,7 +48,11 @@ def freeze_heap() -> None:
     gc.freeze()
 
 
-def bind(host: str, port: int) -> socket.socket:
+class PortInUse(OSError):
+    """The address is taken; the message names it and the flag that moves it."""
+
+
+def bind(host: str, port: int, flag: str | None = None) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only when the
     # listening socket says it is TCP. Without it Nagle holds each response body behind
@@ -55,7 +60,16 @@ def bind(host: str, port: int) -> socket.socket:
     sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind((host, port))
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            hint = f": choose another with {flag} (0 picks a free one)" if flag else ""
+            error = PortInUse(f"{host}:{port} is already in use{hint}")
+            error.errno = exc.errno
+            raise error from None
+        raise
     sock.listen(2048)
     sock.setblocking(False)
     return sock

@@ -51,6 +51,9 @@ log = logging.getLogger("portcullis.audit")
 OnStoreFailure = Literal["refuse", "allow"]
 _MIN_BACKOFF, _MAX_BACKOFF = 0.05, 5.0
 DAY_US = 86_400 * 1_000_000
+# Jitter from a generator of our own: the module-level one belongs to the application (and to
+# test tools that watch it for use from other threads).
+_jitter = random.Random()
 
 
 def default_writer_id() -> str:
@@ -210,7 +213,7 @@ class AuditTrail:
                 if self.failing is None:
                     log.error("audit store %s failed, retrying (events wait in the queue): %s", self._store_label, exc)
                 self.failing = str(exc) or type(exc).__name__
-                await asyncio.sleep(delay * random.uniform(0.5, 1.0))
+                await asyncio.sleep(delay * _jitter.uniform(0.5, 1.0))
                 delay = min(delay * 2, _MAX_BACKOFF)
             else:
                 if self.failing is not None:
@@ -241,7 +244,7 @@ class AuditTrail:
     async def _prune_forever(self) -> None:
         # The first pass soon after start (a gateway that restarts often still prunes),
         # then once an interval; a failed pass is logged and the next one tries again.
-        await asyncio.sleep(min(self.prune_interval, 30.0) * random.uniform(0.5, 1.0))
+        await asyncio.sleep(min(self.prune_interval, 30.0) * _jitter.uniform(0.5, 1.0))
         while True:
             try:
                 await self.prune_once()
@@ -249,7 +252,7 @@ class AuditTrail:
                 raise
             except Exception as exc:
                 log.warning("audit retention pass failed, next in %.0fs: %s", self.prune_interval, exc)
-            await asyncio.sleep(self.prune_interval * random.uniform(0.9, 1.1))
+            await asyncio.sleep(self.prune_interval * _jitter.uniform(0.9, 1.1))
 
     async def prune_once(self, *, now_us: int | None = None) -> int | None:
         """Prune if this replica holds the lease; the number removed, or None when another replica holds it."""
