@@ -133,3 +133,17 @@ def test_a_port_in_use_is_named_with_the_flag_that_moves_it(tmp_path: Path) -> N
         result = run_cli("serve", "-f", str(MANIFESTS), "--port", str(port), "--state-dir", str(tmp_path))
     assert result.returncode == 1
     assert f"127.0.0.1:{port} is already in use: choose another with --port" in result.stderr
+
+
+def test_credentials_set_refuses_a_tenant_or_connection_no_server_here_uses(tmp_path: Path) -> None:
+    state = str(tmp_path)
+    nobody = run_cli("credentials", "set", "-n", "demo", "--user", "ada@example.com", "--connection", "inbox", "--state-dir", state, stdin="s\n")
+    assert nobody.returncode == 1 and "no virtual server of tenant 'demo' has run" in nobody.stderr
+    with serving(tmp_path):
+        pass  # the server records what it needs in the state directory
+    wrong_tenant = run_cli("credentials", "set", "-n", "dmeo", "--user", "ada@example.com", "--connection", "inbox", "--state-dir", state, stdin="s\n")
+    assert wrong_tenant.returncode == 1 and "tenant 'dmeo'" in wrong_tenant.stderr
+    wrong_connection = run_cli("credentials", "set", "-n", "demo", "--user", "ada@example.com", "--connection", "gmail", "--state-dir", state, stdin="s\n")
+    assert wrong_connection.returncode == 1 and "(they take: inbox)" in wrong_connection.stderr
+    stored = run_cli("credentials", "set", "-n", "demo", "--user", "ada@example.com", "--connection", "inbox", "--state-dir", state, stdin="s\n")
+    assert stored.returncode == 0, stored.stderr

@@ -189,9 +189,24 @@ def cmd_token_revoke(args: argparse.Namespace) -> int:
 def cmd_credentials(args: argparse.Namespace) -> int:
     from portcullis.vault.local import LocalVault
 
-    vault = LocalVault(_state_dir(args))
+    from portcullis.gateway.local import LocalState
+
+    state_dir = _state_dir(args)
+    vault = LocalVault(state_dir)
     tenant = args.namespace
     if args.action == "set":
+        servers = LocalState(state_dir).user_connections(tenant)
+        if servers is None:
+            return _fail(
+                f"no virtual server of tenant {tenant!r} has run with state directory {state_dir}: "
+                "start it with `portcullis serve` first (-n is the server's namespace), or pass the --state-dir it uses"
+            )
+        wanted = sorted({c for connections in servers.values() for c in connections})
+        if args.connection not in wanted:
+            return _fail(
+                f"no server of tenant {tenant!r} takes a per-user credential for connection {args.connection!r} "
+                f"(they take: {', '.join(wanted) or 'none'})"
+            )
         secret = args.secret
         if secret is None:
             secret = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("secret: ")

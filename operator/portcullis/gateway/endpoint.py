@@ -17,6 +17,7 @@ import asyncio
 import contextvars
 import json
 import logging
+import re
 from typing import Any
 
 import mcp_types as types
@@ -33,7 +34,7 @@ from mcp.shared.exceptions import MCPError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Receive, Scope, Send
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from portcullis import __version__
 from portcullis.gateway import tracing
@@ -252,6 +253,12 @@ class BearerAuth:
                 )
                 await response(scope, receive, send)
                 return
+            if scope["method"] == "POST":
+                first = await receive()
+                if not _utf8_json_start(first.get("body", b"")):
+                    await _not_utf8(scope, receive, send)
+                    return
+                receive = _replay_first(first, receive)
             reset = current_claims.set(claims)
             try:
                 if self.fast is not None and is_candidate(scope):
@@ -260,6 +267,31 @@ class BearerAuth:
                     await self.app(scope, receive, send)
             finally:
                 current_claims.reset(reset)
+
+
+# RFC 8259 §8.1: JSON exchanged between systems MUST be UTF-8, without a byte order mark.
+# Python's json would guess UTF-16/32 from the bytes; the two MCP eras must refuse alike.
+_BOMS = (b"\xef\xbb\xbf", b"\xfe\xff", b"\xff\xfe")
+
+
+def _utf8_json_start(body: bytes) -> bool:
+    head = body[:4]
+    return not head.startswith(_BOMS) and b"\x00" not in head
+
+
+async def _not_utf8(scope: Scope, receive: Receive, send: Send) -> None:
+    error = {"code": -32700, "message": "Parse error: the request body must be UTF-8 JSON without a byte order mark"}
+    await JSONResponse({"jsonrpc": "2.0", "id": None, "error": error}, status_code=400)(scope, receive, send)
+
+
+def _replay_first(first: Message, receive: Receive) -> Receive:
+    """A receive that yields an already-read first message, then the real stream."""
+    pending: list[Message] = [first]
+
+    async def replay() -> Message:
+        return pending.pop() if pending else await receive()
+
+    return replay
 
 
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
@@ -275,11 +307,14 @@ def _origin_allowed(origin: str, allowed: frozenset[str]) -> bool:
     return False
 
 
+# An origin is exactly scheme://host[:port] (RFC 6454): anything else is no host at all, so
+# `http://[::1].evil.example` or `http://localhost@evil.example` never pass as loopback.
+_ORIGIN = re.compile(r"(?i)https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?/?")
+
+
 def _host_of(origin: str) -> str:
-    rest = origin.partition("://")[2]
-    if rest.startswith("["):
-        return rest[: rest.find("]") + 1]
-    return rest.split(":", 1)[0].split("/", 1)[0]
+    match = _ORIGIN.fullmatch(origin)
+    return match.group(1).lower() if match else ""
 
 
 def _header(scope: Scope, name: bytes) -> str | None:
@@ -303,8 +338,30 @@ def _unauthorized(reason: str, metadata_url: str, had_token: bool) -> Response:
     challenge = f'Bearer resource_metadata="{metadata_url}"'
     if had_token:
         challenge = f'Bearer error="invalid_token", error_description="{reason}", resource_metadata="{metadata_url}"'
-    body = {"error": "invalid_token" if had_token else "unauthorized", "error_description": reason}
+    body = {
+        "error": "invalid_token" if had_token else "unauthorized",
+        "error_description": reason,
+        "message": (
+            f"The session token was refused ({reason}). Session tokens are short-lived and minted by your "
+            "application for one user: mint a new one (POST /v1/tokens on the gateway's admin port, or "
+            "`portcullis token mint --user <id>`) and send it as `Authorization: Bearer <token>`."
+        ),
+    }
     return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": challenge})
+
+
+NO_OAUTH = (
+    "This virtual MCP server accepts session tokens minted by your application (POST /v1/tokens on its "
+    "admin port) and runs no OAuth authorization server, so there is nothing to register with or log in to. "
+    "Configure your MCP client with the header `Authorization: Bearer <session token>`."
+)
+
+
+async def _no_authorization_server(request: Request) -> Response:
+    """OAuth-aware clients (mcp-remote, the Inspector) look for an authorization server at the MCP
+    server's origin when the resource metadata names none; say plainly why there is none."""
+    status = 400 if request.url.path == "/register" else 404
+    return JSONResponse({"error": "invalid_client_metadata" if status == 400 else "not_found", "error_description": NO_OAUTH}, status_code=status)
 
 
 def resource_metadata(gateway: Gateway) -> dict[str, Any]:
@@ -355,6 +412,10 @@ def build_app(
             Route("/readyz", readyz),
             Route(RESOURCE_METADATA_PATH + MCP_PATH, metadata),
             Route(RESOURCE_METADATA_PATH, metadata),
+            Route("/.well-known/oauth-authorization-server", _no_authorization_server),
+            Route("/.well-known/oauth-authorization-server" + MCP_PATH, _no_authorization_server),
+            Route("/.well-known/openid-configuration", _no_authorization_server),
+            Route("/register", _no_authorization_server, methods=["POST", "GET"]),
         ],
     )
     base = (public_base or _origin(gateway.config.server.url)).rstrip("/")

@@ -4,6 +4,7 @@
     <state>/keys/<namespace>/<server>.json     session-token signing keys (0600)
     <state>/vault/<tenant>/...                 sealed user credentials (see vault.local)
     <state>/revocations/<namespace>/<server>.json
+    <state>/servers/<namespace>/<server>.json  what each server served here needs (for `credentials set`)
     <state>/audit/audit.db                     the embedded audit store (SQLite, 0600)
     <state>/audit/keys/<tenant>.key            the tenant's audit key (digests, hash chain; 0600)
 
@@ -13,6 +14,7 @@ runs), which is also what makes two local replicas behave like two pods.
 
 from __future__ import annotations
 
+import json
 import os
 import secrets as _secrets
 from collections.abc import Sequence
@@ -29,7 +31,7 @@ from portcullis.gateway.audit.trail import AuditTrail, store_for
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.revocation import FileRevocations
 from portcullis.gateway.tokens import LocalKeyStore, SigningKeys, TokenVerifier
-from portcullis.vault.local import LocalVault
+from portcullis.vault.local import LocalVault, make_private_dir, write_private_file
 
 ADMIN_SECRET_ENV = "PORTCULLIS_ADMIN_SECRET"
 STATE_DIR_ENV = "PORTCULLIS_STATE_DIR"
@@ -97,6 +99,26 @@ class LocalState:
     def audit_keys(self) -> LocalAuditKeys:
         return LocalAuditKeys(self.state_dir)
 
+    def record_server(self, config: GatewayConfig) -> None:
+        """Note which per-user connections this server takes, so `credentials set` can refuse others."""
+        path = self.state_dir / "servers" / config.server.namespace / f"{config.server.name}.json"
+        make_private_dir(path.parent.parent)
+        make_private_dir(path.parent)
+        document = {"tenant": config.tenant, "userConnections": config.user_connections()}
+        write_private_file(path, (json.dumps(document, indent=2) + "\n").encode())
+
+    def user_connections(self, tenant: str) -> dict[str, list[str]] | None:
+        """Per server of `tenant` served here: its per-user connections (None: no server of it ever ran here)."""
+        found: dict[str, list[str]] = {}
+        for path in sorted((self.state_dir / "servers").glob("*/*.json")):
+            try:
+                document = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if document.get("tenant") == tenant:
+                found[f"{path.parent.name}/{path.stem}"] = [str(c) for c in document.get("userConnections") or []]
+        return found or None
+
     def admin_auth(self) -> SecretAdminAuth:
         return SecretAdminAuth(admin_secret(self.state_dir))
 
@@ -110,6 +132,7 @@ def build_local_gateway(
 ) -> tuple[Gateway, SigningKeys]:
     tracing.configure_from_env()
     keys = state.keys(config)
+    state.record_server(config)
     shared = secrets or {}
     ref = config.audit.postgres_url
     trail = AuditTrail(

@@ -15,12 +15,14 @@ import logging
 import socket
 import threading
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
 from dataclasses import dataclass, field
+from typing import Any
 
 
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from portcullis.gateway.deadlines import HEADER_READ_TIMEOUT, http_protocol
 
 log = logging.getLogger("portcullis.gateway")
 
@@ -130,6 +132,8 @@ class Servers:
 
     listeners: list[Listener]
     freeze_heap_when_started: bool = False
+    header_timeout: float = HEADER_READ_TIMEOUT
+    """Seconds a client has to send a request's headers (slowloris); idle keep-alive is apart."""
     gateway: Any = None
     """The gateway these servers front, when there is one (for callers that built it indirectly)."""
     _servers: list[uvicorn.Server] = field(default_factory=list)
@@ -148,6 +152,7 @@ class Servers:
                     # default would make most calls pay a new connection. 75 s outlives common
                     # load-balancer idle timeouts (60 s), so the balancer closes first, cleanly.
                     timeout_keep_alive=75,
+                    http=http_protocol(self.header_timeout),
                 )
             )
             for index, listener in enumerate(self.listeners)
