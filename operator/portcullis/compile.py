@@ -135,6 +135,8 @@ def compile(  # noqa: A001 - the name DESIGN.md gives this function
                 url=conn.spec.url,
                 timeout_seconds=conn.spec.timeout_seconds,
                 credential=conn.spec.credential,
+                max_result_bytes=conn.spec.max_result_bytes,
+                max_connections=conn.spec.max_connections,
             )
             for name, conn in sorted(used_connections.items())
         },

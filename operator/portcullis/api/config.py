@@ -43,6 +43,8 @@ class ConnectionConfig(Model):
     url: str
     timeout_seconds: int = 30
     credential: CredentialSpec = Field(default_factory=CredentialSpec)
+    max_result_bytes: int = Field(default=16 * 1024 * 1024, description="Largest answer read for one request (maxResultBytes).")
+    max_connections: int = Field(default=100, description="Most requests in flight to the upstream at once (maxConnections).")
 
 
 class ExposedTool(Model):

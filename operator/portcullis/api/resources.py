@@ -133,6 +133,30 @@ class MCPConnectionSpec(WireModel):
     credential: Annotated[
         CredentialSpec, Field(description="How the calling user's credential reaches the upstream.")
     ] = Field(default_factory=CredentialSpec)
+    max_result_bytes: Annotated[
+        int,
+        Field(
+            ge=1024,
+            le=1073741824,
+            description=(
+                "Largest answer the gateway reads from this upstream for one request, in bytes (the whole HTTP "
+                "body, or every event of one response stream). A larger answer is cut off while it is read and the "
+                "call fails with a tool error naming this limit. 1 KiB to 1 GiB; default 16 MiB."
+            ),
+        ),
+    ] = 16 * 1024 * 1024
+    max_connections: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=10000,
+            description=(
+                "Most requests each gateway replica has in flight to this upstream at once (one HTTP connection "
+                "each; the change-notification stream is not counted). A call that finds them all busy waits up "
+                "to timeoutSeconds for one, and a wait past a second is logged as a warning."
+            ),
+        ),
+    ] = 100
 
 
 class MCPConnection(Model):

@@ -19,21 +19,32 @@ It speaks both eras of Streamable HTTP:
 Which era an upstream speaks is found once, with `server/discover`, and
 remembered. Every failure becomes an `UpstreamError` naming the connection;
 nothing here hangs longer than the connection's timeout.
+
+Two bounds per connection keep one upstream from hurting the calls to others:
+
+- `maxResultBytes`: every answer is read in chunks against a byte budget (a JSON
+  body whole, a response stream across all its events, the change stream per
+  event), and the response is closed the moment the budget is spent. Nothing is
+  ever read unbounded, so a 50 MB answer costs at most the limit in memory.
+- `maxConnections`: each request holds one of the connection's slots while it is
+  on the wire (see `_Slots`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import hashlib
 import itertools
 import json
+import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 import aiohttp
-from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
 from mcp.shared.inbound import (
     MCP_METHOD_HEADER,
     MCP_NAME_HEADER,
@@ -58,6 +69,12 @@ _ACCEPT: Final = "application/json, text/event-stream"
 # JSON-RPC errors that say "this server does not speak the modern era".
 _UNSUPPORTED_VERSION: Final = -32022
 _MAX_LEGACY_SESSIONS: Final = 1024
+# Bodies and events larger than this are parsed in a worker thread (`_parse`).
+_THREAD_PARSE_BYTES: Final = 1 << 20
+# A call waiting longer than this for a slot of its connection is worth a warning.
+_SLOW_SLOT_SECONDS: Final = 1.0
+
+log = logging.getLogger("portcullis.gateway.upstream")
 
 
 ProgressSink = Callable[[dict[str, Any]], Awaitable[None]]
@@ -92,6 +109,32 @@ class NoChangeStream(UpstreamError):
     """The upstream offers no stream of change notifications (405 on GET, -32601 on listen)."""
 
 
+class ResultTooLarge(UpstreamError):
+    """The upstream answered more than the connection's `maxResultBytes`; the rest was never read."""
+
+    def __init__(self, connection: str, limit: int):
+        super().__init__(connection, f"answered more than {limit} bytes (maxResultBytes of connection {connection})")
+
+    @property
+    def kind(self) -> str:
+        return "result too large"
+
+
+class SlotsBusy(UpstreamError):
+    """All of the connection's `maxConnections` slots stayed busy for the connection's whole timeout.
+
+    `transport`: nothing was sent, so nothing about the upstream (its era) was learnt.
+    """
+
+    def __init__(self, connection: str, limit: int, seconds: int):
+        message = f"its maxConnections slots are all busy ({limit} requests in flight, none came free within {seconds}s)"
+        super().__init__(connection, message, transport=True)
+
+    @property
+    def kind(self) -> str:
+        return "slots busy"
+
+
 LISTENING: Final = "portcullis/listening"
 """Yielded by `UpstreamClient.changes` each time its stream opens: what changed before is not replayed."""
 TOOLS_LIST_CHANGED: Final = "notifications/tools/list_changed"
@@ -116,6 +159,86 @@ class _LegacySession:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+class _Slots:
+    """At most `maxConnections` requests of one connection on the wire at once (per replica).
+
+    A semaphore per client rather than a TCPConnector per client: a client is
+    replaced whole when its connection's config changes, and a semaphore needs no
+    closing where a connector would need whoever drops the client to close it;
+    and only a wait in front of the request can be timed, logged and failed with
+    a message naming the limit (aiohttp's own connector queue is silent and spends
+    the request's timeout). The gateway's one shared connector keeps pooling
+    keep-alive connections and has no per-host cap, so this is the bound. On
+    HTTP/1.1 a request on the wire is one connection, so bounding requests bounds
+    the upstream's sockets (idle ones in the pool aside). The change stream does
+    not take a slot: it is one idle stream per upstream, and would take a slot for good.
+
+    The wait for a slot is bounded by the connection's timeout, apart from the
+    exchange that follows (bounded by it too). Were both one deadline, a queued
+    call would always get its slot, just before that deadline, from a call that
+    arrived earlier and so timed out earlier, and "all busy" would never be said.
+    A wait past `_SLOW_SLOT_SECONDS` logs one warning per streak of saturation
+    (until a call finds a slot free again), not one per call.
+    """
+
+    def __init__(self, config: ConnectionConfig):
+        self._config = config
+        self._free = asyncio.Semaphore(config.max_connections)
+        self._saturated = False  # warned, and no call has found a free slot since
+
+    @contextlib.asynccontextmanager
+    async def hold(self) -> AsyncIterator[None]:
+        if not self._free.locked():
+            await self._free.acquire()  # free: returns at once
+            if self._saturated:
+                self._saturated = False
+                log.info("upstream %r has free connection slots again", self._config.name)
+        else:
+            slow = asyncio.get_running_loop().call_later(_SLOW_SLOT_SECONDS, self._warn)
+            try:
+                async with asyncio.timeout(self._config.timeout_seconds):
+                    await self._free.acquire()
+            except TimeoutError:
+                raise SlotsBusy(self._config.name, self._config.max_connections, self._config.timeout_seconds) from None
+            finally:
+                slow.cancel()
+        try:
+            yield
+        finally:
+            self._free.release()
+
+    def _warn(self) -> None:
+        if not self._saturated:
+            self._saturated = True
+            config = self._config
+            log.warning(
+                "calls to upstream %r (%s) are waiting for a connection: all %d of its maxConnections are busy "
+                "(a slow or hung upstream?); calls that find none free within %ss fail",
+                config.name, config.url, config.max_connections, config.timeout_seconds,
+            )
+
+
+class _Budget:
+    """What is left of `maxResultBytes` for one answer: every byte read is spent here first."""
+
+    __slots__ = ("_connection", "_response", "limit", "spent")
+
+    def __init__(self, response: aiohttp.ClientResponse, config: ConnectionConfig):
+        self._response = response
+        self._connection = config.name
+        self.limit = config.max_result_bytes
+        self.spent = 0
+
+    def spend(self, n: int) -> None:
+        self.spent += n
+        if self.spent > self.limit:
+            self._response.close()  # the rest is never read, and the connection is not reused
+            raise ResultTooLarge(self._connection, self.limit)
+
+    def refill(self) -> None:
+        self.spent = 0
+
+
 class UpstreamClient:
     """One upstream MCP server, as one `MCPConnection` describes it."""
 
@@ -129,6 +252,7 @@ class UpstreamClient:
         self._ids = itertools.count(1)
         self._param_headers: dict[str, dict[tuple[str, ...], str]] = {}
         self._timeout = aiohttp.ClientTimeout(total=config.timeout_seconds)
+        self._slots = _Slots(config)
 
     @property
     def name(self) -> str:
@@ -213,12 +337,13 @@ class UpstreamClient:
             opened = self._http.get(self.config.url, headers=headers, timeout=self._stream_timeout())
         try:
             async with opened as response:
+                budget = _Budget(response, self.config)  # per event: the stream itself has no end
                 if era == "legacy" and response.status == 404:
                     self._sessions.pop(_credential_key(credential), None)  # the upstream forgot the session
                 if response.status == 405:
                     raise NoChangeStream(self.name, "offers no change notification stream (HTTP 405)")
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
-                    message = _decode(await response.read(), self.name)
+                    message = await _decode(await _read_body(response, budget), self.name)
                     if message is not None and isinstance(message.get("error"), dict):
                         if message["error"].get("code") == _METHOD_NOT_FOUND:
                             raise NoChangeStream(self.name, "does not serve subscriptions/listen")
@@ -226,7 +351,7 @@ class UpstreamClient:
                     raise UpstreamError(self.name, f"HTTP {response.status}: no change notification stream")
                 if era == "legacy":
                     yield LISTENING
-                async for message in _sse_messages(response):
+                async for message in _sse_messages(response, budget, per_event=True):
                     method = message.get("method")
                     if method == _ACKNOWLEDGED:
                         yield LISTENING
@@ -240,7 +365,7 @@ class UpstreamClient:
             raise UpstreamError(self.name, f"no change stream within {self.config.timeout_seconds}s") from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(self.name, f"change stream dropped ({type(exc).__name__})") from None
-        except (ValueError, HttpProcessingError):  # one event line over the stream reader's limit
+        except (ValueError, HttpProcessingError):  # a line over aiohttp's line limit (LineTooLong, see `_sse_lines`)
             raise UpstreamError(self.name, "sent a change-stream line longer than the gateway reads") from None
         raise UpstreamError(self.name, "change stream ended")
 
@@ -257,8 +382,8 @@ class UpstreamClient:
                 await self._modern("server/discover", {}, credential)
                 self._era = "modern"
             except (UpstreamRPCError, UpstreamError) as exc:
-                if isinstance(exc, UpstreamError) and exc.transport:
-                    raise
+                if isinstance(exc, UpstreamError) and (exc.transport or isinstance(exc, ResultTooLarge)):
+                    raise  # nothing learnt about the era
                 self._era = "legacy"
             return self._era
 
@@ -362,36 +487,40 @@ class UpstreamClient:
 
     async def _post(self, body: dict[str, Any], headers: dict[str, str]) -> tuple[dict[str, Any], Mapping[str, str]]:
         request_id = body["id"]
+        raw = b""
+        message: dict[str, Any] | None = None
         try:
-            async with self._http.post(
+            async with self._slots.hold(), self._http.post(
                 self.config.url, data=json.dumps(body, separators=(",", ":")), headers=headers, timeout=self._timeout
             ) as response:
+                budget = _Budget(response, self.config)
                 ctype = response.headers.get("content-type", "")
                 if ctype.startswith("text/event-stream"):
-                    message = await _read_sse_response(response, request_id)
+                    message = await _read_sse_response(response, request_id, budget)
+                elif response.status >= 400 and not ctype.startswith("application/json"):
+                    raise UpstreamError(self.name, f"HTTP {response.status} from {self.config.url}", status=response.status)
                 else:
-                    raw = await response.read()
-                    if response.status >= 400 and not ctype.startswith("application/json"):
-                        raise UpstreamError(self.name, f"HTTP {response.status} from {self.config.url}", status=response.status)
-                    message = _decode(raw, self.name)
-                if message is None:
-                    raise UpstreamError(self.name, f"HTTP {response.status}: no JSON-RPC response", status=response.status)
-                return _result_of(message, self.name, response.status), response.headers
+                    raw = await _read_body(response, budget)
+            if raw:  # parsed after the slot and the connection are given back
+                message = await _decode(raw, self.name)
+            if message is None:
+                raise UpstreamError(self.name, f"HTTP {response.status}: no JSON-RPC response", status=response.status)
+            return _result_of(message, self.name, response.status), response.headers
         except asyncio.TimeoutError:
             raise UpstreamError(self.name, f"no answer within {self.config.timeout_seconds}s", transport=True) from None
         except aiohttp.ClientConnectionError as exc:
             raise UpstreamError(self.name, f"unreachable ({type(exc).__name__})", transport=True) from None
         except aiohttp.ClientError as exc:
             raise UpstreamError(self.name, f"bad HTTP exchange ({type(exc).__name__})") from None
-        except (ValueError, HttpProcessingError):  # aiohttp's reader: one event line over its limit (LineTooLong)
+        except (ValueError, HttpProcessingError):  # a line over aiohttp's line limit (LineTooLong, see `_sse_lines`)
             raise UpstreamError(self.name, "sent an event line longer than the gateway reads") from None
 
     async def _notify(self, body: dict[str, Any], headers: dict[str, str]) -> None:
         try:
-            async with self._http.post(
+            async with self._slots.hold(), self._http.post(
                 self.config.url, data=json.dumps(body), headers=headers, timeout=self._timeout
             ) as response:
-                await response.read()
+                await _read_body(response, _Budget(response, self.config))
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamError(self.name, f"handshake failed ({type(exc).__name__})") from None
 
@@ -403,12 +532,46 @@ def _credential_key(credential: Mapping[str, str] | None) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
-def _decode(raw: bytes, connection: str) -> dict[str, Any] | None:
+async def _read_body(response: aiohttp.ClientResponse, budget: _Budget) -> bytes:
+    """The whole body, chunk by chunk as it arrives, each spent against `budget` before it is kept.
+
+    Chunks are kept apart until the end, so an answer cut off holds no more than
+    the bytes read (a growing buffer would copy itself on the way).
+    """
+    declared = response.content_length
+    if declared is not None and declared > budget.limit and "content-encoding" not in response.headers:
+        budget.spend(declared)  # refused before a byte of it is read
+    chunks: list[bytes] = []
+    async for chunk in response.content.iter_any():
+        budget.spend(len(chunk))
+        chunks.append(chunk)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+async def _parse(data: bytes, loads: Callable[[bytes], Any]) -> Any:
+    """`loads(data)`, in a worker thread when `data` is large.
+
+    json.loads holds the GIL from start to end, so the thread does not parse beside
+    the event loop; it only lets the loop run between the steps of a parse (bytes
+    to str, then the scan). Measured (benchmarks/results/large-results-2026-12-01.md):
+    the worst stall for one 47 MiB text went from 187 to 118 ms, and for 16 MiB of
+    many small items not at all. What bounds the stall is `maxResultBytes`.
+    """
+    if len(data) > _THREAD_PARSE_BYTES:
+        return await asyncio.to_thread(loads, data)
+    return loads(data)
+
+
+def _loads_event(data: bytes) -> Any:
+    return json.loads(data.decode("utf-8", "replace"))
+
+
+async def _decode(raw: bytes, connection: str) -> dict[str, Any] | None:
     if not raw:
         return None
     try:
-        message = json.loads(raw)
-    except ValueError:
+        message = await _parse(raw, json.loads)
+    except (ValueError, RecursionError):
         raise UpstreamError(connection, "answered something that is not JSON") from None
     if not isinstance(message, dict):
         raise UpstreamError(connection, "answered JSON that is not a JSON-RPC response")
@@ -424,13 +587,14 @@ def _result_of(message: dict[str, Any], connection: str, status: int) -> dict[st
     return result
 
 
-async def _read_sse_response(response: aiohttp.ClientResponse, request_id: object) -> dict[str, Any] | None:
+async def _read_sse_response(response: aiohttp.ClientResponse, request_id: object, budget: _Budget) -> dict[str, Any] | None:
     """Read server-sent events until the JSON-RPC response to `request_id` arrives.
 
-    Progress notifications met on the way go to the current call's `progress_sink`.
+    Progress notifications met on the way go to the current call's `progress_sink`;
+    they are part of the answer, and spend the same budget.
     """
     sink = progress_sink.get()
-    async for message in _sse_messages(response):
+    async for message in _sse_messages(response, budget):
         if message.get("id") == request_id and ("result" in message or "error" in message):
             return message
         if sink is not None and message.get("method") == "notifications/progress" and isinstance(message.get("params"), dict):
@@ -438,18 +602,61 @@ async def _read_sse_response(response: aiohttp.ClientResponse, request_id: objec
     return None
 
 
-async def _sse_messages(response: aiohttp.ClientResponse) -> AsyncIterator[dict[str, Any]]:
-    """Every JSON-RPC message of a server-sent event stream, until it ends (unparsable events are skipped)."""
-    data_lines: list[str] = []
-    async for raw_line in response.content:
-        line = raw_line.decode("utf-8", "replace").rstrip("\r\n")
-        if line.startswith("data:"):
-            data_lines.append(line[5:].lstrip(" "))
-        elif line == "" and data_lines:
-            payload, data_lines = "\n".join(data_lines), []
+async def _sse_messages(
+    response: aiohttp.ClientResponse, budget: _Budget, *, per_event: bool = False
+) -> AsyncIterator[dict[str, Any]]:
+    """Every JSON-RPC message of a server-sent event stream, until it ends (unparsable events are skipped).
+
+    The budget covers the whole response, or each event when `per_event` (an endless stream).
+    """
+    data_lines: list[bytes] = []
+    async for line in _sse_lines(response, budget):
+        if line.startswith(b"data:"):
+            data_lines.append(line[5:].lstrip(b" "))
+        elif line == b"":
+            if per_event:
+                budget.refill()
+            if not data_lines:
+                continue
+            payload, data_lines = b"\n".join(data_lines), []
             try:
-                message = json.loads(payload)
-            except ValueError:
+                message = await _parse(payload, _loads_event)
+            except (ValueError, RecursionError):
                 continue
             if isinstance(message, dict):
                 yield message
+
+
+async def _sse_lines(response: aiohttp.ClientResponse, budget: _Budget) -> AsyncIterator[bytes]:
+    """The lines of an event stream without their line ends, split here rather than by aiohttp's readline.
+
+    Every piece is spent against `budget` as it arrives, so one endless line stops
+    at `maxResultBytes` like everything else; and a line is held to aiohttp's own
+    line limit (twice the session's read buffer, as its readline holds it), with
+    the same `LineTooLong`.
+    """
+    line_limit = response.content.get_read_buffer_limits()[1]
+    partial: list[bytes] = []  # the start of a line that goes on in the next chunk
+    partial_size = 0
+    async for chunk in response.content.iter_any():
+        start = 0
+        while (end := chunk.find(b"\n", start)) != -1:
+            budget.spend(end + 1 - start)
+            if partial_size + end + 1 - start > line_limit:
+                raise LineTooLong(chunk[start : start + 100] + b"...", line_limit)
+            line = chunk[start:end]
+            if partial:
+                partial.append(line)
+                line = b"".join(partial)
+                partial.clear()
+                partial_size = 0
+            yield line.rstrip(b"\r")
+            start = end + 1
+        if start < len(chunk):
+            budget.spend(len(chunk) - start)
+            partial_size += len(chunk) - start
+            if partial_size > line_limit:
+                raise LineTooLong(chunk[start : start + 100] + b"...", line_limit)
+            partial.append(chunk[start:])
+    if partial:
+        yield b"".join(partial).rstrip(b"\r")
