@@ -11,7 +11,9 @@ kubeconfig. TLS is verified against the given CA unless a kubeconfig says otherw
 
 ``watch`` is a reconnecting stream of ``(type, object)``: it resumes from the last
 resourceVersion it saw; when the server says that version is gone (410) it restarts without one,
-which replays the current objects as ADDED, so consumers must treat ADDED as an upsert.
+which replays the current objects as ADDED, so consumers must treat ADDED as an upsert. Only a
+stream that served a while is reopened at once; after a failure, or a stream that ended soon
+after it opened, the pause grows, so a server or proxy that closes every stream is not hammered.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ import os
 import random
 import ssl
 import tempfile
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from types import TracebackType
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import aiohttp
 import anyio
@@ -36,6 +39,8 @@ SERVICE_ACCOUNT_DIR = Path("/var/run/secrets/kubernetes.io/serviceaccount")
 MERGE_PATCH = "application/merge-patch+json"
 # Backoff jitter from a generator of our own, not the application's module-level one.
 _jitter = random.Random()
+# The first pause before reopening a watch that failed or ended at once; it doubles from here.
+_MIN_BACKOFF = 0.2
 
 JSONObject = dict[str, Any]
 
@@ -260,11 +265,19 @@ class KubeClient:
         *,
         timeout_seconds: int = 300,
         max_backoff: float = 30.0,
+        stable_after: float = 10.0,
+        observer: WatchObserver | None = None,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> AsyncIterator[tuple[str, JSONObject]]:
         """Events of the collection at ``path`` (which may carry a fieldSelector), forever.
 
-        Transport failures and server-side ends reconnect with jittered exponential backoff;
-        401/403/404 are raised, since retrying cannot fix them.
+        A stream that served ``stable_after`` seconds and ended (the usual end is the server's
+        ``timeoutSeconds``) is reopened at once. Anything else, a failure or a stream that
+        ended, or was answered 410 Gone, sooner after it opened, is reopened only after a
+        jittered pause that doubles, up to ``max_backoff``, for as long as that goes on: a
+        server or proxy that closes every stream at once is not hammered. 401/403/404 are
+        raised, since retrying cannot fix them. ``observer`` is told how each stream goes.
         """
         rv = resource_version
         backoff = 0.0
@@ -275,38 +288,60 @@ class KubeClient:
             if rv:
                 params["resourceVersion"] = rv
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_seconds + 30)
+            opened_at: float | None = None
+            failure: str | None = None
             try:
                 async with self._client().get(
                     url.with_query(params), headers=self._headers(), timeout=timeout
                 ) as resp:
                     if resp.status == 410:
-                        rv = None
-                        continue
-                    if resp.status >= 400:
+                        rv = None  # our version is too old: start over, which replays what exists
+                    elif resp.status >= 400:
                         error = _error(resp.status, await resp.read())
                         if resp.status in (401, 403, 404):
                             raise error
-                        raise _Retry(str(error))
-                    backoff = 0.0
-                    async for line in _lines(resp.content):
-                        if not line.strip():
-                            continue
-                        event = json.loads(line)
-                        kind, obj = event.get("type", ""), event.get("object") or {}
-                        if kind == "ERROR":
-                            if obj.get("code") == 410:
-                                rv = None  # our version is too old: start over, at once
+                        failure = str(error)
+                    else:
+                        opened_at = clock()
+                        if observer is not None:
+                            observer.opened()
+                        async for line in _lines(resp.content):
+                            if not line.strip():
+                                continue
+                            event = json.loads(line)
+                            kind, obj = event.get("type", ""), event.get("object") or {}
+                            if kind == "ERROR":
+                                if obj.get("code") == 410:
+                                    rv = None
+                                else:
+                                    failure = f"watch error: {obj.get('message', '')}"
                                 break
-                            raise _Retry(f"watch error: {obj.get('message', '')}")
-                        new_rv = (obj.get("metadata") or {}).get("resourceVersion")
-                        if new_rv:
-                            rv = new_rv
-                        if kind == "BOOKMARK":
-                            continue
-                        yield kind, obj
-            except (aiohttp.ClientError, TimeoutError, _Retry, json.JSONDecodeError):
-                backoff = min(max_backoff, max(0.2, backoff * 2))
-                await anyio.sleep(backoff * _jitter.uniform(0.5, 1.0))
+                            new_rv = (obj.get("metadata") or {}).get("resourceVersion")
+                            if new_rv:
+                                rv = new_rv
+                            if kind == "BOOKMARK":
+                                continue
+                            yield kind, obj
+            except (aiohttp.ClientError, TimeoutError, json.JSONDecodeError) as exc:
+                failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            if observer is not None and (opened_at is not None or failure is not None):
+                observer.ended(failure)
+            if opened_at is not None and clock() - opened_at >= stable_after:
+                backoff = 0.0  # it served: pacing starts over
+                if failure is None:
+                    continue
+            backoff = min(max_backoff, max(_MIN_BACKOFF, backoff * 2))
+            await sleep(backoff * _jitter.uniform(0.5, 1.0))
+
+
+class WatchObserver(Protocol):
+    """Told how each of ``KubeClient.watch``'s streams goes (the watch paces itself)."""
+
+    def opened(self) -> None:
+        """A stream is open (HTTP 200)."""
+
+    def ended(self, failure: str | None) -> None:
+        """A stream, or an attempt to open one, is over: ``failure`` says what went wrong, if anything."""
 
 
 async def _lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
@@ -322,10 +357,6 @@ async def _lines(stream: aiohttp.StreamReader) -> AsyncIterator[bytes]:
             yield line
     if buffer:
         yield buffer
-
-
-class _Retry(Exception):
-    """A watch failure that reconnecting may fix."""
 
 
 def _error(status: int, raw: bytes) -> KubeError:

@@ -117,6 +117,8 @@ def status(gateway: Gateway) -> dict[str, Any]:
         ],
         "connections": {
             name: {
+                "state": listing.state,
+                "url": gateway.config.connections[name].url,
                 "toolCount": None if listing.tools is None else len(listing.tools),
                 "error": listing.error,
             }
@@ -124,6 +126,9 @@ def status(gateway: Gateway) -> dict[str, Any]:
             for listing in [gateway.catalog.listing(name)]
         },
         "audit": gateway.audit.status(),
+        # Each background loop (catalog refresher, change streams, cluster watches): failing
+        # since when, with what (safe text), how many times in a row.
+        "loops": gateway.background.status(),
     }
 
 

@@ -44,6 +44,16 @@ class UpstreamListing:
         """Known or failed: either way readiness no longer waits for it."""
         return self.tools is not None or self.error is not None
 
+    @property
+    def state(self) -> str:
+        """pending (never listed), unreachable (the last listing failed and none ever worked), stale
+        (the last failed, an earlier one is served), empty (listed, no tools) or listed."""
+        if self.error is not None:
+            return "stale" if self.tools else "unreachable"
+        if self.tools is None:
+            return "pending"
+        return "listed" if self.tools else "empty"
+
 
 @dataclass(frozen=True)
 class Exposure:

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import logging
 import os
 import signal
@@ -36,10 +35,11 @@ from portcullis.gateway.audit.keys import KubernetesAuditKeys
 from portcullis.gateway.audit.trail import AuditTrail, default_writer_id, store_for
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.endpoint import build_app
+from portcullis.gateway.loops import Loop, StreamWatch
 from portcullis.gateway.revocation import KubernetesRevocations
 from portcullis.gateway.runtime import Listener, Servers, bind, new_event_loop, with_lifespan
 from portcullis.gateway.tokens import SigningKeys, TokenVerifier
-from portcullis.kube import KubeClient, KubeError
+from portcullis.kube import KubeClient
 from portcullis.vault.kubernetes import KubernetesVault
 
 log = logging.getLogger("portcullis.gateway")
@@ -69,15 +69,36 @@ async def _wait_for(client: KubeClient, path: str, what: str, timeout: float = 1
 
 
 async def watch_object(
-    client: KubeClient, collection: str, name: str, on_change: Callable[[dict[str, Any]], None]
+    client: KubeClient,
+    collection: str,
+    name: str,
+    on_change: Callable[[dict[str, Any]], None],
+    loop: Loop | None = None,
 ) -> None:
-    """Call `on_change` with every new version of one named object."""
-    async for kind, obj in client.watch(f"{collection}?fieldSelector=metadata.name%3D{name}"):
-        if kind in ("ADDED", "MODIFIED") and (obj.get("metadata") or {}).get("name") == name:
+    """Call `on_change` with every new version of one named object, for ever (cancel to stop).
+
+    The watch reconnects and paces itself; what it gives up on (a 403 until RBAC allows the
+    watch, a 404 until the collection is served) is retried here with `loop`'s backoff. How
+    the streams go, and every failure, is reported on `loop`.
+    """
+    loop = loop or Loop(f"watch {collection}/{name}")
+    stream = StreamWatch(loop)
+    path = f"{collection}?fieldSelector=metadata.name%3D{name}"
+    try:
+        while True:
             try:
-                on_change(obj)
-            except Exception:  # a bad version is logged and skipped; the last good one keeps serving
-                log.exception("ignoring unusable %s/%s", collection, name)
+                async for kind, obj in client.watch(path, observer=stream, sleep=loop.sleep, clock=loop.clock):
+                    if kind in ("ADDED", "MODIFIED") and (obj.get("metadata") or {}).get("name") == name:
+                        try:
+                            on_change(obj)
+                        except Exception:  # a bad version is logged and skipped; the last good one keeps serving
+                            log.exception("ignoring unusable %s/%s", collection, name)
+            except Exception as exc:
+                stream.abandon()
+                loop.failed(exc)
+            await loop.pause()
+    finally:
+        stream.abandon()
 
 
 async def build(
@@ -137,26 +158,25 @@ async def build(
     def on_keys(obj: dict[str, Any]) -> None:
         keys[0] = keys_from(obj)
 
-    background: list[asyncio.Task[None]] = []
-
     async def start() -> None:
         await gateway.start()
-        background.extend(
-            asyncio.create_task(coro)
-            for coro in (
-                watch_object(client, f"{base}/configmaps", f"{server}-config", on_config),
-                watch_object(client, f"{base}/secrets", f"{server}-signing-keys", on_keys),
-                revocations.run(),
-            )
+        # The watches are the gateway's background tasks: kept, reported in /v1/status, and
+        # stopped by gateway.stop(). Two gate readiness until they first sync: a replica that
+        # never saw its config stream open would miss allowlist changes (a narrowed allowlist
+        # included), and one that never read the revocations would accept revoked tokens.
+        # Failing later (an API server outage) does not make replicas unready: they keep
+        # serving what they last read, rather than all leaving their Service at once.
+        loops = gateway.background
+        loops.run(
+            "config-watch",
+            lambda loop: watch_object(client, f"{base}/configmaps", f"{server}-config", on_config, loop),
+            gates_readiness=True,
         )
+        loops.run("keys-watch", lambda loop: watch_object(client, f"{base}/secrets", f"{server}-signing-keys", on_keys, loop))
+        loops.run("revocations-watch", revocations.run, gates_readiness=True)
 
     async def stop() -> None:
-        for task in background:
-            task.cancel()
-        for task in background:
-            with contextlib.suppress(asyncio.CancelledError, KubeError):
-                await task
-        await gateway.stop()
+        await gateway.stop()  # cancels and awaits the watches with its other tasks, raising none of their failures
 
     auth = KubernetesAdminAuth(client, namespace=namespace, server=server)
     admin_app = build_admin_app(gateway, auth=auth, keys=lambda: keys[0])

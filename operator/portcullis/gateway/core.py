@@ -14,8 +14,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
-import random
 import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
@@ -23,7 +23,7 @@ from typing import Any
 import aiohttp
 from mcp.shared.uri_template import InvalidUriTemplate, UriTemplate
 
-from portcullis.api.config import ExposedResourceTemplate, GatewayConfig
+from portcullis.api.config import ExposedResourceTemplate, ExposedTool, GatewayConfig
 from portcullis.gateway import tracing
 from portcullis.gateway.audit import Outcome, Reason
 from portcullis.gateway.audit.metrics import set_exposure
@@ -37,6 +37,7 @@ from portcullis.gateway.credentials import (
     SecretResolver,
     UnreadableCredential,
 )
+from portcullis.gateway.loops import BackgroundTasks, Loop, StreamWatch
 from portcullis.gateway.revocation import RevocationStore
 from portcullis.gateway.tokens import SessionClaims, TokenError, TokenVerifier
 from portcullis.gateway.upstream import (
@@ -55,9 +56,8 @@ log = logging.getLogger("portcullis.gateway")
 
 # Verified tokens kept to skip re-checking signatures; cleared whole when full (simple, bounded).
 _VERIFIED_CACHE_SIZE = 10_000
-# Backoff jitter from a generator of our own, not the application's module-level one.
-_jitter = random.Random()
-# Reopening a dropped upstream change stream: from about a second, doubling, to at most a minute.
+# Reopening a dropped upstream change stream: from about a second, doubling, to at most a minute
+# (jittered, from the background tasks' own generator, not the module-level `random`).
 _WATCH_MIN_BACKOFF = 1.0
 _WATCH_MAX_BACKOFF = 60.0
 # JSON-RPC 2.0 / MCP error codes.
@@ -107,6 +107,7 @@ class Gateway:
         audit: AuditTrail,
         secrets: SecretResolver | None = None,
         refresh_seconds: float = 300.0,
+        background: BackgroundTasks | None = None,
     ):
         self.verifier = verifier
         self.vault = vault
@@ -119,7 +120,10 @@ class Gateway:
         self._upstreams: dict[str, UpstreamClient] = {}
         self._config = config
         self._exposure = self.catalog.expose(config)
-        self._refresher: asyncio.Task[None] | None = None
+        self._said_unknown: set[ExposedTool] = set()
+        # Every background task (refresher, change streams, the cluster's watches, publishes)
+        # is kept, paced and reported here; `stop()` ends them all.
+        self.background = background or BackgroundTasks()
         self._listeners: list[Callable[[], None]] = []
         self._list_listeners: list[Callable[[str], None]] = []
         self._watchers: dict[str, tuple[UpstreamClient, asyncio.Task[None]]] = {}
@@ -130,20 +134,20 @@ class Gateway:
 
     async def start(self) -> None:
         await self.audit.start()
-        # No total connection cap: one slow upstream holding its connections open
-        # must not starve calls to the others; the per-host cap bounds each upstream.
-        connector = aiohttp.TCPConnector(limit=0, limit_per_host=256, keepalive_timeout=60, ttl_dns_cache=60)
+        # No connection cap here: one slow upstream holding its connections open must
+        # not starve calls to the others. Each upstream client bounds its own requests
+        # (its connection's maxConnections), and says so when a call has to wait.
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60, ttl_dns_cache=60)
         self._http = aiohttp.ClientSession(connector=connector, auto_decompress=True)
         self._sync_upstreams()
-        self._refresher = asyncio.create_task(self._refresh_forever(), name="portcullis-catalog-refresh")
+        # A failed refresh is retried sooner than the period, never later.
+        every = self.refresh_seconds
+        self.background.run("catalog-refresh", self._refresh_forever, minimum=min(1.0, every), maximum=min(60.0, every))
 
     async def stop(self) -> None:
-        tasks = [t for t in [self._refresher, *(task for _, task in self._watchers.values())] if t is not None]
-        for task in tasks:
-            task.cancel()
-        for task in tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        # Cancelled and awaited, never re-raised: a loop's failures were logged and reported.
+        await self.background.stop()
+        self._watchers.clear()
         if self._http is not None:
             await self._http.close()
         await self.audit.stop()
@@ -169,7 +173,7 @@ class Gateway:
         self._verified.clear()  # the audience or tenant may have changed
         self._sync_upstreams()
         self._rebuild_exposure()
-        asyncio.get_running_loop().create_task(self.refresh_all())
+        self.background.spawn(self.refresh_all(), name="refresh-after-config-change")
 
     def _sync_upstreams(self) -> None:
         assert self._http is not None, "start() first"
@@ -185,6 +189,15 @@ class Gateway:
     def _rebuild_exposure(self) -> None:
         before = self._exposure.tools
         self._exposure = exposure = self.catalog.expose(self._config)
+        unknown = {t for t in exposure.missing if self.catalog.listing(t.connection).tools is not None}
+        for tool in unknown - self._said_unknown:
+            # Said once, when the upstream's list first lacks it: the operator reports it as UnknownUpstreamTool.
+            log.warning(
+                "ToolMapping %s allowlists tool %r, which connection %s does not list (UnknownUpstreamTool): "
+                "check the name against the upstream's tools/list",
+                tool.mapping, tool.upstream_name, tool.connection,
+            )
+        self._said_unknown = unknown
         set_exposure(
             self.audit.server, exposed=len(exposure.tools), upstream=exposure.upstream_tool_count,
             exposed_tokens=exposure.exposed_tokens, upstream_tokens=exposure.upstream_tokens,
@@ -205,7 +218,18 @@ class Gateway:
 
     @property
     def ready(self) -> bool:
-        return self.catalog.settled(self._config)
+        # A failing background loop does not make a replica unready (it still serves what it
+        # has, and an API outage must not empty every Service at once); one that gates
+        # readiness and has never done its work once does (see cluster.py).
+        return self.catalog.settled(self._config) and not self.background.unsynced() and not self.nothing_to_serve()
+
+    def unreachable(self) -> list[str]:
+        """Connections whose tools could never be listed."""
+        return [n for n in self._config.connections if self.catalog.listing(n).state == "unreachable"]
+
+    def nothing_to_serve(self) -> bool:
+        """No tool is exposed because every connection that should offer one is unreachable."""
+        return bool(self._config.tools) and not self._exposure.tools and bool(self.unreachable())
 
     async def refresh_all(self) -> None:
         await asyncio.gather(*(self.refresh(name) for name in list(self._config.connections)))
@@ -219,7 +243,11 @@ class Gateway:
         try:
             tools = await upstream.list_all("tools/list", "tools", credential=credential)
         except (UpstreamError, UpstreamRPCError) as exc:
-            log.warning("listing tools of %s failed: %s", connection, exc)
+            log.warning(
+                "listing the tools of connection %s at %s failed: %s. Check that the upstream runs and that this "
+                "gateway can reach that URL (MCPConnection %s, spec.url), and its credential if it needs one",
+                connection, upstream.config.url, exc, connection,
+            )
             self.catalog.record_failure(connection, str(exc))
         else:
             upstream.remember_tool_schemas(tools)
@@ -244,46 +272,49 @@ class Gateway:
             if current is None or current[0] is not upstream:
                 if current is not None:
                     current[1].cancel()
-                task = asyncio.get_running_loop().create_task(self._watch(name, upstream), name=f"portcullis-watch-{name}")
+                task = self.background.run(
+                    f"change-stream/{name}",
+                    functools.partial(self._watch, name, upstream),
+                    minimum=_WATCH_MIN_BACKOFF,
+                    maximum=_WATCH_MAX_BACKOFF,
+                )
                 self._watchers[name] = (upstream, task)
         for name in [n for n in self._watchers if n not in self._upstreams]:
             self._watchers.pop(name)[1].cancel()
 
-    async def _watch(self, connection: str, upstream: UpstreamClient) -> None:
+    async def _watch(self, connection: str, upstream: UpstreamClient, loop: Loop) -> None:
         """Hold `connection`'s change stream for as long as it is configured.
 
         Each (re)opened stream starts with a refresh: nothing is replayed, so a change
         made while no stream was open (before the first, or during a reconnect) is
         picked up then. A dropped stream is reopened after a jittered, doubling delay
-        capped at _WATCH_MAX_BACKOFF, back to the minimum only once a stream has lasted
-        that long (an upstream that closes every stream at once is not hammered); an
-        upstream with no stream at all is left to the timer. Each replica holds its own
-        streams and refreshes its own catalog.
+        capped at _WATCH_MAX_BACKOFF, back to the minimum once a stream has served
+        STABLE_AFTER seconds (an upstream that closes every stream at once is not
+        hammered, and is reported failing: see `StreamWatch`); an upstream with no
+        stream at all is left to the timer. Each replica holds its own streams and
+        refreshes its own catalog.
         """
-        loop = asyncio.get_running_loop()
-        delay = _WATCH_MIN_BACKOFF
-        opened_at: float | None = None
-        while True:
-            opened_at = None
-            try:
-                credential = await self._listing_credential(connection)
-                async for event in upstream.changes(credential):
-                    if event == LISTENING:
-                        opened_at = loop.time()
-                        await self.refresh(connection)
-                    else:
-                        await self._upstream_changed(connection, event)
-            except NoChangeStream as exc:
-                log.info("%s; its lists are refreshed every %ss", exc, self.refresh_seconds)
-                return
-            except (UpstreamError, UpstreamRPCError) as exc:
-                log.info("change stream of %s: %s; reopening in about %.0fs", connection, exc, delay)
-            except Exception:  # a bug here must not end the watch for good; the timer still runs
-                log.exception("change stream of %s failed", connection)
-            if opened_at is not None and loop.time() - opened_at >= _WATCH_MAX_BACKOFF:
-                delay = _WATCH_MIN_BACKOFF
-            await asyncio.sleep(delay * _jitter.uniform(0.5, 1.0))
-            delay = min(delay * 2, _WATCH_MAX_BACKOFF)
+        stream = StreamWatch(loop)
+        try:
+            while True:
+                failure: Exception | None = None
+                try:
+                    credential = await self._listing_credential(connection)
+                    async for event in upstream.changes(credential):
+                        if event == LISTENING:
+                            stream.opened()
+                            await self.refresh(connection)
+                        else:
+                            await self._upstream_changed(connection, event)
+                except NoChangeStream as exc:
+                    log.info("%s; its lists are refreshed every %ss", exc, self.refresh_seconds)
+                    return
+                except Exception as exc:  # a bug here must not end the watch for good either
+                    failure = exc
+                stream.ended(failure)
+                await stream.pause()
+        finally:
+            stream.abandon()
 
     async def _upstream_changed(self, connection: str, method: str) -> None:
         config = self._config
@@ -309,10 +340,14 @@ class Gateway:
         for listener in self._list_listeners:
             listener(kind)
 
-    async def _refresh_forever(self) -> None:
-        while True:
-            await self.refresh_all()
-            await asyncio.sleep(self.refresh_seconds)
+    async def _refresh_forever(self, loop: Loop) -> None:
+        """Every upstream's lists, now and every refresh_seconds, whatever one refresh raised.
+
+        An unreachable upstream is no failure here (its listing records that); a refresh
+        that raises (the shared-credential Secret unreadable, a bug) is retried with backoff
+        and reported, and the refresher goes on.
+        """
+        await loop.repeat(self.refresh_all, self.refresh_seconds)
 
     # --- authentication ------------------------------------------------------------
 

@@ -13,7 +13,6 @@ RFC 9728 protected-resource document and the `WWW-Authenticate` hint.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import json
 import logging
@@ -103,13 +102,13 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
     bus = InMemorySubscriptionBus()
 
     def tools_changed() -> None:
-        asyncio.get_running_loop().create_task(bus.publish(ToolsListChanged()))
+        gateway.background.spawn(bus.publish(ToolsListChanged()), name="publish-tools-changed")
 
     gateway.on_tools_changed(tools_changed)
 
     def list_changed(kind: str) -> None:
         event = PromptsListChanged() if kind == "prompts" else ResourcesListChanged()
-        asyncio.get_running_loop().create_task(bus.publish(event))
+        gateway.background.spawn(bus.publish(event), name=f"publish-{kind}-changed")
 
     gateway.on_list_changed(list_changed)
 
@@ -389,10 +388,36 @@ def build_app(
         return JSONResponse({"status": "ok"})
 
     async def readyz(request: Request) -> Response:
+        # Failing background loops are named but do not fail the probe: the replica still
+        # serves what it has. Only a loop that gates readiness and never synced does.
+        loops = gateway.background
+        failing = loops.failing()
         if gateway.ready:
-            return JSONResponse({"status": "ready"})
+            degraded = gateway.unreachable()
+            return JSONResponse(
+                {"status": "ready", **({"unreachable": degraded} if degraded else {}), **({"failingLoops": failing} if failing else {})}
+            )
+        if gateway.nothing_to_serve():
+            unreachable = [
+                {"connection": n, "url": gateway.config.connections[n].url, "error": gateway.catalog.listing(n).error}
+                for n in gateway.unreachable()
+            ]
+            return JSONResponse(
+                {"status": "no tool to serve: every connection offering the allowlisted tools is unreachable",
+                 "unreachable": unreachable},
+                status_code=503,
+            )
         pending = [n for n in gateway.config.connections if not gateway.catalog.listing(n).settled]
-        return JSONResponse({"status": "waiting for upstream tool lists", "pending": pending}, status_code=503)
+        unsynced = loops.unsynced()
+        body: dict[str, Any] = {
+            "status": "waiting for upstream tool lists" if pending or not unsynced else f"waiting for {', '.join(unsynced)}",
+            "pending": pending,
+        }
+        if unsynced:
+            body["unsynced"] = unsynced
+        if failing:
+            body["failingLoops"] = failing
+        return JSONResponse(body, status_code=503)
 
     async def metadata(request: Request) -> Response:
         return Response(json.dumps(resource_metadata(gateway)), media_type="application/json")

@@ -33,6 +33,7 @@ from typing import Any, Protocol
 
 import anyio
 
+from portcullis.gateway.loops import Loop, StreamWatch
 from portcullis.gateway.tokens import SessionClaims
 from portcullis.kube import KubeClient, KubeError
 from portcullis.vault.local import make_private_dir, write_private_file
@@ -240,18 +241,34 @@ class KubernetesRevocations:
         if changed is not None:
             changed.set()
 
-    async def run(self) -> None:
-        """Read the ConfigMap, then follow it for ever (cancel to stop)."""
-        obj = await self._client.get(self._path)
-        self._apply(obj)
-        rv = ((obj or {}).get("metadata") or {}).get("resourceVersion")
+    async def run(self, loop: Loop | None = None) -> None:
+        """Read the ConfigMap, then follow it for ever (cancel to stop).
+
+        A failure (the API unreachable, the watch refused) is retried with `loop`'s backoff,
+        from a fresh read, and reported on `loop`; it does not end the watch. The loop is
+        synced at the first read, and recovers when a watch stream opens again.
+        """
+        loop = loop or Loop("revocations-watch")
+        stream = StreamWatch(loop)
         # Selectors narrow the stream on a real API server; the name check keeps us correct without.
-        async for kind, event_obj in self._client.watch(
-            f"{self._collection}?fieldSelector=metadata.name%3D{self._name}", rv
-        ):
-            if (event_obj.get("metadata") or {}).get("name") != self._name:
-                continue
-            self._apply(None if kind == "DELETED" else event_obj)
+        path = f"{self._collection}?fieldSelector=metadata.name%3D{self._name}"
+        try:
+            while True:
+                try:
+                    obj = await self._client.get(self._path)
+                    self._apply(obj)
+                    loop.mark_synced()
+                    rv = ((obj or {}).get("metadata") or {}).get("resourceVersion")
+                    async for kind, event_obj in self._client.watch(path, rv, observer=stream, sleep=loop.sleep, clock=loop.clock):
+                        if (event_obj.get("metadata") or {}).get("name") != self._name:
+                            continue
+                        self._apply(None if kind == "DELETED" else event_obj)
+                except Exception as exc:
+                    stream.abandon()
+                    loop.failed(exc)
+                await loop.pause()
+        finally:
+            stream.abandon()
 
     # -- writing ------------------------------------------------------------------------------
 

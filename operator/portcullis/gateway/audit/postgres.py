@@ -103,6 +103,21 @@ _INSERT: Final = (
     + ", ".join(f"${i}::{_COLUMN_TYPES.get(c, 'text')}[]" for i, c in enumerate(EVENT_COLUMNS, 1))
     + ") ON CONFLICT DO NOTHING"
 )
+# The writers of one partition, one index probe each (a "loose index scan"), and each one's last event.
+_LAST_PER_WRITER: Final = """
+WITH RECURSIVE writers(writer) AS (
+    (SELECT writer FROM {table} ORDER BY writer LIMIT 1)
+    UNION ALL
+    SELECT (SELECT t.writer FROM {table} t WHERE t.writer > w.writer ORDER BY t.writer LIMIT 1)
+    FROM writers w WHERE w.writer IS NOT NULL
+)
+SELECT w.writer, last.seq, last.hash, last.time_us
+FROM writers w
+CROSS JOIN LATERAL (
+    SELECT seq, hash, time_us FROM {table} e WHERE e.writer = w.writer ORDER BY seq DESC, id LIMIT 1
+) AS last
+WHERE w.writer IS NOT NULL
+"""
 _BOUND: Final = re.compile(r"FOR VALUES FROM \('?(-?\d+)'?\) TO \('?(-?\d+)'?\)")
 
 
@@ -323,11 +338,14 @@ class PostgresAuditStore:
                     rows = " UNION ALL ".join(f"SELECT writer, seq, hash, time_us, id FROM {_ident(name)}" for name, _ in doomed)
                     removed = int(await conn.fetchval(f"SELECT count(*) FROM ({rows}) AS doomed"))
                     # Per writer, the last event removed (the first stored, should a forged twin share its seq).
-                    last = await conn.fetch(
-                        f"SELECT DISTINCT ON (writer) writer, seq, hash, time_us FROM ({rows}) AS doomed"
-                        " ORDER BY writer, seq DESC, id"
-                    )
-                    anchors = [Anchor(w, int(s), h, int(t)) for w, s, h, t in last]
+                    # A loose index scan per partition on its (writer, seq, id) index: a handful of probes per
+                    # writer instead of sorting the day (DISTINCT ON over 10 million rows took 10 s).
+                    last: dict[str, Anchor] = {}
+                    for name, _ in doomed:
+                        for w, s, h, t in await conn.fetch(_LAST_PER_WRITER.format(table=_ident(name))):
+                            if w not in last or int(s) > last[w].seq:
+                                last[w] = Anchor(w, int(s), h, int(t))
+                    anchors = [last[w] for w in sorted(last)]
                     await conn.executemany(
                         "INSERT INTO audit_anchors VALUES ($1, $2, $3, $4, $5) ON CONFLICT (server, writer) DO UPDATE SET"
                         " seq = excluded.seq, hash = excluded.hash, time_us = excluded.time_us"
