@@ -14,10 +14,13 @@ RFC 9728 protected-resource document and the `WWW-Authenticate` hint.
 from __future__ import annotations
 
 import contextvars
+import functools
 import json
 import logging
 import re
-from typing import Any
+import secrets
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
 
 import mcp_types as types
 from mcp.server.lowlevel import Server
@@ -178,20 +181,42 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
         # Header validation on the modern wire asks for a tool's schema; answer from
         # memory instead of re-running tools/list (an upstream round trip in a gateway).
         get_tool_input_schema=gateway.exposure_input_schema,
-        on_list_prompts=list_prompts,
-        on_get_prompt=get_prompt,
-        on_list_resources=list_resources,
-        on_read_resource=read_resource,
-        on_list_resource_templates=list_resource_templates,
-        on_completion=complete,
+        on_list_prompts=_no_internals(list_prompts),
+        on_get_prompt=_no_internals(get_prompt),
+        on_list_resources=_no_internals(list_resources),
+        on_read_resource=_no_internals(read_resource),
+        on_list_resource_templates=_no_internals(list_resource_templates),
+        on_completion=_no_internals(complete),
         on_subscriptions_listen=ListenHandler(bus),
     )
     # The SDK installs an OpenTelemetry middleware by default; Portcullis records calls in its
     # audit log and metrics instead, and the middleware costs a few percent of every call.
     server.middleware = []
-    server.add_request_handler("tools/list", types.PaginatedRequestParams, list_tools)
-    server.add_request_handler("tools/call", types.CallToolRequestParams, call_tool)
+    server.add_request_handler("tools/list", types.PaginatedRequestParams, _no_internals(list_tools))
+    server.add_request_handler("tools/call", types.CallToolRequestParams, _no_internals(call_tool))
     return server
+
+
+Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+
+
+def _no_internals(handler: Handler) -> Handler:
+    """The agent never sees an exception's text: on the session wire the SDK would send it as
+    JSON-RPC error code 0. The call path already answers its own failures with a request id;
+    this catches what escapes anything else (a listing, a bug), logs it, and answers -32603."""
+
+    @functools.wraps(handler)
+    async def guarded(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await handler(*args, **kwargs)
+        except MCPError:
+            raise
+        except Exception:
+            incident = secrets.token_hex(8)
+            log.exception("%s failed (incident %s)", handler.__name__, incident)
+            raise MCPError(-32603, f"Internal error in the gateway (incident {incident}).") from None
+
+    return guarded  # type: ignore[return-value]
 
 
 class BearerAuth:

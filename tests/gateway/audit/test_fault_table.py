@@ -302,3 +302,22 @@ async def test_every_recorded_event_reaches_the_durable_store_and_verifies(stack
         cursor = page["nextCursor"]
     recorded = {e.request_id for e in stack.memory.events}
     assert recorded <= stored, recorded - stored
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_an_exception_outside_the_call_path_never_reaches_the_agent_as_text(stack: Stack, mode: Mode) -> None:
+    gateway = stack.gw.gateway
+    real = gateway.list_tools
+
+    async def broken(claims: Any) -> Any:
+        raise KeyError("SECRET-PAYLOAD internal detail")
+
+    gateway.list_tools = broken  # type: ignore[method-assign]
+    try:
+        async with agent(stack.gw.url, stack.mint(USER), mode) as client:
+            with anyio.fail_after(10), pytest.raises(MCPError) as failed:
+                await client.list_tools()
+    finally:
+        gateway.list_tools = real  # type: ignore[method-assign]
+    assert failed.value.error.code == -32603
+    assert "SECRET-PAYLOAD" not in failed.value.error.message and "incident" in failed.value.error.message
