@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -15,6 +13,7 @@ from pathlib import Path
 import pytest
 
 from portcullis.cli import main
+from tests.support.servers import portcullis_serve
 
 ROOT = Path(__file__).resolve().parents[1]
 MANIFESTS = ROOT / "examples" / "inbox" / "manifests"
@@ -46,26 +45,8 @@ def test_compile_errors_name_object_and_field_and_exit_non_zero(tmp_path: Path, 
 
 @contextmanager
 def serving(state: Path) -> Iterator[dict[str, str]]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "portcullis.cli", "serve", "-f", str(MANIFESTS), "--port", "0", "--admin-port", "0", "--state-dir", str(state)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-    )
-    lines: queue.Queue[str] = queue.Queue()
-    assert process.stderr is not None
-    stderr = process.stderr
-    threading.Thread(target=lambda: [lines.put(line) for line in stderr], daemon=True).start()
-    urls: dict[str, str] = {}
-    try:
-        while "admin" not in urls:
-            line = lines.get(timeout=30)
-            if "MCP URL:" in line:
-                urls["mcp"] = line.split("MCP URL:")[1].strip()
-            if "admin API:" in line:
-                urls["admin"] = line.split("admin API:")[1].strip()
-        yield urls
-    finally:
-        process.terminate()
-        process.wait(timeout=20)
+    with portcullis_serve(MANIFESTS, state_dir=state) as served:
+        yield {"mcp": served.mcp, "admin": served.admin}
 
 
 def test_serve_credentials_and_tokens_from_the_command_line(tmp_path: Path) -> None:

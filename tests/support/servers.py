@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import queue
 import re
 import socket
 import subprocess
@@ -222,3 +223,40 @@ def load_example(relative_path: str, module_name: str | None = None) -> ModuleTy
         del sys.modules[name]
         raise
     return module
+
+
+@dataclass
+class ServedCommand:
+    """A `portcullis serve` process: its URLs, and its stdout lines (the audit JSON lines) as they come."""
+
+    mcp: str
+    admin: str
+    stdout: list[str]
+
+
+@contextmanager
+def portcullis_serve(*manifests: Path | str, state_dir: Path, ready_timeout: float = 30.0) -> Iterator[ServedCommand]:
+    """Run `portcullis serve` as a user does (ports picked by the kernel); stop it on exit."""
+    files = [arg for path in manifests for arg in ("-f", str(path))]
+    process = subprocess.Popen(
+        [sys.executable, "-m", "portcullis.cli", "serve", *files, "--port", "0", "--admin-port", "0", "--state-dir", str(state_dir)],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=REPO_ROOT,
+    )
+    assert process.stdout is not None and process.stderr is not None
+    banner: queue.Queue[str] = queue.Queue()
+    served_stdout: list[str] = []
+    stderr, stdout = process.stderr, process.stdout
+    threading.Thread(target=lambda: [banner.put(line) for line in stderr], daemon=True).start()
+    threading.Thread(target=lambda: [served_stdout.append(line) for line in stdout], daemon=True).start()
+    urls: dict[str, str] = {}
+    try:
+        while "admin" not in urls:
+            line = banner.get(timeout=ready_timeout)
+            if "MCP URL:" in line:
+                urls["mcp"] = line.split("MCP URL:")[1].strip()
+            if "admin API:" in line:
+                urls["admin"] = line.split("admin API:")[1].strip()
+        yield ServedCommand(urls["mcp"], urls["admin"], served_stdout)
+    finally:
+        process.terminate()
+        process.wait(timeout=SHUTDOWN_TIMEOUT * 3)

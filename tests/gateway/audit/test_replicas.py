@@ -10,10 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
-import subprocess
-import sys
-import threading
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -33,7 +29,7 @@ from portcullis.gateway.local import admin_secret
 from tests.gateway.conftest import inbox
 from tests.support.agent import agent, result_text
 from tests.support.postgres import PostgresServer
-from tests.support.servers import run_asgi
+from tests.support.servers import portcullis_serve, run_asgi
 
 pytestmark = pytest.mark.anyio
 SERVER = "acme/summarizer"
@@ -93,28 +89,8 @@ class Replica:
 
 @contextmanager
 def replica(manifest: Path, state: Path) -> Iterator[Replica]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "portcullis.cli", "serve", "-f", str(manifest), "--port", "0", "--admin-port", "0", "--state-dir", str(state)],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )
-    assert process.stdout is not None and process.stderr is not None
-    lines: queue.Queue[str] = queue.Queue()
-    jsonl: list[str] = []
-    stderr, stdout = process.stderr, process.stdout
-    threading.Thread(target=lambda: [lines.put(line) for line in stderr], daemon=True).start()
-    threading.Thread(target=lambda: [jsonl.append(line) for line in stdout], daemon=True).start()
-    urls: dict[str, str] = {}
-    try:
-        while "admin" not in urls:
-            line = lines.get(timeout=30)
-            if "MCP URL:" in line:
-                urls["mcp"] = line.split("MCP URL:")[1].strip()
-            if "admin API:" in line:
-                urls["admin"] = line.split("admin API:")[1].strip()
-        yield Replica(urls["mcp"], urls["admin"], state, jsonl)
-    finally:
-        process.terminate()
-        process.wait(timeout=30)
+    with portcullis_serve(manifest, state_dir=state) as served:
+        yield Replica(served.mcp, served.admin, state, served.stdout)
 
 
 def write_manifest(directory: Path, url: str, *, database: str = "", audit: str = "{}") -> Path:
