@@ -145,6 +145,8 @@ class Gateway:
     admin_secret: str
     token: str
     log: Path
+    state: Path | None = None
+    """The gateway's --state-dir (its SQLite audit store is `<state>/audit/audit.db`)."""
 
     @property
     def pid(self) -> int:
@@ -180,12 +182,32 @@ def _wait_ready(url: str, process: Process, log: Path) -> None:
     raise TimeoutError(f"gateway not ready within {STARTUP_TIMEOUT} s:\n{log.read_text()}")
 
 
+def manifests_text(upstream_url: str, *, audit: dict[str, Any] | None = None, extra: str = "") -> str:
+    """The benchmark's manifests; `audit` becomes the VirtualMCPServer's `spec.audit` (omitted: the
+    default, SQLite), `extra` is appended as more YAML documents (e.g. the `v1/Secret` a postgres store names)."""
+    text = MANIFESTS.format(connection=CONNECTION, upstream_url=upstream_url)
+    if audit is not None:
+        anchor = "  sessionTokens: {defaultTTL: 1h, maxTTL: 2h}\n"
+        assert anchor in text
+        text = text.replace(anchor, anchor + f"  audit: {json.dumps(audit)}\n", 1)
+    if extra.strip():
+        text += "---\n" + extra.strip("\n") + "\n"
+    return text
+
+
 @contextmanager
-def gateway(upstream_url: str, workdir: Path, cores: Sequence[int] | None = None) -> Iterator[Gateway]:
-    """`portcullis serve` in front of `upstream_url`, with a credential stored and a token minted."""
+def gateway(
+    upstream_url: str, workdir: Path, cores: Sequence[int] | None = None, *,
+    audit: dict[str, Any] | None = None, extra_manifests: str = "",
+) -> Iterator[Gateway]:
+    """`portcullis serve` in front of `upstream_url`, with a credential stored and a token minted.
+
+    `audit` is `spec.audit` of the VirtualMCPServer (None: not set, so the default store, SQLite);
+    `extra_manifests` is more YAML placed beside the benchmark's manifests.
+    """
     manifests = workdir / "manifests"
     manifests.mkdir(parents=True, exist_ok=True)
-    (manifests / "bench.yaml").write_text(MANIFESTS.format(connection=CONNECTION, upstream_url=upstream_url))
+    (manifests / "bench.yaml").write_text(manifests_text(upstream_url, audit=audit, extra=extra_manifests))
     state = workdir / "state"
     port, admin_port = free_port(), free_port()
     secret = secrets.token_urlsafe(24)
@@ -205,6 +227,6 @@ def gateway(upstream_url: str, workdir: Path, cores: Sequence[int] | None = None
         status, answer = _http("POST", f"{admin}/v1/tokens", {"user": USER, "ttl": "1h"}, secret)
         if status != 201:
             raise RuntimeError(f"minting the benchmark token failed: HTTP {status} {answer}")
-        yield Gateway(process, base + "/mcp", admin, secret, str(answer["token"]), log)
+        yield Gateway(process, base + "/mcp", admin, secret, str(answer["token"]), log, state)
     finally:
         process.stop()

@@ -64,3 +64,49 @@ def test_harness_reports_figures_and_every_gateway_call_succeeds(tmp_path: Path)
     # Every call the gateway answered as a success really arrived at the upstream.
     through_gateway = sum(r["calls"] for r in rows if r["side"] == "gateway")
     assert report["upstream_calls"]["tools/call"] >= through_gateway
+
+
+def test_audit_store_benchmark_reports_figures_and_every_call_is_stored(tmp_path: Path) -> None:
+    """benchmarks/audit_store.py at its smallest: all four steps, every call stored and verified."""
+    from tests.support.postgres import find_bindir, unavailable
+
+    if find_bindir() is None:
+        unavailable("no PostgreSQL server binaries (initdb, pg_ctl) on this machine")
+    out = tmp_path / "audit.json"
+    argv = [
+        sys.executable, str(REPO / "benchmarks" / "audit_store.py"),
+        "--quick", "--rounds", "2", "--calls", "50", "--seconds", "0.5", "--writer-seconds", "1", "--prune-rows", "5000",
+        "--no-pin", "--generator", "python", "--json", str(out),
+    ]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=240)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "Portcullis audit store cost" in done.stdout
+    report: dict[str, Any] = json.loads(out.read_text())
+
+    (sequential,) = report["sequential"]
+    assert set(sequential) == {"none", "none-b", "sqlite", "postgres"}
+    for store, row in sequential.items():
+        assert row["failures"] == 0 and row["calls"] == 2 * 50, (store, row)
+        assert finite(row["p50_ms"]) and finite(row["p99_ms"]) and finite(row["cpu_us_per_call"]), (store, row)
+    assert sequential["sqlite"]["batches"] > 0 and sequential["postgres"]["batches"] > 0
+    assert {(r["store"], r["connections"]) for r in report["load"]} == {(s, c) for s in ("none", "sqlite", "postgres") for c in (8, 64)}
+    for row in report["load"]:
+        assert row["failures"] == 0 and row["calls"] > 0 and finite(row["rps"]), row
+
+    for store, row in report["durability"].items():
+        assert row["queue_depth"] == 0 and row["failing"] is None, (store, row)
+        assert row["dropped"] == row["refused"] == row["unaudited"] == 0, (store, row)
+        assert row["every_call_stored"], (store, row)
+        if store != "none":
+            assert row["verify"]["ok"] is True, (store, row["verify"])
+            assert row["stored_tools_call"] == row["upstream_calls"] > 0, (store, row)
+
+    writers = report["writers"]
+    assert len(writers["rows"]) == 4
+    assert writers["stored"] == writers["expected"] == sum(r["events"] for r in writers["rows"]) > 0
+    assert writers["verify_ok"] is True and writers["verify_writers"] == 4
+
+    prune = report["prune"]
+    assert prune["rows"] == prune["removed"] == 5000
+    assert prune["partition_dropped"] is True and prune["left"] == 0
+    assert prune["live_stored"] == prune["live_events"] > 0
