@@ -163,7 +163,14 @@ async def test_an_application_backend_mints_with_its_service_account_as_rbac_all
                 anonymous = await http.post(admin, json={"user": "alice@example.com"})
                 revoke = await http.post(admin.replace("tokens", "revocations"), json={"user": "alice@example.com"},
                                          headers={"Authorization": "Bearer good-token"})
+                metrics = f"http://127.0.0.1:{servers.listeners[2].port}"
+                scraped = await http.get(metrics + "/metrics")
+                minted_there = await http.post(metrics + "/v1/tokens", json={"user": "alice@example.com"},
+                                               headers={"Authorization": "Bearer good-token"})
             assert allowed.status_code == 201, allowed.text
             assert (stolen.status_code, anonymous.status_code, revoke.status_code) == (403, 401, 403)
+            # The metrics port, open to scrapers, serves metrics only: nothing mints there.
+            assert scraped.status_code == 200 and "portcullis_calls_total" in scraped.text
+            assert minted_there.status_code == 404
             async with agent(mcp_url(servers), allowed.json()["token"], "2026-07-28") as session:
                 assert not (await session.call_tool("fetch_mails", {"limit": 1})).is_error

@@ -161,6 +161,21 @@ def _fail(exc: AdminError) -> JSONResponse:
     return JSONResponse({"error": exc.error, "message": exc.message, **exc.extra}, status_code=exc.status)
 
 
+async def _metrics(request: Request) -> Response:
+    return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
+
+
+def build_metrics_app() -> Starlette:
+    """The metrics port: Prometheus and a health answer, nothing that mints, revokes or reads the log.
+
+    Scrapers are let in widely (a NetworkPolicy's metricsFrom, a ServiceMonitor); the admin API
+    stays on its own port, which only the callers allowed to mint need to reach.
+    """
+    return Starlette(
+        routes=[Route("/metrics", _metrics, methods=["GET"]), Route("/healthz", lambda request: JSONResponse({"status": "ok"}))]
+    )
+
+
 def build_admin_app(gateway: Gateway, *, auth: AdminAuth, keys: Callable[[], SigningKeys]) -> Starlette:
     async def guarded(request: Request, action: str) -> str:
         try:
@@ -246,9 +261,6 @@ def build_admin_app(gateway: Gateway, *, auth: AdminAuth, keys: Callable[[], Sig
         # Counts and names only, no secrets: open to the operator and to probes.
         return JSONResponse(status(gateway))
 
-    async def metrics(request: Request) -> Response:
-        return Response(generate_latest(), media_type=CONTENT_TYPE_LATEST)
-
     return Starlette(
         routes=[
             Route("/v1/tokens", answered(tokens), methods=["POST"]),
@@ -257,7 +269,7 @@ def build_admin_app(gateway: Gateway, *, auth: AdminAuth, keys: Callable[[], Sig
             Route("/v1/status", answered(get_status), methods=["GET"]),
             Route("/v1/audit", answered(audit_query), methods=["GET"]),
             Route("/v1/audit/verify", answered(audit_verify), methods=["GET"]),
-            Route("/metrics", metrics, methods=["GET"]),
+            Route("/metrics", _metrics, methods=["GET"]),
             Route("/healthz", lambda request: JSONResponse({"status": "ok"})),
         ]
     )

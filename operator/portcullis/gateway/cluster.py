@@ -28,7 +28,7 @@ from typing import Any
 from portcullis.api.config import GatewayConfig
 from portcullis.api.resources import SecretKeyReference
 from portcullis.gateway import tracing
-from portcullis.gateway.admin import build_admin_app
+from portcullis.gateway.admin import build_admin_app, build_metrics_app
 from portcullis.gateway.admission import KubernetesAdminAuth
 from portcullis.gateway.audit import AuditSink, JsonLinesAuditSink
 from portcullis.gateway.audit.keys import KubernetesAuditKeys
@@ -185,7 +185,7 @@ async def build(
         [
             Listener(with_lifespan(build_app(gateway), start, stop), bind(host, mcp_port), "mcp"),
             Listener(admin_app, bind(host, admin_port), "admin"),
-            Listener(admin_app, bind(host, metrics_port), "metrics"),
+            Listener(build_metrics_app(), bind(host, metrics_port), "metrics"),
         ],
         gateway=gateway,
     )
