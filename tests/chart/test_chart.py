@@ -144,7 +144,7 @@ def test_every_rendered_object_is_valid(values: dict[str, Any]) -> None:
 def test_default_render() -> None:
     docs = render({})
     assert sorted(d["kind"] for d in docs) == [
-        "ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment", "ServiceAccount",
+        "ClusterKopfPeering", "ClusterRole", "ClusterRoleBinding", "Deployment", "Pod", "Service", "ServiceAccount",
     ]
     deployment = one(docs, "Deployment")
     assert deployment["metadata"]["namespace"] == NAMESPACE
@@ -310,8 +310,7 @@ def test_operator_may_bind_only_auth_delegator() -> None:
         ("rbac.authorization.k8s.io", "clusterrolebindings", ["create", "patch", "delete"]),
         ("", "events", ["create"]),
         ("", "namespaces", ["list", "watch"]),
-        ("kopf.dev", "clusterkopfpeerings", ["list", "watch", "patch"]),
-        ("kopf.dev", "kopfpeerings", ["list", "watch", "patch"]),
+        ("kopf.dev", "clusterkopfpeerings", ["list", "watch", "patch"]),  # kopfpeerings: test_rbac.py
         ("apiextensions.k8s.io", "customresourcedefinitions", ["list", "watch"]),
     ],
 )

@@ -37,3 +37,12 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- define "portcullis.gatewayImage" -}}
 {{- default (include "portcullis.image" .) .Values.gatewayImage -}}
 {{- end -}}
+
+{{/* The `helm test` pod: not selected by the operator's Service or Deployment. */}}
+{{- define "portcullis.testLabels" -}}
+app.kubernetes.io/name: portcullis-test
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: test
+app.kubernetes.io/part-of: portcullis
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end -}}

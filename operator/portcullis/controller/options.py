@@ -22,7 +22,9 @@ import aiohttp
 from portcullis.api.resources import VirtualMCPServer
 from portcullis.render.metadata import ADMIN_PORT
 
+# Gateway defaults a deployment sets through the environment (the Helm chart does, from its values).
 DEFAULT_IMAGE = os.environ.get("PORTCULLIS_IMAGE", "ghcr.io/portcullis-dev/portcullis:0.1.0")
+DEFAULT_KEY_ROTATION_SECONDS = float(os.environ.get("PORTCULLIS_KEY_ROTATION_SECONDS", 24 * 3600))
 
 StatusFetcher = Callable[[VirtualMCPServer], Awaitable[dict[str, Any] | None]]
 
@@ -47,7 +49,7 @@ class Options:
     # How often each server is re-read from the world: gateway tool counts, key rotation
     # schedule, and drift in children that no watch covers (cluster-scoped binding, vault Role).
     resync_seconds: float = 60.0
-    key_rotation_seconds: float = 24 * 3600.0
+    key_rotation_seconds: float = DEFAULT_KEY_ROTATION_SECONDS
     fetch_status: StatusFetcher = field(default=fetch_gateway_status)
     # Where Prometheus metrics are served (all interfaces), None for nowhere. Off here,
     # so tests that run operators in one process bind no port; `run_operator` turns it on.
