@@ -1,140 +1,59 @@
 """The operator story against a real cluster: apply, Ready, columns, mint, change, delete.
 
-Runs only with PORTCULLIS_E2E=1 and a kubeconfig (KUBECONFIG or ~/.kube/config); the
-operator must already be installed with the chart (the kind workflow does that). Every
-wait is a watch with a deadline. Each run works in a fresh namespace and deletes it.
-
-Environment:
-  PORTCULLIS_E2E=1                    opt in
-  PORTCULLIS_E2E_IMAGE                image with the example upstream (default portcullis:e2e)
-  PORTCULLIS_E2E_OPERATOR_NAMESPACE   where the chart is installed (default portcullis-system)
-  PORTCULLIS_E2E_TIMEOUT              seconds for each wait (default 180)
+Runs only with PORTCULLIS_E2E=1 and a kubeconfig (see environment.py). The operator is the one
+the README's quickstart installs (conftest.py runs it first). Every wait is a watch with a
+deadline. Each run works in a fresh namespace and deletes it; the example upstream is
+examples/cluster/inbox-upstream.yaml, moved into that namespace.
 """
 
 from __future__ import annotations
 
-import os
+import json
 import re
 import secrets
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
-import yaml
 
+from tests.e2e.environment import IMAGE, OPERATOR_NAMESPACE, skip_reason
 
-def _skip_reason() -> str | None:
-    if os.environ.get("PORTCULLIS_E2E") != "1":
-        return "cluster e2e: set PORTCULLIS_E2E=1 and give a kubeconfig to run against a real cluster"
-    configured = os.environ.get("KUBECONFIG")
-    paths = configured.split(os.pathsep) if configured else [str(Path.home() / ".kube" / "config")]
-    if not any(Path(p).is_file() for p in paths if p):
-        return f"cluster e2e: no kubeconfig found at {', '.join(paths)}"
-    return None
-
-
-if (_reason := _skip_reason()) is not None:
+if (_reason := skip_reason()) is not None:
     pytest.skip(_reason, allow_module_level=True)
 
-# Only the dynamic client: it speaks plain dicts and raw paths, the same on every client version.
 from kubernetes import client, config  # noqa: E402  (only imported when the suite runs)
 from kubernetes.dynamic import DynamicClient  # noqa: E402
 from kubernetes.dynamic.exceptions import DynamicApiError, NotFoundError  # noqa: E402
 
+from tests.e2e.quickstart import QuickstartRun  # noqa: E402
+from tests.e2e.support import (  # noqa: E402
+    GROUP,
+    ROOT,
+    VERSION,
+    Obj,
+    admin,
+    apply,
+    call_tool,
+    condition,
+    eventually,
+    get,
+    load,
+    plain,
+    port_forward,
+    resource,
+    service_account_token,
+    wait_for,
+    wait_gone,
+)
+
 pytestmark = pytest.mark.cluster
-
-ROOT = Path(__file__).resolve().parents[2]
-GROUP, VERSION = "portcullis.dev", "v1alpha1"
-IMAGE = os.environ.get("PORTCULLIS_E2E_IMAGE", "portcullis:e2e")
-OPERATOR_NAMESPACE = os.environ.get("PORTCULLIS_E2E_OPERATOR_NAMESPACE", "portcullis-system")
-TIMEOUT = int(os.environ.get("PORTCULLIS_E2E_TIMEOUT", "180"))
-UPSTREAM_PORT = 8765
-FIELD_MANAGER = "portcullis-e2e"
-
-Obj = dict[str, Any]
-
-
-# --- helpers ---------------------------------------------------------------------------------
-
-
-def _plain(obj: Any) -> Obj:
-    return obj if isinstance(obj, dict) else dict(obj.to_dict())
-
-
-def resource(dyn: DynamicClient, api_version: str, kind: str) -> Any:
-    return dyn.resources.get(api_version=api_version, kind=kind)
-
-
-def wait_for(
-    dyn: DynamicClient, api_version: str, kind: str, *, until: Callable[[Obj], Any], what: str,
-    namespace: str | None = None, name: str | None = None, label_selector: str | None = None,
-) -> Obj:
-    """List, then watch from that version, until an object satisfies `until`; fail after TIMEOUT."""
-    res = resource(dyn, api_version, kind)
-    selector = f"metadata.name={name}" if name else None
-    listing = _plain(res.get(namespace=namespace, field_selector=selector, label_selector=label_selector))
-    for item in listing.get("items") or []:
-        if until(item):
-            return dict(item)
-    for event in dyn.watch(
-        res, namespace=namespace, field_selector=selector, label_selector=label_selector,
-        resource_version=listing["metadata"]["resourceVersion"], timeout=TIMEOUT,
-    ):
-        obj = _plain(event["raw_object"])
-        if event["type"] in ("ADDED", "MODIFIED") and until(obj):
-            return obj
-    raise AssertionError(f"timed out after {TIMEOUT}s waiting for {what}")
-
-
-def wait_gone(dyn: DynamicClient, api_version: str, kind: str, name: str, namespace: str | None = None) -> None:
-    res = resource(dyn, api_version, kind)
-    selector = f"metadata.name={name}"
-    listing = _plain(res.get(namespace=namespace, field_selector=selector))
-    if not listing.get("items"):
-        return
-    for event in dyn.watch(
-        res, namespace=namespace, field_selector=selector,
-        resource_version=listing["metadata"]["resourceVersion"], timeout=TIMEOUT,
-    ):
-        if event["type"] == "DELETED":
-            return
-    raise AssertionError(f"timed out after {TIMEOUT}s waiting for {kind} {name} to go")
-
-
-def condition(obj: Obj, kind: str) -> str | None:
-    for cond in (obj.get("status") or {}).get("conditions") or []:
-        if cond.get("type") == kind:
-            return str(cond.get("status"))
-    return None
-
-
-def load(path: Path, namespace: str) -> list[Obj]:
-    docs = [d for d in yaml.safe_load_all(path.read_text()) if d]
-    for doc in docs:
-        if "namespace" in doc.get("metadata", {}):
-            doc["metadata"]["namespace"] = namespace
-        for subject in doc.get("subjects", []):
-            subject["namespace"] = namespace
-    return docs
-
-
-def apply(dyn: DynamicClient, doc: Obj) -> Obj:
-    res = resource(dyn, doc["apiVersion"], doc["kind"])
-    return _plain(res.server_side_apply(
-        body=doc, namespace=doc["metadata"].get("namespace"), field_manager=FIELD_MANAGER, force_conflicts=True
-    ))
-
-
-def get(dyn: DynamicClient, api_version: str, kind: str, name: str, namespace: str | None = None) -> Obj:
-    return _plain(resource(dyn, api_version, kind).get(name=name, namespace=namespace))
 
 
 # --- fixtures --------------------------------------------------------------------------------
 
 
 @pytest.fixture(scope="module")
-def dyn() -> Iterator[DynamicClient]:
+def dyn(readme_quickstart: QuickstartRun) -> Iterator[DynamicClient]:
     config.load_kube_config()
     with client.ApiClient() as api_client:
         yield DynamicClient(api_client)
@@ -145,7 +64,7 @@ def crds(dyn: DynamicClient) -> list[str]:
     """The CRDs of this checkout, applied over whatever the chart installed."""
     names = []
     for path in sorted((ROOT / "crds").glob("*.yaml")):
-        doc = yaml.safe_load(path.read_text())
+        (doc,) = load(path)
         apply(dyn, doc)
         names.append(doc["metadata"]["name"])
     for name in names:
@@ -162,7 +81,7 @@ def operator(dyn: DynamicClient) -> Obj:
         dyn, "apps/v1", "Deployment", namespace=OPERATOR_NAMESPACE,
         label_selector="app.kubernetes.io/name=portcullis-operator",
         until=lambda d: (d.get("status") or {}).get("availableReplicas", 0) >= 1,
-        what=f"the operator Deployment in {OPERATOR_NAMESPACE} (install the chart first)",
+        what=f"the operator Deployment in {OPERATOR_NAMESPACE} (the README's helm install)",
     )
 
 
@@ -175,43 +94,24 @@ def namespace(dyn: DynamicClient) -> Iterator[str]:
     namespaces.delete(name=name)
 
 
+UPSTREAM = ROOT / "examples" / "cluster" / "inbox-upstream.yaml"
+
+
 @pytest.fixture(scope="module")
 def upstream(dyn: DynamicClient, namespace: str) -> str:
-    """The example inbox MCP server, from the Portcullis image, behind a Service."""
-    labels = {"app.kubernetes.io/name": "inbox-upstream"}
-    apply(dyn, {
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": {"name": "inbox", "namespace": namespace, "labels": labels},
-        "spec": {
-            "selector": {"matchLabels": labels},
-            "template": {
-                "metadata": {"labels": labels},
-                "spec": {
-                    "containers": [{
-                        "name": "inbox",
-                        "image": IMAGE,
-                        "imagePullPolicy": "IfNotPresent",
-                        "command": ["python", "/opt/portcullis/examples/inbox/server.py"],
-                        "args": ["--host", "0.0.0.0", "--port", str(UPSTREAM_PORT)],
-                        "ports": [{"containerPort": UPSTREAM_PORT}],
-                        "readinessProbe": {"tcpSocket": {"port": UPSTREAM_PORT}},
-                    }],
-                },
-            },
-        },
-    })
-    apply(dyn, {
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": {"name": "inbox", "namespace": namespace},
-        "spec": {"selector": labels, "ports": [{"port": UPSTREAM_PORT, "targetPort": UPSTREAM_PORT}]},
-    })
+    """The quickstart's example inbox upstream (from the Portcullis image), moved into `namespace`."""
+    docs = load(UPSTREAM, namespace)
+    for doc in docs:
+        if doc["kind"] == "Deployment":
+            for container in doc["spec"]["template"]["spec"]["containers"]:
+                container["image"] = IMAGE
+        apply(dyn, doc)
     wait_for(
         dyn, "apps/v1", "Deployment", namespace=namespace, name="inbox",
         until=lambda d: (d.get("status") or {}).get("availableReplicas", 0) >= 1, what="the example upstream",
     )
-    return f"http://inbox.{namespace}.svc:{UPSTREAM_PORT}/mcp"
+    (service,) = [d for d in docs if d["kind"] == "Service"]
+    return f"http://inbox.{namespace}.svc:{service['spec']['ports'][0]['port']}/mcp"
 
 
 @pytest.fixture(scope="module")
@@ -259,7 +159,7 @@ def test_kubectl_get_pvmcp_columns(dyn: DynamicClient, story: str, namespace: st
         "the gateway to report upstream tool counts",
     )
     # What `kubectl get pvmcp` prints: the server-side Table, printer columns included.
-    table = _plain(dyn.request(
+    table = plain(dyn.request(
         "get",
         f"/apis/{GROUP}/{VERSION}/namespaces/{namespace}/virtualmcpservers",
         header_params={"Accept": "application/json;as=Table;v=v1;g=meta.k8s.io"},
@@ -277,19 +177,21 @@ def test_kubectl_get_pvmcp_columns(dyn: DynamicClient, story: str, namespace: st
 MINT_SCRIPT = """
 import json, sys, urllib.request, urllib.error
 token = open("/var/run/secrets/kubernetes.io/serviceaccount/token").read()
-req = urllib.request.Request(sys.argv[1], data=json.dumps({"user": "alice"}).encode(), method="POST",
+req = urllib.request.Request(sys.argv[1], data=json.dumps({"user": sys.argv[2]}).encode(), method="POST",
     headers={"Authorization": "Bearer " + token, "Content-Type": "application/json"})
 try:
-    with urllib.request.urlopen(req, timeout=20) as r: line = "STATUS %d" % r.status
+    with urllib.request.urlopen(req, timeout=20) as r: line = "STATUS %d %s" % (r.status, r.read().decode()[:3000])
 except urllib.error.HTTPError as e: line = "STATUS %d %s" % (e.code, e.read().decode()[:500])
 open("/dev/termination-log", "w").write(line)
 print(line)
 """
 
+USER, SECRET = "alice@example.com", "alice-inbox-secret"  # what the example upstream accepts (--auth)
 
-def run_mint_job(dyn: DynamicClient, namespace: str, account: str, server: str) -> str:
-    """Call the admin API from a pod running as `account`; returns the `STATUS ...` line it printed."""
-    name = f"mint-{account}"
+
+def run_mint_job(dyn: DynamicClient, namespace: str, account: str, server: str, *, user: str = USER, name: str = "") -> str:
+    """Mint from a pod running as `account`; returns the `STATUS <code> <body>` line it printed."""
+    name = name or f"mint-{account}"
     apply(dyn, {
         "apiVersion": "batch/v1",
         "kind": "Job",
@@ -304,7 +206,7 @@ def run_mint_job(dyn: DynamicClient, namespace: str, account: str, server: str) 
                         "name": "mint",
                         "image": IMAGE,
                         "imagePullPolicy": "IfNotPresent",
-                        "command": ["python", "-c", MINT_SCRIPT, f"http://{server}.{namespace}.svc:8081/v1/tokens"],
+                        "command": ["python", "-c", MINT_SCRIPT, f"http://{server}.{namespace}.svc:8081/v1/tokens", user],
                     }],
                 },
             },
@@ -330,12 +232,39 @@ def test_minting_is_ordinary_rbac(dyn: DynamicClient, story: str, namespace: str
         apply(dyn, doc)
     # Without a grant for `mint`, the SubjectAccessReview says no.
     assert run_mint_job(dyn, namespace, "stranger", story).startswith("STATUS 403")
-    # With it, the caller gets past authentication and authorization: a token, or (alice has
-    # connected nothing yet) the answer that lists the connections she must connect first.
+    # With it, the caller gets past authentication and authorization: alice has connected
+    # nothing yet, so the answer lists the connection she must connect first.
     allowed = run_mint_job(dyn, namespace, "app-backend", story)
-    assert not allowed.startswith(("STATUS 401", "STATUS 403")), allowed
-    # TODO(e2e): store alice's inbox credential in the cluster vault, then assert 201, call
-    # a tool through the gateway with the token, and see the credential reach the upstream.
+    assert allowed.startswith("STATUS 409 "), allowed
+    assert json.loads(allowed.split(" ", 2)[2])["missing"] == ["inbox"]
+
+    with port_forward(namespace, f"svc/{story}", 8080, 8081) as ports:
+        gateway, admin_url = f"http://127.0.0.1:{ports[8080]}", f"http://127.0.0.1:{ports[8081]}"
+        backend = service_account_token("app-backend", namespace)
+        path = f"/v1/users/{USER}/connections/inbox"
+        # `mint` alone does not let the backend store credentials: that is the verb `credentials`.
+        assert admin(admin_url, "PUT", path, backend, {"secret": SECRET}).status_code == 403
+        for doc in load(ROOT / "examples" / "rbac" / "app-backend.yaml", namespace):
+            apply(dyn, doc)
+
+        def store() -> bool:
+            return admin(admin_url, "PUT", path, backend, {"secret": SECRET}).status_code == 204
+
+        # A new RoleBinding reaches the authorizer within moments, not necessarily at once.
+        eventually(store, "the app backend to be allowed to store alice's credential")
+        # Sealed in the vault namespace (here the server's own), never in the clear.
+        (sealed,) = [s for s in resource(dyn, "v1", "Secret").get(namespace=namespace).to_dict()["items"]
+                     if s["metadata"].get("annotations", {}).get("portcullis.dev/user") == USER]
+        assert set(sealed["data"]) == {"inbox"} and SECRET not in json.dumps(sealed)
+        minted = run_mint_job(dyn, namespace, "app-backend", story, name="mint-app-backend-connected")
+        assert minted.startswith("STATUS 201 "), minted
+        token = json.loads(minted.split(" ", 2)[2])["token"]
+        answer = call_tool(gateway, token, "inbox_fetch_mails", {"limit": 1})
+        assert answer.status_code == 200, answer.text
+        result = answer.json()["result"]
+        # The upstream answers only a credential it knows (else a 401 error result): alice's reached it.
+        assert result["isError"] is False, result
+        assert result["structuredContent"]["mails"][0]["to"] == [USER]
 
 
 def test_a_mapping_change_reaches_the_status(dyn: DynamicClient, story: str, namespace: str) -> None:
