@@ -148,3 +148,19 @@ def test_a_connection_used_only_by_a_template_still_needs_the_users_credential()
 def test_a_template_with_unbalanced_or_empty_braces_is_refused(template: str) -> None:
     with pytest.raises(ValidationError):
         mapping("m", [], resourceTemplates=[{"uriTemplate": template}])
+
+
+def test_the_tenant_key_secret_is_compiled_and_may_not_pose_as_a_credential() -> None:
+    from pydantic import ValidationError
+
+    from portcullis.api.resources import VaultSpec
+
+    compiled = compile_strict(
+        server(vault={"namespace": "acme-vault", "tenantKeySecret": "acme-sealing-key"}),
+        [mapping("m", [{"name": "fetch"}])], [connection()],
+    )
+    assert (compiled.vault_namespace, compiled.vault_key_secret) == ("acme-vault", "acme-sealing-key")
+    assert VaultSpec.model_validate({}).tenant_key_secret == "portcullis-tenant-key"
+    assert VaultSpec.model_validate({"tenantKeySecret": "acme-sealing-key"}).tenant_key_secret == "acme-sealing-key"
+    with pytest.raises(ValidationError, match="portcullis-cred-"):
+        VaultSpec.model_validate({"tenantKeySecret": "portcullis-cred-0123456789abcdef"})

@@ -118,6 +118,7 @@ def compile(  # noqa: A001 - the name DESIGN.md gives this function
         ),
         tenant=ns,
         vault_namespace=server.vault_namespace,
+        vault_key_secret=server.spec.vault.tenant_key_secret,
         tokens=TokenPolicy(
             default_ttl_seconds=server.spec.session_tokens.default_ttl_seconds,
             max_ttl_seconds=server.spec.session_tokens.max_ttl_seconds,

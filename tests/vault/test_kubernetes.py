@@ -105,3 +105,15 @@ async def test_a_secret_annotated_for_another_user_reads_as_absent() -> None:
             {"metadata": {"annotations": {"portcullis.dev/user": "mallory"}}},
         )
         assert await vault.get("acme", "alice", "gmail") is None
+
+
+@pytest.mark.anyio
+async def test_the_tenant_key_can_live_in_a_secret_of_its_own_name() -> None:
+    async with emulator() as k8s, KubeClient(str(k8s.url)) as client:
+        vault = KubernetesVault(client, NS, key_secret="acme-sealing-key")
+        await vault.put("acme", "alice@example.com", "gmail", "g-secret")
+        assert await _secret(client, "acme-sealing-key") is not None
+        assert await _secret(client, "portcullis-tenant-key") is None
+        assert await KubernetesVault(client, NS, key_secret="acme-sealing-key").get("acme", "alice@example.com", "gmail") == "g-secret"
+        with pytest.raises(SealError, match="portcullis-tenant-key is missing"):
+            await KubernetesVault(client, NS).get("acme", "alice@example.com", "gmail")

@@ -85,6 +85,7 @@ class GatewayConfig(Model):
     server: ServerInfo
     tenant: str = Field(description="The tenant is the server's namespace.")
     vault_namespace: str
+    vault_key_secret: str = "portcullis-tenant-key"
     tokens: TokenPolicy = Field(default_factory=TokenPolicy)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     connections: dict[str, ConnectionConfig] = Field(default_factory=dict)

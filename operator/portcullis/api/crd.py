@@ -51,6 +51,7 @@ from portcullis.api.resources import (
     CredentialSpec,
     MCPConnection,
     ToolMapping,
+    VaultSpec,
     VirtualMCPServer,
     WireModel,
 )
@@ -162,6 +163,12 @@ _CEL_RULES: dict[type[BaseModel], list[JSON]] = {
         {
             "rule": "(has(self.store) && self.store == 'postgres') == has(self.postgres)",
             "message": "postgres is required when store is postgres, and only allowed then",
+        }
+    ],
+    VaultSpec: [
+        {
+            "rule": "!has(self.tenantKeySecret) || !self.tenantKeySecret.startsWith('portcullis-cred-')",
+            "message": "tenantKeySecret must not start with portcullis-cred- (the users' credential Secrets)",
         }
     ],
     AutoscalingSpec: [

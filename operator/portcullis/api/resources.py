@@ -217,6 +217,22 @@ class VaultSpec(WireModel):
         str | None,
         Field(max_length=63, pattern=DNS_LABEL_PATTERN, description="Vault namespace; defaults to the server's own namespace."),
     ] = None
+    tenant_key_secret: Annotated[
+        str,
+        Field(
+            min_length=1, max_length=253, pattern=DNS_SUBDOMAIN_PATTERN,
+            description=(
+                "Name of the Secret (in the vault namespace) holding the tenant's sealing key, so RBAC can grant "
+                "the credential Secrets and the key apart (resourceNames). Created on the first stored credential."
+            ),
+        ),
+    ] = "portcullis-tenant-key"
+
+    @model_validator(mode="after")
+    def _key_apart_from_credentials(self) -> VaultSpec:
+        if self.tenant_key_secret.startswith("portcullis-cred-"):
+            raise ValueError("tenantKeySecret must not start with portcullis-cred- (the users' credential Secrets)")
+        return self
 
 
 class PostgresAuditSpec(WireModel):

@@ -143,7 +143,7 @@ async def build(
     gateway = Gateway(
         config,
         verifier=TokenVerifier(lambda: keys[0], issuer=config.server.issuer, audience=config.server.url),
-        vault=KubernetesVault(client, config.vault_namespace),
+        vault=KubernetesVault(client, config.vault_namespace, key_secret=config.vault_key_secret),
         revocations=revocations,
         audit=trail,
         secrets=shared_secret,

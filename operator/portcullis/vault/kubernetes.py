@@ -1,7 +1,8 @@
 """The cluster vault: one Secret per user in the tenant's vault namespace.
 
 Names (shared with the operator's RBAC): the tenant key is the Secret ``portcullis-tenant-key``
-(data key ``key``: 32 random bytes), created here on the first ``put`` if missing; each user's
+unless ``spec.vault.tenantKeySecret`` names another (data key ``key``: 32 random bytes), created
+here on the first ``put`` if missing; each user's
 credentials are the Secret ``portcullis-cred-<sha256(user)[:16]>``, labelled
 ``portcullis.dev/credential=true``, annotated ``portcullis.dev/user=<user>``, with one data key
 per connection holding the sealed value. The hash keeps the name a valid object name whatever
@@ -44,9 +45,11 @@ def _b64(text: str) -> str:
 class KubernetesVault:
     """Sealed credentials in Secrets of one vault namespace."""
 
-    def __init__(self, client: KubeClient, namespace: str) -> None:
+    def __init__(self, client: KubeClient, namespace: str, *, key_secret: str = TENANT_KEY_SECRET) -> None:
         self._client = client
         self._namespace = namespace
+        self._key_secret = key_secret
+        """The tenant key's Secret: `spec.vault.tenantKeySecret`, so RBAC can grant it apart from the credentials."""
         self._secrets = f"/api/v1/namespaces/{namespace}/secrets"
         self._key: bytes | None = None
 
@@ -56,13 +59,13 @@ class KubernetesVault:
     async def _tenant_key(self, *, create: bool) -> bytes | None:
         if self._key is not None:
             return self._key
-        secret = await self._client.get(self._path(TENANT_KEY_SECRET))
+        secret = await self._client.get(self._path(self._key_secret))
         if secret is None:
             if not create:
                 return None
             body = {
                 "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                "metadata": {"name": TENANT_KEY_SECRET, "namespace": self._namespace, "labels": dict(_LABELS)},
+                "metadata": {"name": self._key_secret, "namespace": self._namespace, "labels": dict(_LABELS)},
                 "data": {TENANT_KEY_FIELD: base64.b64encode(new_key()).decode("ascii")},
             }
             try:
@@ -71,7 +74,7 @@ class KubernetesVault:
                 if e.status != 409:
                     raise
                 # Another replica created it first: use theirs, so all agree on one key.
-                secret = await self._client.get(self._path(TENANT_KEY_SECRET))
+                secret = await self._client.get(self._path(self._key_secret))
                 if secret is None:
                     raise
         try:
@@ -79,7 +82,7 @@ class KubernetesVault:
         except binascii.Error:
             key = b""
         if len(key) != KEY_BYTES:
-            raise SealError(f"Secret {self._namespace}/{TENANT_KEY_SECRET} does not hold a {KEY_BYTES}-byte key")
+            raise SealError(f"Secret {self._namespace}/{self._key_secret} does not hold a {KEY_BYTES}-byte key")
         self._key = key
         return key
 
@@ -98,7 +101,7 @@ class KubernetesVault:
             return None
         key = await self._tenant_key(create=False)
         if key is None:
-            raise SealError(f"Secret {self._namespace}/{TENANT_KEY_SECRET} is missing; credentials cannot be opened")
+            raise SealError(f"Secret {self._namespace}/{self._key_secret} is missing; credentials cannot be opened")
         try:
             sealed = base64.b64decode(encoded, validate=True).decode("ascii")
         except (binascii.Error, UnicodeDecodeError):
