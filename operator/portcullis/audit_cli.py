@@ -20,7 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from portcullis.gateway.admin_input import audit_query_from, audit_row
+from portcullis.gateway.admin_input import AdminError, audit_query_from, audit_row
 from portcullis.gateway.audit.events import iso_time
 from portcullis.gateway.audit.keys import AuditKey
 from portcullis.gateway.local import LocalState
@@ -90,8 +90,9 @@ def cmd_query(args: argparse.Namespace, state_dir: Path, admin_call: AdminCall) 
     else:
         try:
             query = audit_query_from(params, server=args.server or "")
-        except Exception as exc:  # AdminError: the same checks as the API, said on the command line
-            return _fail({"message": getattr(exc, "message", str(exc))}, 2)
+        except AdminError as exc:  # the same checks as the API, said on the command line
+            print(f"portcullis: {exc.message}", file=sys.stderr)
+            return 2
         if not args.server:
             query = dataclasses.replace(query, server=None)
         store = _local_store(args, state_dir)
@@ -185,4 +186,4 @@ def _say(report: dict[str, Any]) -> None:
 def _fail(answer: Any, status: int) -> int:
     message = answer.get("message", f"HTTP {status}") if isinstance(answer, dict) else f"HTTP {status}"
     print(f"portcullis: {message}", file=sys.stderr)
-    return 1 if status != 2 else 2
+    return 1

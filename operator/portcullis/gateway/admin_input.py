@@ -15,15 +15,16 @@ from typing import Any, Final
 
 from starlette.requests import Request
 
+from portcullis.api.resources import DNS_SUBDOMAIN_PATTERN
 from portcullis.gateway.audit.chain import StoredEvent
 from portcullis.gateway.audit.events import DECISIONS, OUTCOMES
 from portcullis.gateway.audit.store import MAX_PAGE, AuditQuery, decode_cursor, parse_time
+from portcullis.gateway.revocation import check_jti
 
 MAX_ADMIN_BODY: Final = 64 * 1024
 MAX_SECRET: Final = 16 * 1024
 # Kubernetes object names (DNS-1123 subdomain): what connection names are.
-_K8S_NAME: Final = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
-_JTI: Final = re.compile(r"[A-Za-z0-9_-]{1,200}")
+_K8S_NAME: Final = re.compile(DNS_SUBDOMAIN_PATTERN)
 _RUN_ID: Final = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 _MAX_USER: Final = 256
 _TEN_YEARS: Final = 10 * 365 * 86400
@@ -81,9 +82,11 @@ def connection_name(value: str, used: Collection[str]) -> str:
 
 
 def jti(value: Any) -> str:
-    if not isinstance(value, str) or not _JTI.fullmatch(value):
-        raise bad("jti", "`jti` must be 1-200 characters of A-Z a-z 0-9 _ - (the jti a mint answered)")
-    return value
+    try:
+        check_jti(value if isinstance(value, str) else "")
+    except ValueError:
+        raise bad("jti", "`jti` must be 1-200 characters of A-Z a-z 0-9 _ - (the jti a mint answered)") from None
+    return str(value)
 
 
 def expires_at(value: Any, default: int) -> int:

@@ -32,7 +32,7 @@ from portcullis.gateway.admin import build_admin_app, build_metrics_app
 from portcullis.gateway.admission import KubernetesAdminAuth
 from portcullis.gateway.audit import AuditSink, JsonLinesAuditSink
 from portcullis.gateway.audit.keys import KubernetesAuditKeys
-from portcullis.gateway.audit.trail import AuditTrail, default_writer_id, store_for
+from portcullis.gateway.audit.trail import AuditTrail, store_for
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.endpoint import build_app
 from portcullis.gateway.loops import Loop, StreamWatch
@@ -137,8 +137,8 @@ async def build(
         on_store_failure=config.audit.on_store_failure,
         retention_days=config.audit.retention_days,
         capacity=config.audit.queue_size,
-        # The pod name names the chain, so an auditor can tell which replica wrote what.
-        writer=f"{os.environ['POD_NAME']}/{default_writer_id().rsplit('/', 1)[-1]}" if os.environ.get("POD_NAME") else None,
+        # The default writer id starts with the host name, which in a pod is the pod's name:
+        # an auditor can tell which replica wrote what.
     )
     gateway = Gateway(
         config,

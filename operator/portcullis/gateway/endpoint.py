@@ -36,13 +36,13 @@ from mcp.shared.exceptions import MCPError
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from portcullis import __version__
 from portcullis.gateway import tracing
 from portcullis.gateway.audit import Reason
 from portcullis.gateway.core import Gateway, RPCError, Unauthenticated, complete_tool_result
-from portcullis.gateway.fastpath import FastToolCall, is_candidate
+from portcullis.gateway.fastpath import FastToolCall, is_candidate, replay
 from portcullis.gateway.upstream import ProgressSink, progress_sink
 from portcullis.gateway.tokens import SessionClaims
 
@@ -282,7 +282,7 @@ class BearerAuth:
                 if not _utf8_json_start(first.get("body", b"")):
                     await _not_utf8(scope, receive, send)
                     return
-                receive = _replay_first(first, receive)
+                receive = replay(first, receive)
             reset = current_claims.set(claims)
             try:
                 if self.fast is not None and is_candidate(scope):
@@ -306,16 +306,6 @@ def _utf8_json_start(body: bytes) -> bool:
 async def _not_utf8(scope: Scope, receive: Receive, send: Send) -> None:
     error = {"code": -32700, "message": "Parse error: the request body must be UTF-8 JSON without a byte order mark"}
     await JSONResponse({"jsonrpc": "2.0", "id": None, "error": error}, status_code=400)(scope, receive, send)
-
-
-def _replay_first(first: Message, receive: Receive) -> Receive:
-    """A receive that yields an already-read first message, then the real stream."""
-    pending: list[Message] = [first]
-
-    async def replay() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replay
 
 
 _LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")

@@ -22,7 +22,6 @@ the answers.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 from typing import Any, Final
 
 from mcp.server.runner import modern_error_data
@@ -177,15 +176,16 @@ async def _read_body(receive: Receive) -> bytes:
     return b"".join(chunks)
 
 
-def _replay(body: bytes, receive: Receive) -> Callable[[], Any]:
-    """A receive that yields the already-read body first, then the real stream."""
-    delivered = False
+def replay(first: Message, receive: Receive) -> Receive:
+    """A receive that yields an already-read message first, then the real stream."""
+    pending: list[Message] = [first]
 
-    async def replay() -> Message:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": body, "more_body": False}
-        return await receive()
+    async def replayed() -> Message:
+        return pending.pop() if pending else await receive()
 
-    return replay
+    return replayed
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """The already-read body as one message, then the real stream."""
+    return replay({"type": "http.request", "body": body, "more_body": False}, receive)

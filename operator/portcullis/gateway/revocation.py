@@ -84,7 +84,7 @@ class Revocations:
         return Revocations(tokens, users)
 
 
-def _check_jti(jti: str) -> None:
+def check_jti(jti: str) -> None:
     if not _JTI.fullmatch(jti):
         raise ValueError("a jti is 1-200 url-safe base64 characters")
 
@@ -99,7 +99,7 @@ class MemoryRevocations:
         return self._view.revokes(claims, claims.sub)
 
     async def revoke_token(self, jti: str, expires_at: int) -> None:
-        _check_jti(jti)
+        check_jti(jti)
         self._view = self._view.with_token(jti, expires_at, int(time.time()))
 
     async def revoke_user(self, user: str, at: float) -> None:
@@ -161,7 +161,7 @@ class FileRevocations:
         self._view = view
 
     async def revoke_token(self, jti: str, expires_at: int) -> None:
-        _check_jti(jti)
+        check_jti(jti)
         with self._locked():
             self._write(self._read().with_token(jti, expires_at, int(time.time())))
 
@@ -296,7 +296,7 @@ class KubernetesRevocations:
         return {f"jti.{jti}": None for jti, exp in self._view.tokens.items() if exp < now}
 
     async def revoke_token(self, jti: str, expires_at: int) -> None:
-        _check_jti(jti)
+        check_jti(jti)
         data = self._expired(int(time.time()))
         data[f"jti.{jti}"] = str(max(expires_at, self._view.tokens.get(jti, expires_at)))
         await self._patch(data)

@@ -38,6 +38,26 @@ def credential_secret_name(user: str) -> str:
     return CREDENTIAL_PREFIX + hashlib.sha256(user.encode("utf-8")).hexdigest()[:16]
 
 
+async def create_key_secret(client: KubeClient, namespace: str, name: str, field: str, key: bytes) -> dict[str, Any]:
+    """Create the Secret holding a key, or read the one a concurrent creator made first, so every
+    replica ends up with the same key (a tenant's sealing key, its audit key)."""
+    collection = f"/api/v1/namespaces/{namespace}/secrets"
+    body = {
+        "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+        "metadata": {"name": name, "namespace": namespace, "labels": dict(_LABELS)},
+        "data": {field: base64.b64encode(key).decode("ascii")},
+    }
+    try:
+        return await client.create(collection, body)
+    except KubeError as e:
+        if e.status != 409:
+            raise
+        secret = await client.get(f"{collection}/{name}")  # another replica won: use theirs
+        if secret is None:
+            raise
+        return secret
+
+
 def _b64(text: str) -> str:
     return base64.b64encode(text.encode("utf-8")).decode("ascii")
 
@@ -63,20 +83,7 @@ class KubernetesVault:
         if secret is None:
             if not create:
                 return None
-            body = {
-                "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                "metadata": {"name": self._key_secret, "namespace": self._namespace, "labels": dict(_LABELS)},
-                "data": {TENANT_KEY_FIELD: base64.b64encode(new_key()).decode("ascii")},
-            }
-            try:
-                secret = await self._client.create(self._secrets, body)
-            except KubeError as e:
-                if e.status != 409:
-                    raise
-                # Another replica created it first: use theirs, so all agree on one key.
-                secret = await self._client.get(self._path(self._key_secret))
-                if secret is None:
-                    raise
+            secret = await create_key_secret(self._client, self._namespace, self._key_secret, TENANT_KEY_FIELD, new_key())
         try:
             key = base64.b64decode((secret.get("data") or {}).get(TENANT_KEY_FIELD, ""), validate=True)
         except binascii.Error:

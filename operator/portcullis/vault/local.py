@@ -41,7 +41,7 @@ def _user_file_prefix(user: str) -> str:
     return hashlib.sha256(user.encode("utf-8")).hexdigest()[:_USER_HASH_CHARS] + "."
 
 
-def _check_tenant(tenant: str) -> None:
+def check_tenant(tenant: str) -> None:
     if not _SAFE_TENANT.fullmatch(tenant) or tenant in {".", ".."}:
         raise ValueError(f"invalid tenant name {tenant!r}")
 
@@ -105,7 +105,7 @@ class LocalVault:
         self._sealed: dict[Path, tuple[tuple[int, int, int], str]] = {}
 
     def _tenant_dir(self, tenant: str) -> Path:
-        _check_tenant(tenant)
+        check_tenant(tenant)
         return self._root / tenant
 
     def _path(self, tenant: str, user: str, connection: str) -> Path:

@@ -79,17 +79,13 @@ class ChainWriter:
         # A chain's times never go backwards, so a time range always holds a contiguous run
         # of each chain (a clock stepped back would otherwise let pruning cut a hole in it).
         if event.time_us < self._last_time_us:
-            event = _with_time(event, self._last_time_us)
+            event = dataclasses.replace(event, time_us=self._last_time_us)
         self._last_time_us = event.time_us
         self.seq += 1
         digest = link_hash(self._key, self.writer, self.seq, self.head, event)
         stored = StoredEvent(event, self.writer, self.seq, self.head, digest)
         self.head = digest
         return stored
-
-
-def _with_time(event: AuditEvent, time_us: int) -> AuditEvent:
-    return dataclasses.replace(event, time_us=time_us)
 
 
 Problem = Literal["altered", "deleted", "inserted", "truncated"]

@@ -25,19 +25,18 @@ import hashlib
 import hmac
 import json
 import os
-import re
 from pathlib import Path
 from typing import Any, Final, Protocol
 
-from portcullis.kube import KubeClient, KubeError
-from portcullis.vault.local import create_private_file_once, make_private_dir
+from portcullis.kube import KubeClient
+from portcullis.vault.kubernetes import create_key_secret
+from portcullis.vault.local import check_tenant, create_private_file_once, make_private_dir
 
 KEY_BYTES: Final = 32
 AUDIT_KEY_SECRET: Final = "portcullis-audit-key"
 AUDIT_KEY_FIELD: Final = "key"
 _DIGEST_LABEL: Final = b"portcullis/audit/digest/v1"
 _CHAIN_LABEL: Final = b"portcullis/audit/chain/v1"
-_SAFE_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 
 
 class AuditKeyError(Exception):
@@ -82,8 +81,7 @@ class LocalAuditKeys:
         self._root = Path(state_dir) / "audit" / "keys"
 
     async def key(self, tenant: str) -> bytes:
-        if not _SAFE_TENANT.fullmatch(tenant) or tenant in {".", ".."}:
-            raise ValueError(f"invalid tenant name {tenant!r}")
+        check_tenant(tenant)
         path = self._root / f"{tenant}.key"
         try:
             raw = path.read_bytes()
@@ -105,25 +103,9 @@ class KubernetesAuditKeys:
     async def key(self, tenant: str) -> bytes:
         if self._cached is not None:
             return self._cached
-        secrets = f"/api/v1/namespaces/{self._namespace}/secrets"
-        secret = await self._client.get(f"{secrets}/{AUDIT_KEY_SECRET}")
+        secret = await self._client.get(f"/api/v1/namespaces/{self._namespace}/secrets/{AUDIT_KEY_SECRET}")
         if secret is None:
-            body = {
-                "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
-                "metadata": {
-                    "name": AUDIT_KEY_SECRET, "namespace": self._namespace,
-                    "labels": {"app.kubernetes.io/part-of": "portcullis", "app.kubernetes.io/managed-by": "portcullis-gateway"},
-                },
-                "data": {AUDIT_KEY_FIELD: base64.b64encode(os.urandom(KEY_BYTES)).decode("ascii")},
-            }
-            try:
-                secret = await self._client.create(secrets, body)
-            except KubeError as exc:
-                if exc.status != 409:
-                    raise
-                secret = await self._client.get(f"{secrets}/{AUDIT_KEY_SECRET}")  # another replica won: use its key
-                if secret is None:
-                    raise
+            secret = await create_key_secret(self._client, self._namespace, AUDIT_KEY_SECRET, AUDIT_KEY_FIELD, os.urandom(KEY_BYTES))
         # Secret data is base64 of the value, and the value is the raw key.
         encoded = str((secret.get("data") or {}).get(AUDIT_KEY_FIELD, ""))
         self._cached = _decode(encoded.encode("ascii"), f"Secret {self._namespace}/{AUDIT_KEY_SECRET}")
