@@ -49,6 +49,8 @@ def type_of(schema: Schema) -> str:
     kind = str(schema.get("type", "any"))
     if kind == "array":
         return f"[]{type_of(schema.get('items') or {})}"
+    if kind == "object" and isinstance(schema.get("additionalProperties"), dict):
+        return f"map[string]{type_of(schema['additionalProperties'])}"
     if "format" in schema:
         return f"{kind} ({schema['format']})"
     return kind
@@ -82,6 +84,10 @@ def constraints(schema: Schema) -> list[str]:
         out.append("Requires " + ", ".join(code(r) for r in schema["required"]) + ".")
     for rule in schema.get("x-kubernetes-validations") or []:
         out.append(f"Rule {code(rule['rule'])}: {rule.get('message', 'must hold')}.")
+    values = schema.get("additionalProperties")
+    if isinstance(values, dict) and (value_rules := constraints(values)):
+        joined = " ".join(value_rules)
+        out.append(f"Each value: {joined[:1].lower()}{joined[1:]}")
     return out
 
 

@@ -135,6 +135,7 @@ def compile(  # noqa: A001 - the name DESIGN.md gives this function
                 name=name,
                 url=conn.spec.url,
                 timeout_seconds=conn.spec.timeout_seconds,
+                max_duration_seconds=conn.spec.max_duration_seconds,
                 credential=conn.spec.credential,
                 max_result_bytes=conn.spec.max_result_bytes,
                 max_connections=conn.spec.max_connections,

@@ -267,6 +267,10 @@ REJECTED_BY_SCHEMA: dict[str, tuple[str, dict[str, Any], str]] = {
     "mapping without server": ("ToolMapping", {"connectionRef": {"name": "c"}}, "serverRef"),
     "empty tool name": ("ToolMapping", {**REFS, "tools": [{"name": ""}]}, "name"),
     "bad server name": ("ToolMapping", {"serverRef": {"name": "Summarizer"}, "connectionRef": {"name": "c"}}, "name"),
+    "quantity in words": ("VirtualMCPServer", {"resources": {"limits": {"memory": "lots"}}}, "memory"),
+    "negative quantity": ("VirtualMCPServer", {"resources": {"requests": {"cpu": "-1"}}}, "cpu"),
+    "quantity as a number": ("VirtualMCPServer", {"resources": {"limits": {"cpu": 1}}}, "cpu"),
+    "resources claims": ("VirtualMCPServer", {"resources": {"claims": [{"name": "gpu"}]}}, "claims"),
 }
 
 REJECTED_BY_CEL: dict[str, tuple[str, dict[str, Any], str]] = {
@@ -286,6 +290,11 @@ ACCEPTED: dict[str, tuple[str, dict[str, Any]]] = {
     "zero replicas": ("VirtualMCPServer", {"replicas": 0}),
     "min equals max": ("VirtualMCPServer", {"autoscaling": {"minReplicas": 3, "maxReplicas": 3}}),
     "compound duration": ("VirtualMCPServer", {"sessionTokens": {"defaultTTL": "1h30m", "maxTTL": "7d"}}),
+    "resources": (
+        "VirtualMCPServer",
+        {"resources": {"requests": {"cpu": "0.5", "memory": "256Mi"}, "limits": {"cpu": "2", "memory": "1Gi", "ephemeral-storage": "1e9"}}},
+    ),
+    "limits only": ("VirtualMCPServer", {"resources": {"limits": {"memory": "512Mi"}}}),
     "renamed tool": ("ToolMapping", {**REFS, "tools": [{"name": "a", "as": "b", "description": "d"}]}),
     "prompts and resources": ("ToolMapping", {**REFS, "prompts": [{"name": "p"}], "resources": [{"uri": "file:///x"}]}),
 }
@@ -316,6 +325,21 @@ def test_schema_accepts_what_the_model_accepts(case: str) -> None:
     kind, spec = ACCEPTED[case]
     assert admit(_obj(kind, spec), crd_of(kind)) == []
     parse_resource(_obj(kind, spec))
+
+
+def test_known_gap_a_request_above_its_limit_is_left_to_the_operator() -> None:
+    # CEL's quantity() needs Kubernetes 1.29 (the CRDs serve 1.25): the model refuses it, and the
+    # operator reports InvalidSpec instead of having the Deployment refused mid-reconcile.
+    doc = _obj("VirtualMCPServer", {"resources": {"requests": {"memory": "1Gi"}, "limits": {"memory": "512Mi"}}})
+    assert admit(doc, crd_of("VirtualMCPServer")) == []
+    with pytest.raises(ValidationError, match=r"requests.memory \(1Gi\) must not exceed limits.memory \(512Mi\)"):
+        parse_resource(doc)
+
+
+def test_resources_have_no_default_so_the_operators_applies() -> None:
+    spec = openapi_schema(crd_of("VirtualMCPServer"))["properties"]["spec"]["properties"]["resources"]
+    assert "default" not in spec
+    assert parse_resource(_obj("VirtualMCPServer", {})).spec.resources is None  # type: ignore[union-attr]
 
 
 def test_known_gap_ttl_order_is_left_to_the_operator() -> None:

@@ -150,9 +150,10 @@ def test_default_render() -> None:
     assert deployment["metadata"]["namespace"] == NAMESPACE
     assert deployment["spec"]["replicas"] == 1
     (container,) = deployment["spec"]["template"]["spec"]["containers"]
-    assert container["image"] == "portcullis:0.1.0"
+    # Where the release workflow publishes (tests/test_release.py holds the two together).
+    assert container["image"] == "ghcr.io/portcullis/portcullis:0.1.0"
     assert container["args"] == ["operator", "--liveness-port=8080", "--peering=portcullis", "--all-namespaces"]
-    assert {"name": "PORTCULLIS_IMAGE", "value": "portcullis:0.1.0"} in container["env"]
+    assert {"name": "PORTCULLIS_IMAGE", "value": "ghcr.io/portcullis/portcullis:0.1.0"} in container["env"]
     assert one(docs, "ClusterKopfPeering")["metadata"]["name"] == "portcullis"
 
 
@@ -169,6 +170,9 @@ def test_custom_render() -> None:
         "operator", "--liveness-port=8080", "--peering=portcullis", "--namespace=acme", "--namespace=globex", "--verbose",
     ]
     assert {"name": "PORTCULLIS_IMAGE", "value": "registry.example/portcullis-gateway:1.2.3"} in container["env"]
+    # The gateways get the operator's pull policy and pull secrets (gateway.imagePullPolicy is empty).
+    assert {"name": "PORTCULLIS_GATEWAY_PULL_POLICY", "value": "Always"} in container["env"]
+    assert {"name": "PORTCULLIS_GATEWAY_PULL_SECRETS", "value": "regcred"} in container["env"]
     # Helm merges maps: the default CPU limit stays unless it is overridden too.
     assert container["resources"] == {
         "requests": {"cpu": "100m", "memory": "200Mi"},

@@ -10,7 +10,7 @@ import kubernetes_validate
 import pytest
 
 from portcullis.api.resources import VirtualMCPServer
-from portcullis.render.deployment import build_deployment
+from portcullis.render.deployment import GatewayPod, build_deployment
 from portcullis.render.metadata import ADMIN_PORT, MCP_PORT, METRICS_PORT
 from tests.chart.test_chart import K8S_VERSION, NAMESPACE, one, render
 
@@ -43,7 +43,7 @@ def selects(selector: dict[str, str], labels: dict[str, str]) -> bool:
 def gateway_pod() -> dict[str, Any]:
     """The pod template the operator renders for a gateway."""
     server = VirtualMCPServer.model_validate({"metadata": {"name": "summarizer", "namespace": "acme", "uid": "u"}, "spec": {}})
-    template: dict[str, Any] = build_deployment(server, image="x", keys_digest="d")["spec"]["template"]
+    template: dict[str, Any] = build_deployment(server, pod=GatewayPod(image="x"), keys_digest="d")["spec"]["template"]
     return template
 
 

@@ -93,6 +93,13 @@ def test_every_object_in_the_schema_refuses_unknown_keys() -> None:
         ({"networkPolicy": {"enabled": "yes"}}, "at '/networkPolicy/enabled': got string, want boolean"),
         ({"networkPolicy": {"adminFrom": [{"podSelecter": {}}]}}, "at '/networkPolicy/adminFrom/0': additional properties 'podSelecter' not allowed"),
         ({"resources": {"limits": {"memory": "lots"}}}, "at '/resources/limits/memory'"),
+        ({"gateway": {"imagePullPolicy": "Sometimes"}}, "at '/gateway/imagePullPolicy': value must be one of '', 'Always'"),
+        ({"gateway": {"resources": {"limits": {"cpu": "-1"}}}}, "at '/gateway/resources/limits/cpu'"),
+        ({"gateway": {"resources": {"claims": [{"name": "gpu"}]}}}, "at '/gateway/resources': additional properties 'claims' not allowed"),
+        ({"gateway": {"replicas": 2}}, "at '/gateway': additional properties 'replicas' not allowed"),
+        ({"metrics": {"podMonitor": {"enabled": "yes"}}}, "at '/metrics/podMonitor/enabled': got string, want boolean"),
+        ({"metrics": {"podMonitor": {"interval": "30"}}}, "at '/metrics/podMonitor/interval': '30' does not match pattern"),
+        ({"metrics": {"podMonitor": {"namespace": "Monitoring"}}}, "at '/metrics/podMonitor/namespace'"),
     ],
     ids=lambda v: json.dumps(v) if isinstance(v, dict) else "refused",
 )
@@ -121,8 +128,10 @@ def test_lint_refuses_a_wrong_value_too() -> None:
             {"ipBlock": {"cidr": "10.0.0.0/8"}},
         ]}},
         {"metrics": {"serviceMonitor": {"enabled": True, "interval": "1m30s", "scrapeTimeout": "10s", "labels": {"release": "kps"}}}},
+        {"gateway": {"imagePullPolicy": "Never", "resources": {"requests": {"cpu": 0.25, "memory": "256Mi"}, "limits": {"cpu": 2, "ephemeral-storage": "1Gi"}}}},
+        {"metrics": {"podMonitor": {"enabled": True, "interval": "15s", "labels": {"release": "kps"}, "namespace": "monitoring"}}},
     ],
-    ids=["e2e", "digest", "zero replicas", "quantities", "network policy", "service monitor"],
+    ids=["e2e", "digest", "zero replicas", "quantities", "network policy", "service monitor", "gateway", "pod monitor"],
 )
 def test_right_values_are_accepted(values: dict[str, Any]) -> None:
     assert render(values)

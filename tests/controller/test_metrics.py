@@ -20,6 +20,7 @@ from portcullis.controller import options as options_module
 from portcullis.controller.metrics import observe_reconcile
 from portcullis.controller.options import Options
 from portcullis.controller.run import run_operator
+from portcullis.render.deployment import GatewayPod
 from tests.controller.test_reconcile import NS, VMS, condition, create_world, obj
 from tests.support.operator_runner import eventually, operator_emulator, running_operator
 
@@ -182,5 +183,5 @@ def test_run_operator_serves_metrics_on_9090_unless_told_otherwise(monkeypatch: 
     assert options_module.current().resync_seconds == 5  # the rest of the configuration is kept
     run_operator(namespaces=None, clusterwide=True, peering=None, metrics_port=None)
     assert options_module.current().metrics_port is None
-    run_operator(namespaces=None, clusterwide=True, peering=None, metrics_port=9100, options=Options(image="x"))
-    assert (options_module.current().metrics_port, options_module.current().image) == (9100, "x")
+    run_operator(namespaces=None, clusterwide=True, peering=None, metrics_port=9100, options=Options(gateway=GatewayPod(image="x")))
+    assert (options_module.current().metrics_port, options_module.current().gateway.image) == (9100, "x")

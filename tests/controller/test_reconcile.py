@@ -8,6 +8,7 @@ from typing import Any
 import pytest
 
 from portcullis.api.resources import API_VERSION
+from portcullis.controller.options import Options, from_environment
 from tests.support.kmock_support import Emulator
 from tests.support.operator_runner import eventually, operator_emulator, running_operator
 
@@ -275,6 +276,44 @@ async def test_an_invalid_server_spec_fails_without_children() -> None:
         assert condition(server, "ConfigValid")["reason"] == "InvalidSpec"
         assert "minReplicas" in condition(server, "ConfigValid")["message"]
         assert not exists(k8s, "apps/v1/deployments", "summarizer")
+
+
+def gateway_container(k8s: Emulator) -> dict[str, Any]:
+    (container,) = obj(k8s, "apps/v1/deployments", "summarizer")["spec"]["template"]["spec"]["containers"]
+    return dict(container)
+
+
+@pytest.mark.anyio
+async def test_gateways_get_the_operators_pod_defaults_until_the_server_sets_its_resources() -> None:
+    # What the chart hands the operator (tests/chart/test_install_path.py renders these).
+    options = from_environment(
+        {
+            "PORTCULLIS_IMAGE": "registry.example/portcullis:2",
+            "PORTCULLIS_GATEWAY_PULL_POLICY": "Always",
+            "PORTCULLIS_GATEWAY_PULL_SECRETS": "regcred",
+            "PORTCULLIS_GATEWAY_RESOURCES": '{"requests": {"cpu": "200m"}, "limits": {"cpu": 1, "memory": "256Mi"}}',
+        },
+        Options(resync_seconds=3600),
+    )
+    async with operator_emulator() as k8s, running_operator(k8s, options=options):
+        await create_world(k8s, server_spec={"replicas": 1})
+        await eventually(lambda: exists(k8s, "apps/v1/deployments", "summarizer"))
+        container = gateway_container(k8s)
+        assert (container["image"], container["imagePullPolicy"]) == ("registry.example/portcullis:2", "Always")
+        assert container["resources"] == {"requests": {"cpu": "200m"}, "limits": {"cpu": "1", "memory": "256Mi"}}
+        pod = obj(k8s, "apps/v1/deployments", "summarizer")["spec"]["template"]["spec"]
+        assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+
+        # The server's own resources replace the default as a whole.
+        await patch(k8s, crd_path("virtualmcpservers", "summarizer"), {"spec": {"resources": {"limits": {"memory": "1Gi"}}}})
+        await eventually(lambda: gateway_container(k8s)["resources"] == {"limits": {"memory": "1Gi"}})
+        assert gateway_container(k8s)["imagePullPolicy"] == "Always"
+
+        # A request above its limit is the server's error, said on the server, not a failed write.
+        await patch(k8s, crd_path("virtualmcpservers", "summarizer"), {"spec": {"resources": {"requests": {"memory": "2Gi"}}}})
+        await eventually(lambda: condition(obj(k8s, VMS, "summarizer"), "ConfigValid").get("reason") == "InvalidSpec")
+        assert "requests.memory (2Gi) must not exceed limits.memory (1Gi)" in condition(obj(k8s, VMS, "summarizer"), "ConfigValid")["message"]
+        assert gateway_container(k8s)["resources"] == {"limits": {"memory": "1Gi"}}
 
 
 def gateway_status_body(unknown: list[dict[str, str]] | None = None) -> dict[str, Any]:

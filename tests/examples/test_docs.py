@@ -44,7 +44,10 @@ def test_a_changed_crd_makes_the_reference_stale(tmp_path: Path) -> None:
     for path in (ROOT / "crds").glob("*.yaml"):
         shutil.copy(path, tmp_path / path.name)
     target = tmp_path / "portcullis.dev_mcpconnections.yaml"
-    target.write_text(target.read_text().replace("Per-call timeout towards the upstream", "Per-call deadline"))
+    original = target.read_text()
+    changed = original.replace("Idle timeout towards the upstream", "Per-call deadline")
+    assert changed != original, "the description this test edits is gone from the CRD: pick another"
+    target.write_text(changed)
     assert generator.render(tmp_path) != generator.render()
     assert "Per-call deadline" in generator.render(tmp_path)
 

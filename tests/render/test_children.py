@@ -13,7 +13,7 @@ from portcullis.compile import compile
 from portcullis.render.autoscaler import build_autoscaler
 from portcullis.render.children import build_children
 from portcullis.render.config_map import build_config_map, build_revocations_config_map
-from portcullis.render.deployment import build_deployment
+from portcullis.render.deployment import DEFAULT_RESOURCES, GatewayPod, build_deployment
 from portcullis.render.disruption_budget import build_disruption_budget
 from portcullis.render.rbac import build_auth_delegator_binding, build_vault_role
 from portcullis.render.secret import build_signing_key_secret, keys_digest
@@ -37,6 +37,7 @@ OWNER = {
 }
 META = {"name": "summarizer", "namespace": "acme", "labels": LABELS, "ownerReferences": [OWNER]}
 SELECTOR = {"app.kubernetes.io/name": "portcullis-gateway", "app.kubernetes.io/instance": "summarizer"}
+POD = GatewayPod(image="i")
 
 
 def server(**spec: Any) -> VirtualMCPServer:
@@ -77,7 +78,7 @@ def test_signing_key_secret_holds_keys_json_base64() -> None:
 
 
 def test_deployment_is_hardened_and_rolls_on_keys_not_on_config() -> None:
-    assert build_deployment(server(replicas=2), image="ghcr.io/x/portcullis:1", keys_digest="abc") == {
+    assert build_deployment(server(replicas=2), pod=GatewayPod(image="ghcr.io/x/portcullis:1"), keys_digest="abc") == {
         "apiVersion": "apps/v1",
         "kind": "Deployment",
         "metadata": META,
@@ -150,8 +151,67 @@ def test_deployment_is_hardened_and_rolls_on_keys_not_on_config() -> None:
 
 
 def test_deployment_leaves_replicas_to_the_autoscaler() -> None:
-    deployment = build_deployment(server(autoscaling={"maxReplicas": 5}), image="i", keys_digest="d")
+    deployment = build_deployment(server(autoscaling={"maxReplicas": 5}), pod=POD, keys_digest="d")
     assert "replicas" not in deployment["spec"]
+
+
+def gateway_container(deployment: dict[str, Any]) -> dict[str, Any]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["name"] == "gateway"
+    return container  # type: ignore[no-any-return]
+
+
+def test_the_pod_defaults_set_pull_policy_pull_secrets_and_resources() -> None:
+    pod = GatewayPod(
+        image="registry.example/portcullis:2",
+        pull_policy="Always",
+        pull_secrets=("regcred", "mirror"),
+        resources={"requests": {"cpu": "250m"}, "limits": {"memory": "1Gi"}},
+    )
+    deployment = build_deployment(server(), pod=pod, keys_digest="d")
+    container = gateway_container(deployment)
+    assert (container["image"], container["imagePullPolicy"]) == ("registry.example/portcullis:2", "Always")
+    assert container["resources"] == {"requests": {"cpu": "250m"}, "limits": {"memory": "1Gi"}}
+    assert deployment["spec"]["template"]["spec"]["imagePullSecrets"] == [{"name": "regcred"}, {"name": "mirror"}]
+
+
+def test_without_pull_secrets_the_pod_names_none() -> None:
+    assert "imagePullSecrets" not in build_deployment(server(), pod=POD, keys_digest="d")["spec"]["template"]["spec"]
+
+
+def test_the_default_pod_is_the_operators_built_in_default() -> None:
+    container = gateway_container(build_deployment(server(), pod=POD, keys_digest="d"))
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    assert container["resources"] == DEFAULT_RESOURCES
+
+
+def test_a_servers_image_and_resources_win_over_the_pod_defaults() -> None:
+    pod = GatewayPod(image="default:1", resources={"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"cpu": "1"}})
+    srv = server(image="mine:2", resources={"limits": {"memory": "2Gi"}})
+    container = gateway_container(build_deployment(srv, pod=pod, keys_digest="d"))
+    assert container["image"] == "mine:2"
+    # As a whole: nothing of the default's requests or CPU limit is merged in.
+    assert container["resources"] == {"limits": {"memory": "2Gi"}}
+    # Everything else still comes from the pod defaults.
+    assert container["imagePullPolicy"] == pod.pull_policy
+
+
+def test_quantities_are_rendered_as_the_api_server_stores_them() -> None:
+    # A Deployment read back says `500m` for `0.5`: rendering the same keeps it unpatched.
+    srv = server(resources={"requests": {"cpu": "0.5", "memory": "1024Mi"}, "limits": {"cpu": "2000m", "memory": "1.5Gi"}})
+    assert gateway_container(build_deployment(srv, pod=POD, keys_digest="d"))["resources"] == {
+        "requests": {"cpu": "500m", "memory": "1Gi"},
+        "limits": {"cpu": "2", "memory": "1536Mi"},
+    }
+    pod = GatewayPod(image="i", resources={"limits": {"cpu": "1.0"}})
+    assert gateway_container(build_deployment(server(), pod=pod, keys_digest="d"))["resources"] == {"limits": {"cpu": "1"}}
+
+
+def test_rendering_does_not_share_the_pod_defaults() -> None:
+    pod = GatewayPod(image="i")
+    container = gateway_container(build_deployment(server(), pod=pod, keys_digest="d"))
+    container["resources"]["limits"]["cpu"] = "64"
+    assert pod.resources == DEFAULT_RESOURCES
 
 
 def test_keys_digest_changes_with_the_keys_only() -> None:
@@ -240,7 +300,7 @@ def test_disruption_budget_only_with_more_than_one_replica() -> None:
 
 def test_children_of_a_single_replica_server() -> None:
     srv = server()
-    children = build_children(srv, compile(srv, [], []).config, image="i", keys_json="{}")
+    children = build_children(srv, compile(srv, [], []).config, pod=POD, keys_json="{}")
     assert [(c["kind"], c["metadata"]["name"]) for c in children] == [
         ("ServiceAccount", "summarizer-gateway"),
         ("Role", "summarizer-gateway"),
@@ -255,11 +315,13 @@ def test_children_of_a_single_replica_server() -> None:
         ("Service", "summarizer"),
     ]
     assert all(c["metadata"]["labels"] == LABELS for c in children)
+    (deployment,) = [c for c in children if c["kind"] == "Deployment"]
+    assert deployment == build_deployment(srv, pod=POD, keys_digest=keys_digest("{}"))
 
 
 def test_children_of_an_autoscaled_server_add_hpa_and_pdb() -> None:
     srv = server(autoscaling={"maxReplicas": 4})
-    kinds = [c["kind"] for c in build_children(srv, compile(srv, [], []).config, image="i", keys_json="{}")]
+    kinds = [c["kind"] for c in build_children(srv, compile(srv, [], []).config, pod=POD, keys_json="{}")]
     assert kinds[-2:] == ["HorizontalPodAutoscaler", "PodDisruptionBudget"]
 
 

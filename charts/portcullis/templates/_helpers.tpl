@@ -38,6 +38,21 @@ helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
 {{- default (include "portcullis.image" .) .Values.gatewayImage -}}
 {{- end -}}
 
+{{/* The names in imagePullSecrets, comma-separated: how the operator hands them to the gateways. */}}
+{{- define "portcullis.pullSecretNames" -}}
+{{- $names := list -}}
+{{- range .Values.imagePullSecrets -}}
+{{- $names = append $names .name -}}
+{{- end -}}
+{{- join "," $names -}}
+{{- end -}}
+
+{{/* Every gateway pod the operator creates (render/metadata.py's labels). */}}
+{{- define "portcullis.gatewaySelectorLabels" -}}
+app.kubernetes.io/name: portcullis-gateway
+app.kubernetes.io/part-of: portcullis
+{{- end -}}
+
 {{/* The `helm test` pod: not selected by the operator's Service or Deployment. */}}
 {{- define "portcullis.testLabels" -}}
 app.kubernetes.io/name: portcullis-test

@@ -42,6 +42,7 @@ class ConnectionConfig(Model):
     name: str
     url: str
     timeout_seconds: int = 30
+    max_duration_seconds: int = Field(default=3600, description="Longest one request may take, progress or not (maxDurationSeconds).")
     credential: CredentialSpec = Field(default_factory=CredentialSpec)
     max_result_bytes: int = Field(default=16 * 1024 * 1024, description="Largest answer read for one request (maxResultBytes).")
     max_connections: int = Field(default=100, description="Most requests in flight to the upstream at once (maxConnections).")

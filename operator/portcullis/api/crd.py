@@ -18,10 +18,12 @@ demands, so the cluster rejects what `portcullis serve` would reject. The transl
   gets `default: {}`, so the API server fills in the nested defaults exactly as pydantic
   does and `kubectl get -o yaml` shows the effective values.
 - Rules that span two fields, which pydantic states as model validators, are restated in
-  CEL (`x-kubernetes-validations`) in `_CEL_RULES`, keyed by model. Two are not:
-  `defaultTTL <= maxTTL` (CEL's `duration()` has no `d` unit, which the pattern allows)
-  and `replicas` vs `autoscaling` (`replicas` has a default, so "set both" cannot be told
-  apart from "set autoscaling"); the operator reports those as conditions.
+  CEL (`x-kubernetes-validations`) in `_CEL_RULES`, keyed by model. Three are not:
+  `defaultTTL <= maxTTL` (CEL's `duration()` has no `d` unit, which the pattern allows),
+  `replicas` vs `autoscaling` (`replicas` has a default, so "set both" cannot be told
+  apart from "set autoscaling"), and a resource request within its limit (CEL's
+  `quantity()` needs Kubernetes 1.29, the chart supports 1.25); the operator reports those
+  as conditions.
 
 Status is not part of any spec model, so its models live here (`VirtualMCPServerStatus`,
 `ResourceStatus`): they describe what the operator writes, and the printer columns read

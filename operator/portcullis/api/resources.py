@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from portcullis.api.durations import parse_duration
+from portcullis.api.quantities import QUANTITY_PATTERN, parse_quantity
 
 GROUP = "portcullis.dev"
 VERSION = "v1alpha1"
@@ -128,8 +129,28 @@ class MCPConnectionSpec(WireModel):
         Field(min_length=1, max_length=2048, pattern=r"^https?://", description="Streamable HTTP endpoint of the upstream MCP server."),
     ]
     timeout_seconds: Annotated[
-        int, Field(ge=1, le=600, description="Per-call timeout towards the upstream, in seconds.")
+        int,
+        Field(
+            ge=1,
+            le=600,
+            description=(
+                "Idle timeout towards the upstream, in seconds: how long a request may go with nothing from the "
+                "upstream (no answer, and on a response stream no message such as progress or a log line). Each "
+                "message restarts it, so a long call that reports progress runs on, up to maxDurationSeconds."
+            ),
+        ),
     ] = 30
+    max_duration_seconds: Annotated[
+        int,
+        Field(
+            ge=1,
+            le=86400,
+            description=(
+                "Longest one request to the upstream may take, in seconds, however much progress it reports. "
+                "A call still running then is cancelled and fails with a tool error naming this limit. Default 1 hour."
+            ),
+        ),
+    ] = 3600
     credential: Annotated[
         CredentialSpec, Field(description="How the calling user's credential reaches the upstream.")
     ] = Field(default_factory=CredentialSpec)
@@ -288,6 +309,37 @@ class AuditSpec(WireModel):
         return self
 
 
+Quantity = Annotated[str, Field(max_length=64, pattern=QUANTITY_PATTERN)]
+
+
+class ResourceRequirementsSpec(WireModel):
+    """Requests and limits of the gateway container, as in a Pod's `resources`: resource name
+    (cpu, memory, ephemeral-storage, ...) to a quantity string (cpu: "500m", memory: 256Mi)."""
+
+    requests: Annotated[
+        dict[str, Quantity] | None,
+        Field(description="What the scheduler reserves for each gateway pod, e.g. {cpu: 100m, memory: 128Mi}."),
+    ] = None
+    limits: Annotated[
+        dict[str, Quantity] | None,
+        Field(description='The most each gateway pod may use, e.g. {cpu: "1", memory: 512Mi}; no request may exceed its limit.'),
+    ] = None
+
+    @model_validator(mode="after")
+    def _requests_within_limits(self) -> ResourceRequirementsSpec:
+        # The API server refuses such a pod template; say so at the spec instead of at the Deployment.
+        requests = self.requests or {}
+        for name, limit in sorted((self.limits or {}).items()):
+            request = requests.get(name)
+            if request is not None and parse_quantity(request) > parse_quantity(limit):
+                raise ValueError(f"requests.{name} ({request}) must not exceed limits.{name} ({limit})")
+        return self
+
+    def as_container_resources(self) -> dict[str, dict[str, str]]:
+        """The `resources` of a container: only the maps that are set."""
+        return {key: dict(value) for key, value in (("requests", self.requests), ("limits", self.limits)) if value is not None}
+
+
 class VirtualMCPServerSpec(WireModel):
     """One agent role: a scoped MCP endpoint."""
 
@@ -306,6 +358,16 @@ class VirtualMCPServerSpec(WireModel):
     audit: Annotated[AuditSpec, Field(description="Audit store, retention and failure policy.")] = Field(default_factory=AuditSpec)
     image: Annotated[
         str | None, Field(max_length=512, description="Gateway image; defaults to the operator's own.")
+    ] = None
+    resources: Annotated[
+        ResourceRequirementsSpec | None,
+        Field(
+            description=(
+                "Requests and limits of each gateway pod: resource name (cpu, memory, ...) to a quantity, written "
+                'as a string (quote whole numbers: cpu: "1"). When set, they replace the operator\'s default (the '
+                "chart's gateway.resources) as a whole; absent, the default applies."
+            )
+        ),
     ] = None
 
 

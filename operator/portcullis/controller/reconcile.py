@@ -300,7 +300,7 @@ async def _reconcile_locked(
         rotation_seconds=options.key_rotation_seconds,
         keep_seconds=server.spec.session_tokens.max_ttl_seconds,
     )
-    children = build_children(server, compilation.config, image=server.spec.image or options.image, keys_json=decision.keys_json)
+    children = build_children(server, compilation.config, pod=options.gateway, keys_json=decision.keys_json)
 
     # The gateway ServiceAccount remembers where its vault Role was granted: when
     # spec.vault.namespace moves, remove the old grant first, and only then record the

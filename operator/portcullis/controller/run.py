@@ -21,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import logging
+import os
 import secrets
 
 import kopf
@@ -49,7 +50,11 @@ def run_operator(
     metrics_port: int | None = 9090,
     options: options_module.Options | None = None,
 ) -> None:
-    """Run the operator until interrupted (SIGINT/SIGTERM); `metrics_port=None` serves no metrics."""
+    """Run the operator until interrupted (SIGINT/SIGTERM); `metrics_port=None` serves no metrics.
+
+    Without `options`, the current ones with what the environment sets (the chart's gateway
+    defaults); a malformed variable raises `ConfigurationError` here, before kopf starts.
+    """
     if namespaces and clusterwide:
         raise ValueError("watch either the listed namespaces or the whole cluster, not both")
     chosen = peering_priority(peering, priority)
@@ -57,7 +62,7 @@ def run_operator(
     # closed by a cleanup handler, not here around kopf.run: so its life is kopf's, and what
     # stubs or embeds kopf.run (the CLI tests, KopfRunner in the suite) binds no fixed port
     # unless it asks for one. The port reaches the handler the way all configuration does.
-    chosen_options = options if options is not None else options_module.current()
+    chosen_options = options if options is not None else options_module.from_environment(os.environ)
     options_module.install(dataclasses.replace(chosen_options, metrics_port=metrics_port))
     importlib.import_module(HANDLERS_MODULE)  # registers the handlers with kopf
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

@@ -12,7 +12,7 @@ from portcullis.api.config import GatewayConfig
 from portcullis.api.resources import VirtualMCPServer
 from portcullis.render.autoscaler import build_autoscaler
 from portcullis.render.config_map import build_config_map, build_revocations_config_map
-from portcullis.render.deployment import build_deployment
+from portcullis.render.deployment import GatewayPod, build_deployment
 from portcullis.render.disruption_budget import build_disruption_budget
 from portcullis.render.rbac import (
     build_auth_delegator_binding,
@@ -26,7 +26,7 @@ from portcullis.render.secret import build_signing_key_secret, keys_digest
 from portcullis.render.service import build_service
 
 
-def build_children(server: VirtualMCPServer, config: GatewayConfig, *, image: str, keys_json: str) -> list[dict[str, Any]]:
+def build_children(server: VirtualMCPServer, config: GatewayConfig, *, pod: GatewayPod, keys_json: str) -> list[dict[str, Any]]:
     optional = [build_autoscaler(server), build_disruption_budget(server)]
     return [
         build_service_account(server),
@@ -38,7 +38,7 @@ def build_children(server: VirtualMCPServer, config: GatewayConfig, *, image: st
         build_config_map(server, config),
         build_revocations_config_map(server),
         build_signing_key_secret(server, keys_json),
-        build_deployment(server, image=image, keys_digest=keys_digest(keys_json)),
+        build_deployment(server, pod=pod, keys_digest=keys_digest(keys_json)),
         build_service(server),
         *(obj for obj in optional if obj is not None),
     ]

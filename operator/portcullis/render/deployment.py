@@ -6,12 +6,20 @@ root filesystem (a small emptyDir for /tmp), no capabilities, RuntimeDefault sec
 The pod template carries a digest of the signing keys, not of the config: a key rotation
 must reach every replica (it rolls the pods), while an allowlist change is watched live
 by the running gateways and must not restart anything.
+
+What a cluster decides rather than a server (image, pull policy, pull secrets, resources) comes
+in as one `GatewayPod`: the operator builds it at start from its environment, which the Helm
+chart sets from its values. A server's `spec.image` and `spec.resources` win over it.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
+from portcullis.api.quantities import canonical_quantity
 from portcullis.api.resources import VirtualMCPServer
 from portcullis.render.metadata import (
     ADMIN_PORT,
@@ -27,13 +35,37 @@ KEYS_DIGEST_ANNOTATION = "portcullis.dev/signing-keys-digest"
 STATE_DIR = "/var/lib/portcullis"
 STATE_SIZE = "1Gi"
 GATEWAY_UID = 10001
-RESOURCES = {
+# The defaults when the operator's environment names none; the chart's gateway.resources and
+# image.pullPolicy defaults are the same (a test holds them together).
+DEFAULT_PULL_POLICY = "IfNotPresent"
+DEFAULT_RESOURCES: Mapping[str, Mapping[str, str]] = {
     "requests": {"cpu": "100m", "memory": "128Mi"},
     "limits": {"cpu": "1", "memory": "512Mi"},
 }
+PULL_POLICIES = ("Always", "IfNotPresent", "Never")
 
 
-def build_deployment(server: VirtualMCPServer, *, image: str, keys_digest: str) -> dict[str, Any]:
+@dataclass(frozen=True)
+class GatewayPod:
+    """The cluster-wide defaults of every gateway pod."""
+
+    image: str
+    pull_policy: str = DEFAULT_PULL_POLICY
+    # Names of Secrets in each server's own namespace (a pod can use no other namespace's).
+    pull_secrets: tuple[str, ...] = ()
+    # A container's `resources`: {"requests": {...}, "limits": {...}}, quantities as strings.
+    resources: Mapping[str, Mapping[str, str]] = field(default_factory=lambda: copy.deepcopy(DEFAULT_RESOURCES))
+
+
+def container_resources(server: VirtualMCPServer, pod: GatewayPod) -> dict[str, Any]:
+    """The server's own requests and limits when it sets them (as a whole), else the default;
+    quantities spelled as the API server stores them (`0.5` is read back as `500m`), so an
+    unchanged Deployment compares equal to what was rendered and is not patched again."""
+    chosen = server.spec.resources.as_container_resources() if server.spec.resources is not None else pod.resources
+    return {key: {name: canonical_quantity(q) for name, q in amounts.items()} for key, amounts in chosen.items()}
+
+
+def build_deployment(server: VirtualMCPServer, *, pod: GatewayPod, keys_digest: str) -> dict[str, Any]:
     name = server.metadata.name
     ns = server.metadata.namespace
     spec: dict[str, Any] = {
@@ -46,6 +78,7 @@ def build_deployment(server: VirtualMCPServer, *, image: str, keys_digest: str) 
             },
             "spec": {
                 "serviceAccountName": gateway_account_name(server),
+                **({"imagePullSecrets": [{"name": secret} for secret in pod.pull_secrets]} if pod.pull_secrets else {}),
                 "securityContext": {
                     "runAsNonRoot": True,
                     "runAsUser": GATEWAY_UID,
@@ -56,8 +89,8 @@ def build_deployment(server: VirtualMCPServer, *, image: str, keys_digest: str) 
                 "containers": [
                     {
                         "name": "gateway",
-                        "image": image,
-                        "imagePullPolicy": "IfNotPresent",
+                        "image": server.spec.image or pod.image,
+                        "imagePullPolicy": pod.pull_policy,
                         "args": ["gateway", "--in-cluster", "--server", name, "--namespace", ns],
                         "env": [
                             {"name": "PORTCULLIS_SERVER", "value": name},
@@ -80,7 +113,7 @@ def build_deployment(server: VirtualMCPServer, *, image: str, keys_digest: str) 
                             "periodSeconds": 5,
                             "failureThreshold": 2,
                         },
-                        "resources": RESOURCES,
+                        "resources": container_resources(server, pod),
                         "securityContext": {
                             "allowPrivilegeEscalation": False,
                             "readOnlyRootFilesystem": True,
