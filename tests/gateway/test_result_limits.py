@@ -333,7 +333,7 @@ async def test_a_hung_upstream_fills_its_max_connections_then_calls_fail_saying_
                     tg.start_soon(one)
         assert await call(gw, token, mode, "narrow_small", {}) == (False, "small")  # free again
     busy = [t for e, t in answers if e and "upstream 'narrow': its maxConnections slots are all busy (2 requests in flight" in t]
-    timed_out = [t for e, t in answers if e and "upstream 'narrow': no answer within 2s" in t]
+    timed_out = [t for e, t in answers if e and "upstream 'narrow': sent nothing for 2s" in t]
     assert len(busy) + len(timed_out) == 6, answers
     assert len(busy) >= 2 and len(timed_out) >= 2, answers
     warnings = [r.getMessage() for r in caplog.records if r.name == "portcullis.gateway.upstream" and r.levelno == logging.WARNING]

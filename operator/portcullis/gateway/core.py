@@ -180,7 +180,7 @@ class Gateway:
         for name, conn in self._config.connections.items():
             current = self._upstreams.get(name)
             if current is None or current.config != conn:
-                self._upstreams[name] = UpstreamClient(conn, self._http)
+                self._upstreams[name] = UpstreamClient(conn, self._http, on_change=functools.partial(self._changed_in_call, name))
         for name in list(self._upstreams):
             if name not in self._config.connections:
                 del self._upstreams[name]
@@ -315,6 +315,11 @@ class Gateway:
                 await stream.pause()
         finally:
             stream.abandon()
+
+    def _changed_in_call(self, connection: str, method: str) -> None:
+        # Announced on a call's response stream rather than the change stream: handled the
+        # same way, beside the call (its refresh must not hold up the call's answer).
+        self.background.spawn(self._upstream_changed(connection, method), name=f"changed-in-call/{connection}")
 
     async def _upstream_changed(self, connection: str, method: str) -> None:
         config = self._config

@@ -19,10 +19,11 @@ import json
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
 
 import mcp_types as types
+from mcp.server.connection import allowed_log_levels
 from mcp.server.lowlevel import Server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.server.subscriptions import (
@@ -39,11 +40,12 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from portcullis import __version__
-from portcullis.gateway import tracing
+from portcullis.gateway import paging, tracing
 from portcullis.gateway.audit import Reason
-from portcullis.gateway.core import Gateway, RPCError, Unauthenticated, complete_tool_result
+from portcullis.gateway.core import INTERNAL_ERROR, Gateway, RPCError, Unauthenticated, complete_tool_result
 from portcullis.gateway.fastpath import FastToolCall, is_candidate, replay
-from portcullis.gateway.upstream import ProgressSink, progress_sink
+from portcullis.gateway.inflight import InFlight
+from portcullis.gateway.upstream import call_events
 from portcullis.gateway.tokens import SessionClaims
 
 log = logging.getLogger("portcullis.gateway")
@@ -83,19 +85,50 @@ def _relayed(params: types.CallToolRequestParams | types.GetPromptRequestParams)
     return params.model_dump(by_alias=True, mode="json", exclude_none=True, include=_RELAYED_PARAMS)
 
 
-def _progress_relay(ctx: Any) -> ProgressSink:
-    async def relay(params: dict[str, Any]) -> None:
+class _CallRelay:
+    """An upstream's notifications for one agent request, passed on to that agent (`CallEvents`).
+
+    Progress goes only to an agent that asked for it (a progress token), under the
+    agent's own token. Log messages ride the request's own stream, at the levels the
+    protocol allows (the SDK's `allowed_log_levels`): on 2026-07-28 only at or above
+    the level the agent opted in to in `_meta` (forwarded upstream too), on the
+    session era all of them.
+    """
+
+    __slots__ = ("_ctx", "_log_levels", "_progress")
+
+    def __init__(self, ctx: Any, meta: Any):
+        self._ctx = ctx
+        self._log_levels = allowed_log_levels(ctx.protocol_version, ctx.meta)
+        self._progress = meta is not None and (meta.get("progress_token") is not None or meta.get("progressToken") is not None)
+
+    async def progress(self, params: dict[str, Any]) -> None:
         progress = params.get("progress")
-        if isinstance(progress, (int, float)):
+        if self._progress and isinstance(progress, (int, float)):
             total = params.get("total")
             message = params.get("message")
-            await ctx.session.report_progress(
+            await self._ctx.session.report_progress(
                 float(progress),
                 float(total) if isinstance(total, (int, float)) else None,
                 message if isinstance(message, str) else None,
             )
 
-    return relay
+    async def log(self, params: dict[str, Any]) -> None:
+        level = params.get("level")
+        if level in self._log_levels and "data" in params:
+            # Sent as a plain notification: the SDK's `send_log_message` applies the same
+            # rule but warns on every call that logging is deprecated in 2026-07-28 (SEP-2577).
+            logger = params.get("logger")
+            notice = types.LoggingMessageNotification(
+                params=types.LoggingMessageNotificationParams(
+                    level=level, data=params["data"], logger=logger if isinstance(logger, str) else None
+                )
+            )
+            await self._ctx.session.send_notification(notice, related_request_id=self._ctx.request_id)
+
+
+def _relaying(ctx: Any, params: Any) -> contextvars.Token[Any]:
+    return call_events.set(_CallRelay(ctx, params.meta))
 
 
 def build_mcp_server(gateway: Gateway) -> Server[Any]:
@@ -103,6 +136,7 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
     # Each replica watches the config itself and publishes its own change, so an
     # in-process bus is enough: no event has to cross replicas.
     bus = InMemorySubscriptionBus()
+    inflight = InFlight()
 
     def tools_changed() -> None:
         gateway.background.spawn(bus.publish(ToolsListChanged()), name="publish-tools-changed")
@@ -118,45 +152,57 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
     # Tool results and lists are returned as plain dicts: the SDK validates and sieves
     # every result against the negotiated protocol version anyway, so building models
     # here would validate the same data twice on the hottest path.
-    async def list_tools(ctx: Any, params: types.PaginatedRequestParams) -> types.ListToolsResult:
-        definitions = await gateway.list_tools(_claims())
-        return types.ListToolsResult(tools=[types.Tool.model_validate(t) for t in definitions])
+    # Every list is the gateway's own, paged here (paging.py): the upstreams' cursors mean nothing to an agent.
+    async def list_tools(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListToolsResult:
+        definitions, next_cursor = _page(await gateway.list_tools(_claims()), params)
+        return types.ListToolsResult(tools=[types.Tool.model_validate(t) for t in definitions], next_cursor=next_cursor)
 
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> dict[str, Any]:
-        # The agent's progress token is forwarded upstream in `_meta`; the upstream's
-        # progress notifications come back on its SSE answer and are passed on here.
-        wants_progress = params.meta is not None and (
-            params.meta.get("progress_token") is not None or params.meta.get("progressToken") is not None
-        )
-        reset = progress_sink.set(_progress_relay(ctx) if wants_progress else None)
+        # The agent's progress token and log level are forwarded upstream in `_meta`; the
+        # upstream's progress and log messages come back on its SSE answer and are passed on here.
+        claims = _claims()
+        reset = _relaying(ctx, params)
         try:
-            result = await gateway.call_tool(_claims(), params.name, params.arguments, _relayed(params))
+            with inflight.track(claims.jti, ctx.request_id) as cancellable:
+                result = await gateway.call_tool(claims, params.name, params.arguments, _relayed(params))
         except RPCError as exc:
             raise _raise(exc) from None
         finally:
-            progress_sink.reset(reset)
+            call_events.reset(reset)
+        if cancellable.cancelled_caught:  # audited as cancelled; the client has stopped listening for this answer
+            raise MCPError(INTERNAL_ERROR, "The call was cancelled by the client.")
         return complete_tool_result(result)
 
+    async def cancelled(ctx: Any, params: types.CancelledNotificationParams) -> None:
+        # A session-era client's notice (2026-07-28 clients close the stream instead): inflight.py.
+        if params.request_id is not None:
+            inflight.cancel(_claims().jti, params.request_id)
+
     async def list_prompts(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListPromptsResult:
-        prompts = await gateway.list_prompts(_claims())
-        return types.ListPromptsResult(prompts=[types.Prompt.model_validate(p) for p in prompts])
+        prompts, next_cursor = _page(await gateway.list_prompts(_claims()), params)
+        return types.ListPromptsResult(prompts=[types.Prompt.model_validate(p) for p in prompts], next_cursor=next_cursor)
 
     async def get_prompt(ctx: Any, params: types.GetPromptRequestParams) -> types.GetPromptResult | types.InputRequiredResult:
+        reset = _relaying(ctx, params)
         try:
             result = await gateway.get_prompt(_claims(), params.name, params.arguments, _relayed(params))
         except RPCError as exc:
             raise _raise(exc) from None
+        finally:
+            call_events.reset(reset)
         if result.get("resultType") == "input_required":
             return types.InputRequiredResult.model_validate(result)
         return types.GetPromptResult.model_validate(result)
 
     async def list_resources(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListResourcesResult:
-        resources = await gateway.list_resources(_claims())
-        return types.ListResourcesResult(resources=[types.Resource.model_validate(r) for r in resources])
+        resources, next_cursor = _page(await gateway.list_resources(_claims()), params)
+        return types.ListResourcesResult(resources=[types.Resource.model_validate(r) for r in resources], next_cursor=next_cursor)
 
     async def list_resource_templates(ctx: Any, params: types.PaginatedRequestParams | None) -> types.ListResourceTemplatesResult:
-        templates = await gateway.list_resource_templates(_claims())
-        return types.ListResourceTemplatesResult(resource_templates=[types.ResourceTemplate.model_validate(t) for t in templates])
+        templates, next_cursor = _page(await gateway.list_resource_templates(_claims()), params)
+        return types.ListResourceTemplatesResult(
+            resource_templates=[types.ResourceTemplate.model_validate(t) for t in templates], next_cursor=next_cursor
+        )
 
     async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
         try:
@@ -194,10 +240,19 @@ def build_mcp_server(gateway: Gateway) -> Server[Any]:
     server.middleware = []
     server.add_request_handler("tools/list", types.PaginatedRequestParams, _no_internals(list_tools))
     server.add_request_handler("tools/call", types.CallToolRequestParams, _no_internals(call_tool))
+    server.add_notification_handler("notifications/cancelled", types.CancelledNotificationParams, cancelled)
     return server
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
+Item = TypeVar("Item")
+
+
+def _page(items: Sequence[Item], params: types.PaginatedRequestParams | None) -> tuple[Sequence[Item], str | None]:
+    try:
+        return paging.page(items, params.cursor if params is not None else None)
+    except RPCError as exc:
+        raise _raise(exc) from None
 
 
 def _no_internals(handler: Handler) -> Handler:

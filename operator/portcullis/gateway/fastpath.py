@@ -11,7 +11,7 @@ Fidelity is kept by construction, not by re-implementing the protocol:
   ladder, duplicated routing headers, Accept), and the result is shaped with the
   SDK's own per-version serializer and stamped with the same `serverInfo`;
 - anything not plainly a well-formed 2026-07-28 `tools/call` (a rejection of
-  any kind, a notification, progress, a multi-round-trip retry, `Mcp-Param-*`
+  any kind, a notification, progress or log opt-in, a multi-round-trip retry, `Mcp-Param-*`
   headers to validate, an unknown body size) is handed to the SDK unchanged, with
   the body replayed, so every error answer still comes from one place.
 
@@ -32,7 +32,7 @@ from mcp.shared.inbound import (
     classify_inbound_request,
     find_duplicated_routing_header,
 )
-from mcp_types import SERVER_INFO_META_KEY
+from mcp_types import LOG_LEVEL_META_KEY, SERVER_INFO_META_KEY
 from mcp_types import methods as _methods
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -159,8 +159,8 @@ def _plain_call(body: bytes) -> dict[str, Any] | None:
     meta = params.get("_meta")
     if not isinstance(params.get("name"), str) or not (arguments is None or isinstance(arguments, dict)):
         return None
-    if not isinstance(meta, dict) or "progressToken" in meta:
-        return None  # progress belongs to the SDK's streaming path
+    if not isinstance(meta, dict) or "progressToken" in meta or LOG_LEVEL_META_KEY in meta:
+        return None  # progress and log messages belong to the SDK's streaming path
     return request
 
 

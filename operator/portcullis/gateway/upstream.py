@@ -17,8 +17,15 @@ It speaks both eras of Streamable HTTP:
   per credential (by hash; the credential itself is only held for the request).
 
 Which era an upstream speaks is found once, with `server/discover`, and
-remembered. Every failure becomes an `UpstreamError` naming the connection;
-nothing here hangs longer than the connection's timeout.
+remembered. Every failure becomes an `UpstreamError` naming the connection.
+
+Two clocks bound a request (`_Deadline`): the connection's `timeoutSeconds` is an
+idle timeout, restarted by every message the upstream sends for the request (a
+long tool that reports progress runs on), and `maxDurationSeconds` caps the whole
+request however lively it is. The MCP spec asks for exactly this pair (lifecycle,
+"Timeouts"). What arrives on a call's response stream besides its answer goes to
+the call's `CallEvents` (progress, log messages) or, for list changes, to the
+client's `on_change`: none of it is dropped.
 
 Two bounds per connection keep one upstream from hurting the calls to others:
 
@@ -41,7 +48,7 @@ import json
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Any, Final, Protocol
 
 import aiohttp
 from aiohttp.http_exceptions import HttpProcessingError, LineTooLong
@@ -77,10 +84,22 @@ _SLOW_SLOT_SECONDS: Final = 1.0
 log = logging.getLogger("portcullis.gateway.upstream")
 
 
-ProgressSink = Callable[[dict[str, Any]], Awaitable[None]]
-progress_sink: contextvars.ContextVar[ProgressSink | None] = contextvars.ContextVar("portcullis_progress", default=None)
-"""Where an upstream's `notifications/progress` for the current call go (set by the endpoint
-when the agent asked for progress). A context variable, so the hot path passes nothing."""
+class CallEvents(Protocol):
+    """Where the notifications an upstream sends on one request's response stream go."""
+
+    async def progress(self, params: dict[str, Any]) -> None:
+        """`notifications/progress` params, as the upstream sent them."""
+
+    async def log(self, params: dict[str, Any]) -> None:
+        """`notifications/message` params, as the upstream sent them."""
+
+
+call_events: contextvars.ContextVar[CallEvents | None] = contextvars.ContextVar("portcullis_call_events", default=None)
+"""The current request's `CallEvents` (set by the endpoint around a call, None elsewhere).
+A context variable, so the hot path passes nothing."""
+
+ChangeListener = Callable[[str], None]
+"""Told the method of a `notifications/{tools,prompts,resources}/list_changed` met on any stream."""
 
 
 class UpstreamError(Exception):
@@ -142,7 +161,60 @@ PROMPTS_LIST_CHANGED: Final = "notifications/prompts/list_changed"
 RESOURCES_LIST_CHANGED: Final = "notifications/resources/list_changed"
 _CHANGE_METHODS: Final = frozenset({TOOLS_LIST_CHANGED, PROMPTS_LIST_CHANGED, RESOURCES_LIST_CHANGED})
 _ACKNOWLEDGED: Final = "notifications/subscriptions/acknowledged"
+RELAYED_CAPABILITIES: Final[dict[str, Any]] = {
+    "elicitation": {"form": {}, "url": {}},
+    "sampling": {"context": {}, "tools": {}},
+    "roots": {},
+}
+"""What a 2026-07-28 upstream is told, when it lists, that the gateway's agents may support.
+
+On that era an upstream asks its client for input inside a result (`inputRequests`,
+SEP-2322), which the gateway relays verbatim and whose answers it forwards on the
+retry: whatever an agent supports reaches the upstream. A tool an upstream offers
+only to such clients is therefore listed; each call then carries the calling
+agent's own capabilities, so an agent without one is answered as the upstream
+answers such a client. Sessions towards 2025-11-25 upstreams still declare none:
+there the upstream asks mid-stream, which the gateway does not relay yet.
+"""
+_LISTINGS: Final = frozenset({"tools/list", "prompts/list", "resources/list", "resources/templates/list"})
 _METHOD_NOT_FOUND: Final = -32601
+
+
+class _Deadline:
+    """The two clocks of one request: idle (`timeoutSeconds`, restarted by `touch`) inside a hard cap.
+
+    Entered around the whole exchange (connecting, the answer's headers, every
+    event). On expiry the exchange is cancelled, which closes the upstream
+    connection, and `UpstreamError` says which clock ran out.
+    """
+
+    __slots__ = ("_cap", "_config", "_idle", "_loop", "_scope")
+
+    def __init__(self, config: ConnectionConfig):
+        self._config = config
+        self._idle = float(config.timeout_seconds)
+        self._loop = asyncio.get_running_loop()
+        self._cap = self._loop.time() + config.max_duration_seconds
+        self._scope = asyncio.timeout_at(min(self._loop.time() + self._idle, self._cap))
+
+    async def __aenter__(self) -> _Deadline:
+        await self._scope.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        try:
+            await self._scope.__aexit__(*exc_info)
+        except TimeoutError:
+            config = self._config
+            if self._loop.time() >= self._cap:
+                message = f"did not finish within {config.max_duration_seconds}s (maxDurationSeconds of connection {config.name})"
+            else:
+                message = f"sent nothing for {config.timeout_seconds}s (timeoutSeconds of connection {config.name})"
+            raise UpstreamError(config.name, message, transport=True) from None
+
+    def touch(self) -> None:
+        """The upstream said something for this request: the idle clock starts again."""
+        self._scope.reschedule(min(self._loop.time() + self._idle, self._cap))
 
 
 class UpstreamRPCError(Exception):
@@ -242,17 +314,20 @@ class _Budget:
 class UpstreamClient:
     """One upstream MCP server, as one `MCPConnection` describes it."""
 
-    def __init__(self, config: ConnectionConfig, http: aiohttp.ClientSession):
+    def __init__(self, config: ConnectionConfig, http: aiohttp.ClientSession, *, on_change: ChangeListener | None = None):
         self.config = config
         self._http = http
+        self._on_change = on_change
         self._era: str | None = None  # "modern" | "legacy", found on first use
         self._era_lock = asyncio.Lock()
         self._sessions: dict[str, _LegacySession] = {}
         self._opening: dict[str, asyncio.Lock] = {}
         self._ids = itertools.count(1)
         self._param_headers: dict[str, dict[tuple[str, ...], str]] = {}
-        self._timeout = aiohttp.ClientTimeout(total=config.timeout_seconds)
+        # aiohttp bounds connecting; everything after is `_Deadline`'s (an idle clock aiohttp lacks).
+        self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.timeout_seconds)
         self._slots = _Slots(config)
+        self._notices: set[asyncio.Task[None]] = set()  # cancellation notices on their way (kept referenced)
 
     @property
     def name(self) -> str:
@@ -394,7 +469,9 @@ class UpstreamClient:
     ) -> dict[str, Any]:
         meta = dict(params.get("_meta") or {})
         meta[PROTOCOL_VERSION_META_KEY] = MODERN_VERSION
-        meta.setdefault(CLIENT_CAPABILITIES_META_KEY, {})
+        # A call carries its agent's own capabilities (in the relayed `_meta`); a listing,
+        # shared by every agent, what the gateway can relay to one (`RELAYED_CAPABILITIES`).
+        meta.setdefault(CLIENT_CAPABILITIES_META_KEY, RELAYED_CAPABILITIES if method in _LISTINGS else {})
         meta.setdefault(CLIENT_INFO_META_KEY, CLIENT_INFO)
         body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": {**params, "_meta": meta}}
         headers = {
@@ -434,6 +511,11 @@ class UpstreamClient:
             try:
                 result, _ = await self._post(body, headers)
                 return result
+            except asyncio.CancelledError:
+                # The agent cancelled. The session protocol's upstream is told so (2026-07-28 ones
+                # take the closed request as the signal), beside the cancellation, which goes on.
+                self._tell_cancelled(body["id"], headers)
+                raise
             except UpstreamError as exc:
                 # 404 on a session means the upstream forgot it (restart, idle expiry): open a new one once.
                 if attempt == 1 and exc.status == 404 and session.session_id:
@@ -441,6 +523,22 @@ class UpstreamClient:
                     continue
                 raise
         raise AssertionError("unreachable")
+
+    def _tell_cancelled(self, request_id: int, headers: dict[str, str]) -> None:
+        notice = {
+            "jsonrpc": "2.0",
+            "method": "notifications/cancelled",
+            "params": {"requestId": request_id, "reason": "cancelled by the agent"},
+        }
+        task = asyncio.get_running_loop().create_task(self._courtesy(notice, headers))
+        self._notices.add(task)
+        task.add_done_callback(self._notices.discard)
+
+    async def _courtesy(self, notice: dict[str, Any], headers: dict[str, str]) -> None:
+        try:
+            await self._notify(notice, headers)
+        except UpstreamError as exc:  # best effort: the upstream's request may have ended anyway
+            log.info("telling %s of a cancellation failed: %s", self.name, exc)
 
     async def _legacy_session(self, key: str, credential: Mapping[str, str] | None) -> _LegacySession:
         session = self._sessions.get(key)
@@ -490,13 +588,14 @@ class UpstreamClient:
         raw = b""
         message: dict[str, Any] | None = None
         try:
-            async with self._slots.hold(), self._http.post(
+            async with self._slots.hold(), _Deadline(self.config) as deadline, self._http.post(
                 self.config.url, data=json.dumps(body, separators=(",", ":")), headers=headers, timeout=self._timeout
             ) as response:
+                deadline.touch()
                 budget = _Budget(response, self.config)
                 ctype = response.headers.get("content-type", "")
                 if ctype.startswith("text/event-stream"):
-                    message = await _read_sse_response(response, request_id, budget)
+                    message = await self._read_sse_response(response, request_id, budget, deadline)
                 elif response.status >= 400 and not ctype.startswith("application/json"):
                     raise UpstreamError(self.name, f"HTTP {response.status} from {self.config.url}", status=response.status)
                 else:
@@ -506,8 +605,8 @@ class UpstreamClient:
             if message is None:
                 raise UpstreamError(self.name, f"HTTP {response.status}: no JSON-RPC response", status=response.status)
             return _result_of(message, self.name, response.status), response.headers
-        except asyncio.TimeoutError:
-            raise UpstreamError(self.name, f"no answer within {self.config.timeout_seconds}s", transport=True) from None
+        except asyncio.TimeoutError:  # connecting (aiohttp's sock_connect); the rest is `_Deadline`'s
+            raise UpstreamError(self.name, f"no connection within {self.config.timeout_seconds}s", transport=True) from None
         except aiohttp.ClientConnectionError as exc:
             raise UpstreamError(self.name, f"unreachable ({type(exc).__name__})", transport=True) from None
         except aiohttp.ClientError as exc:
@@ -515,9 +614,36 @@ class UpstreamClient:
         except (ValueError, HttpProcessingError):  # a line over aiohttp's line limit (LineTooLong, see `_sse_lines`)
             raise UpstreamError(self.name, "sent an event line longer than the gateway reads") from None
 
+    async def _read_sse_response(
+        self, response: aiohttp.ClientResponse, request_id: object, budget: _Budget, deadline: _Deadline
+    ) -> dict[str, Any] | None:
+        """Read server-sent events until the JSON-RPC response to `request_id` arrives.
+
+        Every message restarts the idle clock. Progress and log messages go to the
+        current call's `CallEvents`, list changes to `on_change` (an upstream may
+        announce them on any stream it has open, this one included); all of it is
+        part of the answer and spends the same budget.
+        """
+        events = call_events.get()
+        async for message in _sse_messages(response, budget):
+            deadline.touch()
+            if message.get("id") == request_id and ("result" in message or "error" in message):
+                return message
+            method = message.get("method")
+            params = message.get("params")
+            if method in _CHANGE_METHODS:
+                if self._on_change is not None:
+                    self._on_change(str(method))
+            elif events is not None and isinstance(params, dict):
+                if method == "notifications/progress":
+                    await events.progress(params)
+                elif method == "notifications/message":
+                    await events.log(params)
+        return None
+
     async def _notify(self, body: dict[str, Any], headers: dict[str, str]) -> None:
         try:
-            async with self._slots.hold(), self._http.post(
+            async with self._slots.hold(), _Deadline(self.config), self._http.post(
                 self.config.url, data=json.dumps(body), headers=headers, timeout=self._timeout
             ) as response:
                 await _read_body(response, _Budget(response, self.config))
@@ -585,21 +711,6 @@ def _result_of(message: dict[str, Any], connection: str, status: int) -> dict[st
     if not isinstance(result, dict):
         raise UpstreamError(connection, f"HTTP {status}: response has neither result nor error", status=status)
     return result
-
-
-async def _read_sse_response(response: aiohttp.ClientResponse, request_id: object, budget: _Budget) -> dict[str, Any] | None:
-    """Read server-sent events until the JSON-RPC response to `request_id` arrives.
-
-    Progress notifications met on the way go to the current call's `progress_sink`;
-    they are part of the answer, and spend the same budget.
-    """
-    sink = progress_sink.get()
-    async for message in _sse_messages(response, budget):
-        if message.get("id") == request_id and ("result" in message or "error" in message):
-            return message
-        if sink is not None and message.get("method") == "notifications/progress" and isinstance(message.get("params"), dict):
-            await sink(message["params"])
-    return None
 
 
 async def _sse_messages(

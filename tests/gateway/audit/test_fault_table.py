@@ -187,7 +187,7 @@ async def call(stack: Stack, mode: Mode, user: str, tool: str, token: str | None
 TABLE = [
     ("ok", USER, "ok", "allowlisted", "ok: fine"),
     ("refused", USER, "upstream_error", "upstream_failed", "unreachable"),
-    ("hang", USER, "upstream_error", "upstream_failed", "no answer within 1s"),
+    ("hang", USER, "upstream_error", "upstream_failed", "sent nothing for 1s"),
     ("garbage", USER, "upstream_error", "upstream_failed", "not JSON"),
     ("oversized_line", USER, "upstream_error", "upstream_failed", "longer than the gateway reads"),
     ("close_midstream", USER, "upstream_error", "upstream_failed", "upstream 'faulty'"),

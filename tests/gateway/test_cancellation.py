@@ -1,0 +1,161 @@
+"""An agent that gives up on a call stops it upstream, in both eras on both sides.
+
+A 2026-07-28 agent cancels by closing the call's stream; a 2025-11-25 agent sends
+`notifications/cancelled` on a separate POST and keeps listening. Either way the
+upstream's tool must see the cancellation (its handler is cancelled), whether
+the upstream speaks 2026-07-28 (the closed request is its signal) or only the
+session protocol (the gateway sends it `notifications/cancelled`). The call is
+audited as cancelled, and the next call works.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import anyio
+import httpx2
+import pytest
+from mcp.server.mcpserver import Context, MCPServer
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from portcullis.gateway.audit import MemoryAuditSink
+from portcullis.gateway.local import admin_secret
+from portcullis.serve import LocalGateway, local_gateway
+from tests.support.agent import MODES, Mode, agent, result_text
+from tests.support.servers import run_asgi
+
+pytestmark = pytest.mark.anyio
+ERAS = ("2026-07-28", "session")
+
+
+@dataclass
+class Seen:
+    started: int = 0
+    cancelled: int = 0
+    finished: int = 0
+    discover: list[int] = field(default_factory=list)
+
+
+def upstream(seen: Seen) -> MCPServer:
+    server = MCPServer("cancellable")
+
+    @server.tool()
+    async def long(ctx: Context) -> str:
+        seen.started += 1
+        try:
+            for step in range(100):  # 10 s, reporting progress so no idle timeout interferes
+                await ctx.report_progress(step)
+                await anyio.sleep(0.1)
+        except anyio.get_cancelled_exc_class():
+            seen.cancelled += 1
+            raise
+        seen.finished += 1
+        return "ran to the end"
+
+    @server.tool()
+    async def quick() -> str:
+        return "quick"
+
+    return server
+
+
+def session_protocol_only(app: ASGIApp) -> ASGIApp:
+    """The app, refusing 2026-07-28's `server/discover`, so the gateway speaks the session protocol to it."""
+
+    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] != "POST":
+            await app(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        body = b"".join(chunks)
+        try:
+            request = json.loads(body)
+        except ValueError:
+            request = None
+        if isinstance(request, dict) and request.get("method") == "server/discover":
+            error = {"jsonrpc": "2.0", "id": request.get("id"), "error": {"code": -32601, "message": "Method not found"}}
+            payload = json.dumps(error).encode()
+            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": payload})
+            return
+        replayed = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def replay() -> Message:
+            return replayed.pop() if replayed else await receive()
+
+        await app(scope, replay, send)
+
+    return wrapped
+
+
+MANIFESTS = """
+apiVersion: portcullis.dev/v1alpha1
+kind: MCPConnection
+metadata: {{name: up, namespace: acme}}
+spec: {{url: "{url}", credential: {{source: none}}}}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: VirtualMCPServer
+metadata: {{name: s, namespace: acme}}
+---
+apiVersion: portcullis.dev/v1alpha1
+kind: ToolMapping
+metadata: {{name: m, namespace: acme}}
+spec: {{serverRef: {{name: s}}, connectionRef: {{name: up}}, tools: [{{name: long}}, {{name: quick}}]}}
+"""
+
+
+@dataclass
+class Stack:
+    gw: LocalGateway
+    token: str
+    seen: Seen
+    audit: MemoryAuditSink
+
+
+@pytest.fixture(scope="module", params=ERAS)
+def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    directory = tmp_path_factory.mktemp("cancel")
+    state = directory / "state"
+    seen = Seen()
+    app = upstream(seen).streamable_http_app()
+    if request.param == "session":
+        app = session_protocol_only(app)
+    audit = MemoryAuditSink()
+    with run_asgi(app) as url:
+        (directory / "m.yaml").write_text(MANIFESTS.format(url=url))
+        with local_gateway([directory / "m.yaml"], state_dir=state, port=0, admin_port=0, audit=audit) as gw:
+            token = httpx2.post(
+                gw.admin_url + "/v1/tokens", json={"user": "u"}, headers={"Authorization": f"Bearer {admin_secret(state)}"}, timeout=10
+            ).json()["token"]
+            yield Stack(gw, token, seen, audit)
+
+
+async def _quiet(progress: float, total: float | None, message: str | None) -> None:
+    pass
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_cancelled_call_is_cancelled_upstream(stack: Stack, mode: Mode) -> None:
+    before = Seen(stack.seen.started, stack.seen.cancelled, stack.seen.finished)
+    async with agent(stack.gw.url, stack.token, mode) as client:
+        with anyio.move_on_after(0.8) as waited:
+            await client.call_tool("long", {}, progress_callback=_quiet)
+        assert waited.cancelled_caught, "the call ended before the agent gave up on it"
+        with anyio.fail_after(5):
+            while stack.seen.cancelled == before.cancelled and stack.seen.finished == before.finished:
+                await anyio.sleep(0.05)
+        assert (stack.seen.started, stack.seen.cancelled, stack.seen.finished) == (
+            before.started + 1, before.cancelled + 1, before.finished,
+        )
+        assert result_text(await client.call_tool("quick", {})) == "quick"
+    with anyio.fail_after(5):
+        while not any(e.tool == "long" and e.reason == "cancelled" for e in list(stack.audit.events)[-5:]):
+            await anyio.sleep(0.05)
