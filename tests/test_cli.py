@@ -116,6 +116,13 @@ def test_a_port_in_use_is_named_with_the_flag_that_moves_it(tmp_path: Path) -> N
     assert f"127.0.0.1:{port} is already in use: choose another with --port" in result.stderr
 
 
+def test_serve_refuses_a_url_agents_could_not_use_and_says_what_to_give(tmp_path: Path) -> None:
+    result = run_cli("serve", "-f", str(MANIFESTS), "--url", "http://lb:9000", "--state-dir", str(tmp_path))
+    assert result.returncode == 2
+    assert "argument --url: public URL 'http://lb:9000' has no path" in result.stderr
+    assert "e.g. http://lb:9000/mcp" in result.stderr
+
+
 def test_credentials_set_refuses_a_tenant_or_connection_no_server_here_uses(tmp_path: Path) -> None:
     state = str(tmp_path)
     nobody = run_cli("credentials", "set", "-n", "demo", "--user", "ada@example.com", "--connection", "inbox", "--state-dir", state, stdin="s\n")

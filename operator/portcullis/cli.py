@@ -1,7 +1,7 @@
 """The `portcullis` command line.
 
     portcullis demo [--serve]                    the whole idea in one run
-    portcullis serve -f PATH...                  a gateway from the operator's YAML, no cluster
+    portcullis serve -f PATH... [--url URL]      a gateway from the operator's YAML, no cluster
     portcullis compile -f PATH...                print the compiled config, or the errors
     portcullis token mint|revoke ...             through a running gateway's admin API
     portcullis credentials set|delete|list ...   the local vault
@@ -75,15 +75,28 @@ def cmd_serve(args: argparse.Namespace) -> int:
         admin_port=args.admin_port,
         max_body_bytes=args.max_body_bytes,
         background=False,
+        public_url=args.url,
     ) as handle:
+        # "MCP URL" is what to give agents; "listening" (only when it differs) is this replica itself.
+        bound = f"\n  listening: {handle.url}" if handle.public_url != handle.url else ""
         print(
             f"portcullis: serving {handle.gateway.config.server.namespace}/{handle.gateway.config.server.name}\n"
-            f"  MCP URL:   {handle.url}\n  admin API: {handle.admin_url}\n"
+            f"  MCP URL:   {handle.public_url}{bound}\n  admin API: {handle.admin_url}\n"
             f"  mint a token: portcullis token mint --admin-url {handle.admin_url}{_state_flag(args)} --user <id>",
             file=sys.stderr,
         )
         _run_until_signal(handle.servers)
     return 0
+
+
+def _public_url(value: str) -> str:
+    """argparse type of `serve --url`: refused at parse time, before any port is bound."""
+    from portcullis.serve import ServeError, check_public_url
+
+    try:
+        return check_public_url(value)
+    except ServeError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def _state_flag(args: argparse.Namespace) -> str:
@@ -296,6 +309,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--admin-port", type=int, default=8081)
+    p.add_argument(
+        "--url",
+        type=_public_url,
+        metavar="URL",
+        help="the public MCP URL agents use, and the session tokens' audience: behind a load balancer, its URL "
+        "(e.g. http://lb:9000/mcp), the same for every replica (default: the address bound here)",
+    )
     p.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024)
     state(p)
     p.set_defaults(func=cmd_serve)
