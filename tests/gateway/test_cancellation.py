@@ -10,7 +10,6 @@ audited as cancelled, and the next call works.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -18,12 +17,12 @@ import anyio
 import httpx2
 import pytest
 from mcp.server.mcpserver import Context, MCPServer
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from portcullis.gateway.audit import MemoryAuditSink
 from portcullis.gateway.local import admin_secret
 from portcullis.serve import LocalGateway, local_gateway
 from tests.support.agent import MODES, Mode, agent, result_text
+from tests.support.eras import session_protocol_only
 from tests.support.servers import run_asgi
 
 pytestmark = pytest.mark.anyio
@@ -59,40 +58,6 @@ def upstream(seen: Seen) -> MCPServer:
         return "quick"
 
     return server
-
-
-def session_protocol_only(app: ASGIApp) -> ASGIApp:
-    """The app, refusing 2026-07-28's `server/discover`, so the gateway speaks the session protocol to it."""
-
-    async def wrapped(scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or scope["method"] != "POST":
-            await app(scope, receive, send)
-            return
-        chunks: list[bytes] = []
-        while True:
-            message = await receive()
-            chunks.append(message.get("body", b""))
-            if not message.get("more_body"):
-                break
-        body = b"".join(chunks)
-        try:
-            request = json.loads(body)
-        except ValueError:
-            request = None
-        if isinstance(request, dict) and request.get("method") == "server/discover":
-            error = {"jsonrpc": "2.0", "id": request.get("id"), "error": {"code": -32601, "message": "Method not found"}}
-            payload = json.dumps(error).encode()
-            await send({"type": "http.response.start", "status": 200, "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": payload})
-            return
-        replayed = [{"type": "http.request", "body": body, "more_body": False}]
-
-        async def replay() -> Message:
-            return replayed.pop() if replayed else await receive()
-
-        await app(scope, replay, send)
-
-    return wrapped
 
 
 MANIFESTS = """

@@ -107,6 +107,7 @@ def test_deployment_is_hardened_and_rolls_on_keys_not_on_config() -> None:
                                 {"name": "PORTCULLIS_SERVER", "value": "summarizer"},
                                 {"name": "PORTCULLIS_NAMESPACE", "value": "acme"},
                                 {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                                {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                                 {"name": "PORTCULLIS_STATE_DIR", "value": "/var/lib/portcullis"},
                             ],
                             "ports": [

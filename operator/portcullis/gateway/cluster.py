@@ -183,7 +183,7 @@ async def build(
     mcp_port, admin_port, metrics_port = ports
     return Servers(
         [
-            Listener(with_lifespan(build_app(gateway), start, stop), bind(host, mcp_port), "mcp"),
+            Listener(with_lifespan(build_app(gateway, replica_url=_replica_url(mcp_port)), start, stop), bind(host, mcp_port), "mcp"),
             Listener(admin_app, bind(host, admin_port), "admin"),
             Listener(build_metrics_app(), bind(host, metrics_port), "metrics"),
         ],
@@ -210,3 +210,16 @@ def main(*, server: str | None, namespace: str | None, host: str) -> int:
     with asyncio.Runner(loop_factory=new_event_loop) as runner:
         runner.run(run(server, namespace, host))
     return 0
+
+
+def _replica_url(mcp_port: int) -> str:
+    """Where the other replicas reach this pod's MCP port: its pod IP (the downward API's POD_IP)."""
+    pod_ip = os.environ.get("POD_IP", "")
+    if not pod_ip:
+        log.warning(
+            "POD_IP is not set: answers to requests relayed from this replica must land on it "
+            "(set POD_IP from status.podIP, as the operator's Deployment does)"
+        )
+        return ""
+    host = f"[{pod_ip}]" if ":" in pod_ip else pod_ip
+    return f"http://{host}:{mcp_port}/mcp"

@@ -17,7 +17,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import aiohttp
@@ -49,6 +49,7 @@ from portcullis.gateway.upstream import (
     UpstreamClient,
     UpstreamError,
     UpstreamRPCError,
+    call_events,
 )
 from portcullis.vault.base import Vault
 
@@ -151,6 +152,12 @@ class Gateway:
         if self._http is not None:
             await self._http.close()
         await self.audit.stop()
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        """The pooled HTTP client of this gateway (upstreams, and answers passed on to other replicas)."""
+        assert self._http is not None, "start() first"
+        return self._http
 
     @property
     def config(self) -> GatewayConfig:
@@ -318,8 +325,9 @@ class Gateway:
 
     def _changed_in_call(self, connection: str, method: str) -> None:
         # Announced on a call's response stream rather than the change stream: handled the
-        # same way, beside the call (its refresh must not hold up the call's answer).
-        self.background.spawn(self._upstream_changed(connection, method), name=f"changed-in-call/{connection}")
+        # same way, beside the call (its refresh must not hold up the call's answer), and
+        # as the catalog's own work, not the calling agent's (`detached`).
+        self.background.spawn(detached(self._upstream_changed(connection, method)), name=f"changed-in-call/{connection}")
 
     async def _upstream_changed(self, connection: str, method: str) -> None:
         config = self._config
@@ -631,6 +639,12 @@ class Gateway:
         """Audit a request refused before any identity was established."""
         with recording(self.audit, None, method or "?", None) as record:
             record.deny(reason, outcome=outcome)
+
+
+async def detached(work: Awaitable[None]) -> None:
+    """Run `work` outside the request that started it: no call's events, and so no agent's session."""
+    call_events.set(None)  # in this task's own copy of the context
+    await work
 
 
 _AUDIT_REFUSAL = (

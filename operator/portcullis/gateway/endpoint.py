@@ -2,8 +2,10 @@
 
 The SDK's low-level `Server` owns the protocol (handshake, both eras, envelope
 and header validation, error mapping); this module plugs the gateway core into
-its handlers. It runs stateless: no `Mcp-Session-Id` is issued, so any replica
-answers any request and a load balancer needs no sticky routing.
+its handlers. It runs stateless, so any replica answers any request and a load
+balancer needs no sticky routing. Session-era clients do get an `Mcp-Session-Id`,
+but it is a signed record of the session, not a key into any replica's memory
+(sessions.py), and it is checked here, in front of the SDK.
 
 Authentication is an ASGI layer in front of the SDK app rather than the SDK's
 OAuth settings: Portcullis is its own token issuer (session tokens minted on
@@ -24,6 +26,7 @@ from typing import Any, TypeVar
 
 import mcp_types as types
 from mcp.server.connection import allowed_log_levels
+from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from mcp.server.lowlevel import Server
 from mcp.server.transport_security import TransportSecuritySettings
 from mcp.server.subscriptions import (
@@ -45,7 +48,8 @@ from portcullis.gateway.audit import Reason
 from portcullis.gateway.core import INTERNAL_ERROR, Gateway, RPCError, Unauthenticated, complete_tool_result
 from portcullis.gateway.fastpath import FastToolCall, is_candidate, replay
 from portcullis.gateway.inflight import InFlight
-from portcullis.gateway.upstream import call_events
+from portcullis.gateway.sessions import AgentSessions, current_session
+from portcullis.gateway.upstream import NotRelayable, call_events
 from portcullis.gateway.tokens import SessionClaims
 
 log = logging.getLogger("portcullis.gateway")
@@ -95,11 +99,20 @@ class _CallRelay:
     session era all of them.
     """
 
-    __slots__ = ("_ctx", "_log_levels", "_progress")
+    __slots__ = ("_ctx", "_log_levels", "_progress", "agent_session", "capabilities", "era", "log_level")
 
     def __init__(self, ctx: Any, meta: Any):
         self._ctx = ctx
         self._log_levels = allowed_log_levels(ctx.protocol_version, ctx.meta)
+        # A session-era agent gets every level unasked, so a 2026-07-28 upstream is asked for all of them.
+        modern = ctx.protocol_version in MODERN_PROTOCOL_VERSIONS
+        self.log_level = None if modern else "debug"
+        self.era = "modern" if modern else "session"
+        # A 2026-07-28 agent's capabilities travel in its own `_meta`; a session-era agent served
+        # here declared nothing an upstream could ask (those are served by session_calls.py).
+        session = current_session.get()
+        self.agent_session = session.id if session is not None else None
+        self.capabilities = session.capabilities if session is not None else {}
         self._progress = meta is not None and (meta.get("progress_token") is not None or meta.get("progressToken") is not None)
 
     async def progress(self, params: dict[str, Any]) -> None:
@@ -126,17 +139,20 @@ class _CallRelay:
             )
             await self._ctx.session.send_notification(notice, related_request_id=self._ctx.request_id)
 
+    async def ask(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        raise NotRelayable(method)  # 2026-07-28 agents are asked in results (inputRequests), never mid-stream
+
 
 def _relaying(ctx: Any, params: Any) -> contextvars.Token[Any]:
     return call_events.set(_CallRelay(ctx, params.meta))
 
 
-def build_mcp_server(gateway: Gateway) -> Server[Any]:
+def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None) -> Server[Any]:
     # 2026-07-28 clients learn of allowlist changes on a `subscriptions/listen` stream.
     # Each replica watches the config itself and publishes its own change, so an
     # in-process bus is enough: no event has to cross replicas.
     bus = InMemorySubscriptionBus()
-    inflight = InFlight()
+    inflight = inflight if inflight is not None else InFlight()
 
     def tools_changed() -> None:
         gateway.background.spawn(bus.publish(ToolsListChanged()), name="publish-tools-changed")
@@ -288,9 +304,11 @@ class BearerAuth:
         metadata_url: str,
         allowed_origins: frozenset[str],
         fast: FastToolCall | None = None,
+        sessions: AgentSessions | None = None,
     ):
         self.app = app
         self.fast = fast
+        self.sessions = sessions
         self.gateway = gateway
         self.metadata_url = metadata_url
         self.allowed_origins = allowed_origins
@@ -342,6 +360,8 @@ class BearerAuth:
             try:
                 if self.fast is not None and is_candidate(scope):
                     await self.fast(scope, receive, send, claims)
+                elif self.sessions is not None and self.sessions.concerns(scope):
+                    await self.sessions(scope, receive, send, claims, self.app)
                 else:
                     await self.app(scope, receive, send)
             finally:
@@ -450,9 +470,15 @@ def build_app(
     public_base: str | None = None,
     allowed_origins: frozenset[str] = frozenset(),
     fast_path: bool = True,
+    replica_url: str = "",
 ) -> BearerAuth:
-    """The ASGI app of the MCP port: /mcp, /healthz, /readyz and the RFC 9728 document."""
-    server = build_mcp_server(gateway)
+    """The ASGI app of the MCP port: /mcp, /healthz, /readyz and the RFC 9728 document.
+
+    `replica_url` is this replica's MCP URL as the other replicas reach it, where they pass
+    on an agent's answer to a request relayed from this one (relay.py); empty on one replica.
+    """
+    inflight = InFlight()
+    server = build_mcp_server(gateway, inflight)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -516,7 +542,8 @@ def build_app(
     base = (public_base or _origin(gateway.config.server.url)).rstrip("/")
     origins = allowed_origins | {base}
     fast = FastToolCall(gateway, app, server.server_info_stamp, max_body_bytes) if fast_path else None
-    return BearerAuth(app, gateway, base + RESOURCE_METADATA_PATH + MCP_PATH, origins, fast)
+    sessions = AgentSessions(gateway, inflight, max_body_bytes, replica_url=replica_url)
+    return BearerAuth(app, gateway, base + RESOURCE_METADATA_PATH + MCP_PATH, origins, fast, sessions)
 
 
 def _origin(url: str) -> str:

@@ -211,8 +211,13 @@ class TokenVerifier:
         self._audience = audience
         self._leeway = leeway
 
+    @property
+    def keys(self) -> Callable[[], SigningKeys]:
+        """The key set provider (also signs the session protocol's ids: session_ids.py)."""
+        return self._keys
+
     def verify(self, token: str) -> SessionClaims:
-        header = _unverified_header(token)
+        header = unverified_header(token)
         if header.get("alg") != ALGORITHM:
             raise TokenError("unsupported algorithm")
         kid = header.get("kid")
@@ -248,7 +253,7 @@ class TokenVerifier:
         return _claims(payload)
 
 
-def _unverified_header(token: str) -> dict[str, Any]:
+def unverified_header(token: str) -> dict[str, Any]:
     """The JOSE header, parsed only to pick the key; PyJWT validates the whole token after.
 
     Done here because ``jwt.get_unverified_header`` costs about a quarter of a verification.

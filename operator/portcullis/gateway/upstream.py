@@ -62,7 +62,7 @@ from mcp.shared.inbound import (
     mcp_param_headers,
     x_mcp_header_map,
 )
-from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, PROTOCOL_VERSION_META_KEY
+from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, LOG_LEVEL_META_KEY, PROTOCOL_VERSION_META_KEY
 
 from portcullis import __version__
 from portcullis.api.config import ConnectionConfig
@@ -84,14 +84,38 @@ _SLOW_SLOT_SECONDS: Final = 1.0
 log = logging.getLogger("portcullis.gateway.upstream")
 
 
+class NotRelayable(Exception):
+    """The agent of this call cannot be asked this (its era or its declared capabilities)."""
+
+
+class AgentError(Exception):
+    """The agent answered a request relayed to it with a JSON-RPC error; passed on as it is."""
+
+    def __init__(self, error: dict[str, Any]):
+        self.error = error
+        super().__init__(str(error.get("message", "")))
+
+
 class CallEvents(Protocol):
-    """Where the notifications an upstream sends on one request's response stream go."""
+    """Where what an upstream sends on one request's response stream, besides the answer, goes."""
+
+    capabilities: dict[str, Any]
+    """The calling agent's client capabilities, as the upstream should see them."""
+    log_level: str | None
+    """The log level to ask a 2026-07-28 upstream for on the agent's behalf (its own `_meta` wins)."""
+    era: str
+    """"session" for a 2025-11-25 (or older) agent, "modern" for a 2026-07-28 one."""
+    agent_session: str | None
+    """The agent's session id, when it has one (the session era): its upstream sessions are its own."""
 
     async def progress(self, params: dict[str, Any]) -> None:
         """`notifications/progress` params, as the upstream sent them."""
 
     async def log(self, params: dict[str, Any]) -> None:
         """`notifications/message` params, as the upstream sent them."""
+
+    async def ask(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        """A request the upstream sends its client mid-call: the agent's result; NotRelayable, or AgentError."""
 
 
 call_events: contextvars.ContextVar[CallEvents | None] = contextvars.ContextVar("portcullis_call_events", default=None)
@@ -126,6 +150,10 @@ class UpstreamError(Exception):
 
 class NoChangeStream(UpstreamError):
     """The upstream offers no stream of change notifications (405 on GET, -32601 on listen)."""
+
+
+class NoSessions(UpstreamError):
+    """A 2026-07-28 upstream that refuses the session protocol's `initialize`."""
 
 
 class ResultTooLarge(UpstreamError):
@@ -166,15 +194,17 @@ RELAYED_CAPABILITIES: Final[dict[str, Any]] = {
     "sampling": {"context": {}, "tools": {}},
     "roots": {},
 }
-"""What a 2026-07-28 upstream is told, when it lists, that the gateway's agents may support.
+"""What an upstream is told, when the gateway lists it, that the gateway's agents may support.
 
 On that era an upstream asks its client for input inside a result (`inputRequests`,
 SEP-2322), which the gateway relays verbatim and whose answers it forwards on the
 retry: whatever an agent supports reaches the upstream. A tool an upstream offers
 only to such clients is therefore listed; each call then carries the calling
 agent's own capabilities, so an agent without one is answered as the upstream
-answers such a client. Sessions towards 2025-11-25 upstreams still declare none:
-there the upstream asks mid-stream, which the gateway does not relay yet.
+answers such a client. Towards 2025-11-25 upstreams the same holds, with sessions:
+on that era the upstream asks mid-stream, which the gateway relays only to session-era
+agents that declared the capability (session_calls.py): the catalog's listing session
+declares them all, each agent's calls go on a session declaring what it declared.
 """
 _LISTINGS: Final = frozenset({"tools/list", "prompts/list", "resources/list", "resources/templates/list"})
 _METHOD_NOT_FOUND: Final = -32601
@@ -215,6 +245,10 @@ class _Deadline:
     def touch(self) -> None:
         """The upstream said something for this request: the idle clock starts again."""
         self._scope.reschedule(min(self._loop.time() + self._idle, self._cap))
+
+    def hold(self) -> None:
+        """The upstream waits for the agent (a person may be answering): only the cap runs, until `touch`."""
+        self._scope.reschedule(self._cap)
 
 
 class UpstreamRPCError(Exception):
@@ -319,6 +353,7 @@ class UpstreamClient:
         self._http = http
         self._on_change = on_change
         self._era: str | None = None  # "modern" | "legacy", found on first use
+        self._sessions_refused: bool | None = None  # a modern upstream's answer to `initialize`, once asked
         self._era_lock = asyncio.Lock()
         self._sessions: dict[str, _LegacySession] = {}
         self._opening: dict[str, asyncio.Lock] = {}
@@ -351,9 +386,22 @@ class UpstreamClient:
     async def request(
         self, method: str, params: dict[str, Any] | None = None, *, credential: Mapping[str, str] | None = None
     ) -> dict[str, Any]:
-        """Send one JSON-RPC request and return its `result` (raises on error)."""
+        """Send one JSON-RPC request and return its `result` (raises on error).
+
+        A session-era agent's request goes to an upstream that speaks both eras on the
+        session protocol, as it would directly: some of what an upstream offers exists
+        only there (questions asked mid-call, per-session tools). Listings, shared by
+        all agents, and upstreams that refuse sessions stay on the era discovered.
+        """
         era = self._era or await self._discover(credential)
         if era == "modern":
+            events = call_events.get()
+            if events is not None and events.era == "session" and self._sessions_refused is not True:
+                try:
+                    return await self._legacy(method, params or {}, credential)
+                except NoSessions:
+                    self._sessions_refused = True
+                    log.info("upstream %r refuses sessions: session-era agents are served on 2026-07-28", self.name)
             return await self._modern(method, params or {}, credential)
         return await self._legacy(method, params or {}, credential)
 
@@ -403,8 +451,9 @@ class UpstreamClient:
             }
             opened = self._http.post(self.config.url, data=json.dumps(body), headers=headers, timeout=self._stream_timeout())
         else:
-            key = _credential_key(credential)
-            session = await self._legacy_session(key, credential)
+            # The listing session's own stream: an upstream tells the sessions it serves.
+            key = _session_key(credential, RELAYED_CAPABILITIES)
+            session = await self._legacy_session(key, credential, RELAYED_CAPABILITIES)
             request_id = None
             headers = {"accept": "text/event-stream", MCP_PROTOCOL_VERSION_HEADER: LEGACY_VERSION, **(credential or {})}
             if session.session_id:
@@ -414,7 +463,7 @@ class UpstreamClient:
             async with opened as response:
                 budget = _Budget(response, self.config)  # per event: the stream itself has no end
                 if era == "legacy" and response.status == 404:
-                    self._sessions.pop(_credential_key(credential), None)  # the upstream forgot the session
+                    self._sessions.pop(key, None)  # the upstream forgot the session
                 if response.status == 405:
                     raise NoChangeStream(self.name, "offers no change notification stream (HTTP 405)")
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
@@ -469,9 +518,16 @@ class UpstreamClient:
     ) -> dict[str, Any]:
         meta = dict(params.get("_meta") or {})
         meta[PROTOCOL_VERSION_META_KEY] = MODERN_VERSION
-        # A call carries its agent's own capabilities (in the relayed `_meta`); a listing,
-        # shared by every agent, what the gateway can relay to one (`RELAYED_CAPABILITIES`).
-        meta.setdefault(CLIENT_CAPABILITIES_META_KEY, RELAYED_CAPABILITIES if method in _LISTINGS else {})
+        # A call carries its agent's own capabilities (a 2026-07-28 agent's in the relayed `_meta`,
+        # a session-era agent's from its session); a listing, shared by every agent, what the
+        # gateway can relay to one (`RELAYED_CAPABILITIES`).
+        if method in _LISTINGS:
+            meta.setdefault(CLIENT_CAPABILITIES_META_KEY, RELAYED_CAPABILITIES)
+        else:
+            events = call_events.get()
+            meta.setdefault(CLIENT_CAPABILITIES_META_KEY, events.capabilities if events is not None else {})
+            if events is not None and events.log_level is not None:
+                meta.setdefault(LOG_LEVEL_META_KEY, events.log_level)
         meta.setdefault(CLIENT_INFO_META_KEY, CLIENT_INFO)
         body = {"jsonrpc": "2.0", "id": next(self._ids), "method": method, "params": {**params, "_meta": meta}}
         headers = {
@@ -498,9 +554,20 @@ class UpstreamClient:
     async def _legacy(
         self, method: str, params: dict[str, Any], credential: Mapping[str, str] | None
     ) -> dict[str, Any]:
-        key = _credential_key(credential)
+        events = call_events.get()
+        if events is not None and events.agent_session is not None and method not in _LISTINGS:
+            # A session-era agent's own session has its own upstream session (per replica), declaring
+            # what the agent declared: what the upstream keeps per session stays that agent's.
+            capabilities = events.capabilities
+            key = _session_key(credential, capabilities, events.agent_session)
+        else:
+            # The shared session: the catalog's listings (whoever's call set them off: the catalog
+            # is every agent's) and change stream, and agents with no session of their own. It
+            # declares what the gateway can relay (see RELAYED_CAPABILITIES).
+            capabilities = RELAYED_CAPABILITIES
+            key = _session_key(credential, capabilities)
         for attempt in (1, 2):
-            session = await self._legacy_session(key, credential)
+            session = await self._legacy_session(key, credential, capabilities)
             headers = {"accept": _ACCEPT, "content-type": "application/json", MCP_PROTOCOL_VERSION_HEADER: LEGACY_VERSION}
             if session.session_id:
                 headers[SESSION_HEADER] = session.session_id
@@ -524,7 +591,7 @@ class UpstreamClient:
                 raise
         raise AssertionError("unreachable")
 
-    def _tell_cancelled(self, request_id: int, headers: dict[str, str]) -> None:
+    def _tell_cancelled(self, request_id: object, headers: dict[str, str]) -> None:
         notice = {
             "jsonrpc": "2.0",
             "method": "notifications/cancelled",
@@ -540,7 +607,9 @@ class UpstreamClient:
         except UpstreamError as exc:  # best effort: the upstream's request may have ended anyway
             log.info("telling %s of a cancellation failed: %s", self.name, exc)
 
-    async def _legacy_session(self, key: str, credential: Mapping[str, str] | None) -> _LegacySession:
+    async def _legacy_session(
+        self, key: str, credential: Mapping[str, str] | None, capabilities: Mapping[str, Any] | None = None
+    ) -> _LegacySession:
         session = self._sessions.get(key)
         if session is not None:
             return session
@@ -552,13 +621,15 @@ class UpstreamClient:
             async with lock:
                 session = self._sessions.get(key)
                 if session is None:
-                    session = await self._open_legacy_session(key, credential)
+                    session = await self._open_legacy_session(key, credential, capabilities or {})
                 return session
         finally:
             if not lock.locked() and self._opening.get(key) is lock:
                 del self._opening[key]
 
-    async def _open_legacy_session(self, key: str, credential: Mapping[str, str] | None) -> _LegacySession:
+    async def _open_legacy_session(
+        self, key: str, credential: Mapping[str, str] | None, capabilities: Mapping[str, Any]
+    ) -> _LegacySession:
         if len(self._sessions) >= _MAX_LEGACY_SESSIONS:
             self._sessions.pop(next(iter(self._sessions)))
         headers = {"accept": _ACCEPT, "content-type": "application/json"}
@@ -568,9 +639,16 @@ class UpstreamClient:
             "jsonrpc": "2.0",
             "id": next(self._ids),
             "method": "initialize",
-            "params": {"protocolVersion": LEGACY_VERSION, "capabilities": {}, "clientInfo": CLIENT_INFO},
+            "params": {"protocolVersion": LEGACY_VERSION, "capabilities": dict(capabilities), "clientInfo": CLIENT_INFO},
         }
-        result, response_headers = await self._post(init, headers)
+        try:
+            result, response_headers = await self._post(init, headers)
+        except UpstreamRPCError as exc:
+            raise NoSessions(self.name, f"refused initialize ({exc})") from None
+        except UpstreamError as exc:
+            if exc.status in (400, 404, 405):
+                raise NoSessions(self.name, f"refused initialize (HTTP {exc.status})") from None
+            raise
         session_id = response_headers.get(SESSION_HEADER)
         version = str(result.get("protocolVersion") or LEGACY_VERSION)
         headers[MCP_PROTOCOL_VERSION_HEADER] = version
@@ -595,7 +673,7 @@ class UpstreamClient:
                 budget = _Budget(response, self.config)
                 ctype = response.headers.get("content-type", "")
                 if ctype.startswith("text/event-stream"):
-                    message = await self._read_sse_response(response, request_id, budget, deadline)
+                    message = await self._read_sse_response(response, request_id, budget, deadline, headers)
                 elif response.status >= 400 and not ctype.startswith("application/json"):
                     raise UpstreamError(self.name, f"HTTP {response.status} from {self.config.url}", status=response.status)
                 else:
@@ -615,7 +693,7 @@ class UpstreamClient:
             raise UpstreamError(self.name, "sent an event line longer than the gateway reads") from None
 
     async def _read_sse_response(
-        self, response: aiohttp.ClientResponse, request_id: object, budget: _Budget, deadline: _Deadline
+        self, response: aiohttp.ClientResponse, request_id: object, budget: _Budget, deadline: _Deadline, headers: dict[str, str]
     ) -> dict[str, Any] | None:
         """Read server-sent events until the JSON-RPC response to `request_id` arrives.
 
@@ -631,7 +709,10 @@ class UpstreamClient:
                 return message
             method = message.get("method")
             params = message.get("params")
-            if method in _CHANGE_METHODS:
+            if isinstance(method, str) and "id" in message:
+                # The upstream asks its client something (session protocol): the agent answers, or is said unable to.
+                await self._answer(message, events, deadline, headers)
+            elif method in _CHANGE_METHODS:
                 if self._on_change is not None:
                     self._on_change(str(method))
             elif events is not None and isinstance(params, dict):
@@ -641,6 +722,30 @@ class UpstreamClient:
                     await events.log(params)
         return None
 
+    async def _answer(self, request: dict[str, Any], events: CallEvents | None, deadline: _Deadline, headers: dict[str, str]) -> None:
+        method, params = str(request["method"]), request.get("params")
+        reply: dict[str, Any] = {"jsonrpc": "2.0", "id": request["id"]}
+        deadline.hold()
+        try:
+            if events is None:
+                raise NotRelayable(method)
+            reply["result"] = await events.ask(method, params if isinstance(params, dict) else {})
+        except NotRelayable:
+            reply["error"] = {"code": _METHOD_NOT_FOUND, "message": f"{method} cannot reach this call's client through the gateway"}
+        except AgentError as exc:
+            reply["error"] = exc.error
+        finally:
+            deadline.touch()
+        await self._send_answer(reply, headers)
+
+    async def _send_answer(self, reply: dict[str, Any], headers: dict[str, str]) -> None:
+        """POST the client's answer on the call's session. No slot: the call it belongs to holds one."""
+        try:
+            async with self._http.post(self.config.url, data=json.dumps(reply), headers=headers, timeout=self._timeout) as response:
+                await _read_body(response, _Budget(response, self.config))
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(self.name, f"answering its request failed ({type(exc).__name__})") from None
+
     async def _notify(self, body: dict[str, Any], headers: dict[str, str]) -> None:
         try:
             async with self._slots.hold(), _Deadline(self.config), self._http.post(
@@ -649,6 +754,20 @@ class UpstreamClient:
                 await _read_body(response, _Budget(response, self.config))
         except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
             raise UpstreamError(self.name, f"handshake failed ({type(exc).__name__})") from None
+
+
+def _session_key(credential: Mapping[str, str] | None, capabilities: Mapping[str, Any], agent_session: str | None = None) -> str:
+    """Which session towards a session-protocol upstream a request goes on.
+
+    One per credential and declared capabilities (what a client declared at `initialize`
+    decides what the upstream may ask it), and one per agent session when the agent has one.
+    """
+    key = _credential_key(credential)
+    if capabilities:
+        key += ":" + hashlib.sha256(json.dumps(capabilities, sort_keys=True).encode()).hexdigest()[:32]
+    if agent_session is not None:
+        key += ":" + hashlib.sha256(agent_session.encode()).hexdigest()[:32]
+    return key
 
 
 def _credential_key(credential: Mapping[str, str] | None) -> str:

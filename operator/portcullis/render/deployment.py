@@ -96,6 +96,8 @@ def build_deployment(server: VirtualMCPServer, *, pod: GatewayPod, keys_digest: 
                             {"name": "PORTCULLIS_SERVER", "value": name},
                             {"name": "PORTCULLIS_NAMESPACE", "value": ns},
                             {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+                            # Where the other replicas pass on answers to requests relayed from this one.
+                            {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
                             {"name": "PORTCULLIS_STATE_DIR", "value": STATE_DIR},
                         ],
                         "ports": [

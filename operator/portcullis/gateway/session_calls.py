@@ -1,0 +1,169 @@
+"""`tools/call` for a session-era agent whose client can answer what an upstream asks mid-call.
+
+The SDK serves the session protocol statelessly here (any replica answers any
+request), and its stateless transport has no way to send the client a request:
+the answer would come back in another POST it cannot match. So a call from a
+2025-11-25 agent that declared elicitation, sampling or roots, and only such a
+call, is answered here instead, on a response stream written directly:
+
+- progress and log messages as the upstream sends them (the agent's own token);
+- each question the upstream asks, as a request to the agent with a relay id
+  (relay.py) — whether the upstream asked mid-stream (the session protocol) or
+  returned `inputRequests` (2026-07-28), in which case the answers are sent back
+  on the retry, round after round, as a 2026-07-28 client would;
+- then the result or the JSON-RPC error, shaped for the session protocol.
+
+Everything else about the call (the allowlist, the credential, the audit event
+of each round) is the call path's, unchanged: each round is one `call_tool`.
+Anything that is not plainly a well-formed `tools/call` is left to the SDK,
+so its answers to bad requests stay the only ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Final
+
+from starlette.types import Send
+
+from portcullis.gateway.core import INTERNAL_ERROR, Gateway, RPCError
+from portcullis.gateway.inflight import InFlight
+from portcullis.gateway.relay import Relay
+from portcullis.gateway.session_ids import AgentSession
+from portcullis.gateway.tokens import SessionClaims
+from portcullis.gateway.upstream import AgentError, NotRelayable, call_events
+
+log = logging.getLogger("portcullis.gateway")
+
+MAX_ROUNDS: Final = 16
+"""Most `inputRequests` rounds one call may take (an upstream asking for ever is stopped)."""
+RELAYABLE: Final = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
+_SSE_HEADERS: Final = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache, no-transform")]
+
+
+def wants_relay(session: AgentSession | None) -> bool:
+    """Does this session's client declare anything an upstream might ask it?"""
+    return session is not None and any(session.can(capability) for capability in RELAYABLE.values())
+
+
+def plain_call(body: bytes) -> dict[str, Any] | None:
+    """The request, if `body` is one well-formed `tools/call`; None leaves it to the SDK."""
+    try:
+        request = json.loads(body)
+    except ValueError:
+        return None
+    if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or request.get("method") != "tools/call":
+        return None
+    request_id, params = request.get("id"), request.get("params")
+    if isinstance(request_id, bool) or not isinstance(request_id, (int, str)) or not isinstance(params, dict):
+        return None
+    if not isinstance(params.get("name"), str) or not isinstance(params.get("arguments", {}), dict):
+        return None
+    if not isinstance(params.get("_meta", {}), dict):
+        return None
+    return request
+
+
+class _Stream:
+    """The call's response stream, and the `CallEvents` of its rounds."""
+
+    def __init__(self, send: Send, relay: Relay, claims: SessionClaims, session: AgentSession, progress_token: Any):
+        self._send = send
+        self._relay = relay
+        self._user = claims.sub
+        self.capabilities = session.capabilities
+        self.log_level: str | None = "debug"  # the session era sends every level (logging/setLevel is not kept)
+        self.era = "session"
+        self.agent_session: str | None = session.id
+        self._session = session
+        self._progress_token = progress_token
+        self._started = False
+        self.gone = False  # the agent closed the stream
+
+    async def write(self, message: dict[str, Any]) -> None:
+        if self.gone:
+            return
+        try:
+            if not self._started:
+                self._started = True
+                await self._send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            data = json.dumps(message, separators=(",", ":"))
+            await self._send({"type": "http.response.body", "body": f"event: message\ndata: {data}\n\n".encode(), "more_body": True})
+        except OSError:
+            self.gone = True
+
+    async def end(self) -> None:
+        if not self._started:
+            await self._send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+        if not self.gone:
+            await self._send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def progress(self, params: dict[str, Any]) -> None:
+        if self._progress_token is not None:
+            await self.write({"jsonrpc": "2.0", "method": "notifications/progress", "params": {**params, "progressToken": self._progress_token}})
+
+    async def log(self, params: dict[str, Any]) -> None:
+        await self.write({"jsonrpc": "2.0", "method": "notifications/message", "params": params})
+
+    async def ask(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        capability = RELAYABLE.get(method)
+        if capability is None or not self._session.can(capability):
+            raise NotRelayable(method)
+        return await self._relay.ask(self.write, self._user, method, params)
+
+
+class SessionToolCall:
+    def __init__(self, gateway: Gateway, relay: Relay, inflight: InFlight):
+        self.gateway = gateway
+        self.relay = relay
+        self.inflight = inflight
+
+    async def __call__(self, send: Send, claims: SessionClaims, session: AgentSession, request: dict[str, Any]) -> None:
+        request_id = request["id"]
+        params = request["params"]
+        meta = dict(params.get("_meta") or {})
+        stream = _Stream(send, self.relay, claims, session, meta.get("progressToken"))
+        reset = call_events.set(stream)
+        try:
+            with self.inflight.track(claims.jti, request_id) as cancellable:
+                answer = await self._rounds(stream, claims, params["name"], params.get("arguments"), meta, request_id)
+            if cancellable.cancelled_caught:
+                answer = _error(request_id, INTERNAL_ERROR, "The call was cancelled by the client.")
+        finally:
+            call_events.reset(reset)
+        await stream.write(answer)
+        await stream.end()
+
+    async def _rounds(
+        self, stream: _Stream, claims: SessionClaims, name: str, arguments: dict[str, Any] | None, meta: dict[str, Any], request_id: Any
+    ) -> dict[str, Any]:
+        relay: dict[str, Any] = {"_meta": meta} if meta else {}
+        for _ in range(MAX_ROUNDS):
+            try:
+                result = await self.gateway.call_tool(claims, name, arguments, relay)
+            except RPCError as exc:
+                return {"jsonrpc": "2.0", "id": request_id, "error": exc.to_dict()}
+            if result.get("resultType") != "input_required":
+                result.pop("resultType", None)  # a 2026-07-28 field; this agent speaks the session protocol
+                return {"jsonrpc": "2.0", "id": request_id, "result": result}
+            # A 2026-07-28 upstream's questions: asked of the agent one by one, answered on the retry.
+            responses: dict[str, Any] = {}
+            for key, question in (result.get("inputRequests") or {}).items():
+                if not isinstance(question, dict) or not isinstance(question.get("method"), str):
+                    return _error(request_id, INTERNAL_ERROR, f"The tool {name!r} asked its client something unreadable.")
+                try:
+                    responses[key] = await stream.ask(question["method"], question.get("params") or {})
+                except NotRelayable:
+                    return _error(request_id, INTERNAL_ERROR, f"The tool {name!r} needs {question['method']}, which your client did not declare.")
+                except AgentError as exc:
+                    return {"jsonrpc": "2.0", "id": request_id, "error": exc.error}
+            relay = {**({"_meta": meta} if meta else {}), "inputResponses": responses}
+            if isinstance(result.get("requestState"), str):
+                relay["requestState"] = result["requestState"]
+        return _error(request_id, INTERNAL_ERROR, f"The tool {name!r} asked for input more than {MAX_ROUNDS} times.")
+
+
+def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:
+    return {"jsonrpc": "2.0", "id": request_id, "error": {"code": code, "message": message}}
+
