@@ -308,7 +308,7 @@ async def test_both_eras_run_a_mixed_sequence_through_a_balancer_with_no_stickin
 
     for era, exchanges in (("2026-07-28", modern_exchanges), ("2025-11-25", legacy_exchanges)):
         assert served_by(exchanges) == {"a", "b"}, f"{era}: one replica served everything"
-        failed = [e for e in exchanges if e.outcome not in ("ok", "client_gone")]
+        failed = [e for e in exchanges if e.outcome not in ("ok", "client_gone") and not is_standalone_stream(e)]
         assert not failed, f"{era}: {failed}"
     # Both inbox calls reached the upstream with the credential stored through replica b.
     assert [c.authorization for c in shared.inbox_calls.calls][-2:] == [f"Bearer {INBOX_SECRET}"] * 2

@@ -212,7 +212,7 @@ async def test_a_tool_the_upstream_adds_is_served_without_waiting_for_the_timer(
             assert [t.name for t in (await client.list_tools()).tools] == ["stable"]
             async with client.listen(tools_list_changed=True) as subscription:
                 await change_upstream(upstream_url, era, tool="late")
-                await wait_for_tools(client, subscription, ["late", "stable"])
+                await wait_for_tools(client, subscription, ["stable", "late"])
     # The change came down the stream the upstream's era offers.
     stream = ("POST", "subscriptions/listen") if era == MODERN else ("GET", None)
     assert stream in upstream.requests
@@ -227,7 +227,7 @@ async def test_a_prompt_list_change_upstream_reaches_agents_listening_for_prompt
                 # A tool change first: once it is served, the gateway's stream from the upstream is open,
                 # and a prompt change (which has no cache to refresh when a stream opens) cannot be missed.
                 await change_upstream(upstream_url, era, tool="late")
-                await wait_for_tools(client, subscription, ["late", "stable"])
+                await wait_for_tools(client, subscription, ["stable", "late"])
                 await change_upstream(upstream_url, era, prompt="farewell")
                 with anyio.fail_after(WAIT_SECONDS):
                     async for event in subscription:

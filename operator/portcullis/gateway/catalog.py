@@ -96,13 +96,30 @@ class Catalog:
     def settled(self, config: GatewayConfig) -> bool:
         return all(self.listing(name).settled for name in config.connections)
 
+    def _in_upstream_order(self, config: GatewayConfig) -> list[ExposedTool]:
+        """The allowlisted tools as their upstreams list them: connections by name, each in its own
+        order (an agent sees what it would see directly, less what is hidden); those no upstream
+        lists come last, by name."""
+        positions = {
+            name: {tool: index for index, tool in enumerate(self.listing(name).tools or {})} for name in config.connections
+        }
+        ranks = {name: rank for rank, name in enumerate(sorted(config.connections))}
+
+        def key(exposed: ExposedTool) -> tuple[int, int, int, str]:
+            index = positions.get(exposed.connection, {}).get(exposed.upstream_name)
+            if index is None:
+                return (1, 0, 0, exposed.name)
+            return (0, ranks.get(exposed.connection, 0), index, exposed.name)
+
+        return sorted(config.tools, key=key)
+
     def expose(self, config: GatewayConfig) -> Exposure:
         """Apply the allowlist to what the upstreams list: names, description overrides, order."""
         served: list[dict[str, Any]] = []
         by_name: dict[str, ExposedTool] = {}
         schemas: dict[str, dict[str, Any]] = {}
         missing: list[ExposedTool] = []
-        for exposed in config.tools:  # already sorted by exposed name: deterministic order
+        for exposed in self._in_upstream_order(config):
             upstream = (self.listing(exposed.connection).tools or {}).get(exposed.upstream_name)
             if upstream is None:
                 missing.append(exposed)
@@ -128,3 +145,4 @@ class Catalog:
             exposed_tokens=sum(estimate_tokens(t) for t in served),
             upstream_tokens=sum(estimate_tokens(t) for t in upstream_defs),
         )
+

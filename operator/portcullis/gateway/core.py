@@ -480,7 +480,7 @@ class Gateway:
     async def list_prompts(self, claims: SessionClaims) -> list[dict[str, Any]]:
         prompts = self._config.prompts
         found = await self._listed(claims, [(p.connection, p.upstream_name) for p in prompts], "prompts/list", "prompts", "name")
-        return [{**definition, "name": prompt.name} for prompt, definition in zip(prompts, found, strict=True) if definition]
+        return [{**definition, "name": prompts[index].name} for index, definition in found]
 
     async def get_prompt(
         self, claims: SessionClaims, name: str, arguments: dict[str, str] | None, relay: Mapping[str, Any] | None = None
@@ -498,7 +498,7 @@ class Gateway:
 
     async def list_resources(self, claims: SessionClaims) -> list[dict[str, Any]]:
         wanted = [(r.connection, r.uri) for r in self._config.resources]
-        return [d for d in await self._listed(claims, wanted, "resources/list", "resources", "uri") if d]
+        return [d for _, d in await self._listed(claims, wanted, "resources/list", "resources", "uri")]
 
     async def read_resource(self, claims: SessionClaims, uri: str) -> dict[str, Any]:
         with self._request(claims, "resources/read", uri) as record:
@@ -582,17 +582,26 @@ class Gateway:
         """The exposed templates, as their upstreams list them (a template no upstream lists is left out)."""
         wanted = [(t.connection, t.uri_template) for t in self._config.resource_templates]
         found = await self._listed(claims, wanted, "resources/templates/list", "resourceTemplates", "uriTemplate")
-        return [d for d in found if d]
+        return [d for _, d in found]
 
     async def _listed(
         self, claims: SessionClaims, wanted: list[tuple[str, str]], method: str, key: str, id_key: str
-    ) -> list[dict[str, Any] | None]:
-        """For each (connection, upstream id), the upstream's definition or None; each connection listed once."""
+    ) -> list[tuple[int, dict[str, Any]]]:
+        """(index in `wanted`, the upstream's definition) of each wanted item an upstream lists, in the
+        upstreams' own order (connections by name, as for tools); each connection listed once."""
         listings = {
             connection: await self._upstream_items(claims, connection, method, key, id_key)
-            for connection in dict.fromkeys(connection for connection, _ in wanted)
+            for connection in sorted({connection for connection, _ in wanted})
         }
-        return [listings[connection].get(item) for connection, item in wanted]
+        where: dict[tuple[str, str], list[int]] = {}
+        for index, pair in enumerate(wanted):
+            where.setdefault(pair, []).append(index)  # one upstream item may be exposed under several names
+        return [
+            (index, definition)
+            for connection, items in listings.items()
+            for item, definition in items.items()
+            for index in where.get((connection, item), ())
+        ]
 
     async def _upstream_items(
         self, claims: SessionClaims, connection: str, method: str, key: str, id_key: str
