@@ -27,10 +27,9 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 from mcp.server.mcpserver import Context, MCPServer
 
-from portcullis.gateway.audit import MemoryAuditSink
-from portcullis.gateway.local import admin_secret
-from portcullis.serve import LocalGateway, local_gateway
+from portcullis.serve import LocalGateway
 from tests.support.agent import MODES, Mode, agent, result_text
+from tests.support.one_upstream import one_upstream
 from tests.support.servers import run_asgi
 
 pytestmark = pytest.mark.anyio
@@ -83,37 +82,15 @@ def upstream() -> MCPServer:
     return server
 
 
-MANIFESTS = """
-apiVersion: portcullis.dev/v1alpha1
-kind: MCPConnection
-metadata: {{name: streams, namespace: acme}}
-spec: {{url: "{url}", timeoutSeconds: {idle}, maxDurationSeconds: {cap}, credential: {{source: none}}}}
----
-apiVersion: portcullis.dev/v1alpha1
-kind: VirtualMCPServer
-metadata: {{name: s, namespace: acme}}
----
-apiVersion: portcullis.dev/v1alpha1
-kind: ToolMapping
-metadata: {{name: m, namespace: acme}}
-spec:
-  serverRef: {{name: s}}
-  connectionRef: {{name: streams}}
-  tools: [{{name: lively}}, {{name: silent}}, {{name: endless}}, {{name: chatty}}, {{name: grow}}, {{name: late-2026-07-28}}, {{name: late-legacy}}]
-"""
+TOOLS = ["lively", "silent", "endless", "chatty", "grow", "late-2026-07-28", "late-legacy"]
 
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalGateway, str]]:
     directory = tmp_path_factory.mktemp("streams")
-    state = directory / "state"
     with run_asgi(upstream().streamable_http_app()) as url:
-        (directory / "m.yaml").write_text(MANIFESTS.format(url=url, idle=IDLE_SECONDS, cap=MAX_SECONDS))
-        with local_gateway([directory / "m.yaml"], state_dir=state, port=0, admin_port=0, audit=MemoryAuditSink()) as gw:
-            token = httpx2.post(
-                gw.admin_url + "/v1/tokens", json={"user": "u"}, headers={"Authorization": f"Bearer {admin_secret(state)}"}, timeout=10
-            ).json()["token"]
-            yield gw, token
+        with one_upstream(url, TOOLS, directory, timeoutSeconds=IDLE_SECONDS, maxDurationSeconds=MAX_SECONDS) as stack:
+            yield stack.gw, stack.token
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -141,7 +118,7 @@ async def test_a_silent_call_fails_at_the_idle_timeout(gateway: tuple[LocalGatew
             result = await client.call_tool("silent", {})
         took = time.monotonic() - started
         assert result.is_error
-        assert f"sent nothing for {IDLE_SECONDS}s (timeoutSeconds of connection streams)" in result_text(result)
+        assert f"sent nothing for {IDLE_SECONDS}s (timeoutSeconds of connection up)" in result_text(result)
         assert took < IDLE_SECONDS * 2, took  # at the idle timeout, not when the upstream would have answered
         assert result_text(await client.call_tool("chatty", {})) == "said everything"  # and the gateway serves on
 
@@ -155,7 +132,7 @@ async def test_endless_progress_stops_at_the_maximum_duration(gateway: tuple[Loc
             result = await client.call_tool("endless", {}, progress_callback=_ignore)
         took = time.monotonic() - started
     assert result.is_error
-    assert f"did not finish within {MAX_SECONDS}s (maxDurationSeconds of connection streams)" in result_text(result)
+    assert f"did not finish within {MAX_SECONDS}s (maxDurationSeconds of connection up)" in result_text(result)
     assert MAX_SECONDS - 0.5 < took < MAX_SECONDS + 2, took
 
 

@@ -14,15 +14,15 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import anyio
-import httpx2
 import pytest
 from mcp.server.mcpserver import Context, MCPServer
+from starlette.types import ASGIApp
 
 from portcullis.gateway.audit import MemoryAuditSink
-from portcullis.gateway.local import admin_secret
-from portcullis.serve import LocalGateway, local_gateway
+from portcullis.serve import LocalGateway
 from tests.support.agent import MODES, Mode, agent, result_text
 from tests.support.eras import session_protocol_only
+from tests.support.one_upstream import one_upstream
 from tests.support.servers import run_asgi
 
 pytestmark = pytest.mark.anyio
@@ -60,23 +60,6 @@ def upstream(seen: Seen) -> MCPServer:
     return server
 
 
-MANIFESTS = """
-apiVersion: portcullis.dev/v1alpha1
-kind: MCPConnection
-metadata: {{name: up, namespace: acme}}
-spec: {{url: "{url}", credential: {{source: none}}}}
----
-apiVersion: portcullis.dev/v1alpha1
-kind: VirtualMCPServer
-metadata: {{name: s, namespace: acme}}
----
-apiVersion: portcullis.dev/v1alpha1
-kind: ToolMapping
-metadata: {{name: m, namespace: acme}}
-spec: {{serverRef: {{name: s}}, connectionRef: {{name: up}}, tools: [{{name: long}}, {{name: quick}}]}}
-"""
-
-
 @dataclass
 class Stack:
     gw: LocalGateway
@@ -87,20 +70,12 @@ class Stack:
 
 @pytest.fixture(scope="module", params=ERAS)
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    directory = tmp_path_factory.mktemp("cancel")
-    state = directory / "state"
     seen = Seen()
-    app = upstream(seen).streamable_http_app()
+    app: ASGIApp = upstream(seen).streamable_http_app()
     if request.param == "session":
         app = session_protocol_only(app)
-    audit = MemoryAuditSink()
-    with run_asgi(app) as url:
-        (directory / "m.yaml").write_text(MANIFESTS.format(url=url))
-        with local_gateway([directory / "m.yaml"], state_dir=state, port=0, admin_port=0, audit=audit) as gw:
-            token = httpx2.post(
-                gw.admin_url + "/v1/tokens", json={"user": "u"}, headers={"Authorization": f"Bearer {admin_secret(state)}"}, timeout=10
-            ).json()["token"]
-            yield Stack(gw, token, seen, audit)
+    with run_asgi(app) as url, one_upstream(url, ["long", "quick"], tmp_path_factory.mktemp("cancel")) as served:
+        yield Stack(served.gw, served.token, seen, served.audit)
 
 
 async def _quiet(progress: float, total: float | None, message: str | None) -> None:

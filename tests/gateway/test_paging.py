@@ -12,7 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 import anyio
-import httpx2
 import pytest
 from mcp.shared.exceptions import MCPError
 from starlette.applications import Starlette
@@ -21,11 +20,10 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from portcullis.gateway import paging
-from portcullis.gateway.audit import MemoryAuditSink
 from portcullis.gateway.core import RPCError
-from portcullis.gateway.local import admin_secret
-from portcullis.serve import LocalGateway, local_gateway
+from portcullis.serve import LocalGateway
 from tests.support.agent import MODES, Mode, agent
+from tests.support.one_upstream import one_upstream
 from tests.support.servers import run_asgi
 
 pytestmark = pytest.mark.anyio
@@ -56,37 +54,10 @@ def paging_upstream() -> Starlette:
     return Starlette(routes=[Route("/mcp", mcp, methods=["POST"])])
 
 
-MANIFESTS = """
-apiVersion: portcullis.dev/v1alpha1
-kind: MCPConnection
-metadata: {{name: pager, namespace: acme}}
-spec: {{url: "{url}", timeoutSeconds: 5, credential: {{source: none}}}}
----
-apiVersion: portcullis.dev/v1alpha1
-kind: VirtualMCPServer
-metadata: {{name: s, namespace: acme}}
----
-apiVersion: portcullis.dev/v1alpha1
-kind: ToolMapping
-metadata: {{name: m, namespace: acme}}
-spec:
-  serverRef: {{name: s}}
-  connectionRef: {{name: pager}}
-  tools: [{tools}]
-"""
-
-
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalGateway, str]]:
-    directory = tmp_path_factory.mktemp("paging")
-    state = directory / "state"
-    with run_asgi(paging_upstream()) as url:
-        (directory / "m.yaml").write_text(MANIFESTS.format(url=url, tools=", ".join(f"{{name: {n}}}" for n in TOOLS)))
-        with local_gateway([directory / "m.yaml"], state_dir=state, port=0, admin_port=0, audit=MemoryAuditSink()) as gw:
-            token = httpx2.post(
-                gw.admin_url + "/v1/tokens", json={"user": "u"}, headers={"Authorization": f"Bearer {admin_secret(state)}"}, timeout=10
-            ).json()["token"]
-            yield gw, token
+    with run_asgi(paging_upstream()) as url, one_upstream(url, TOOLS, tmp_path_factory.mktemp("paging"), timeoutSeconds=5) as stack:
+        yield stack.gw, stack.token
 
 
 @pytest.mark.parametrize("mode", MODES)

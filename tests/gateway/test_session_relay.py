@@ -29,59 +29,37 @@ import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from portcullis.gateway.audit import MemoryAuditSink
-from portcullis.gateway.local import admin_secret
-from portcullis.serve import LocalGateway, local_gateway
+from portcullis.serve import LocalGateway
 from tests.support.eras import modern_only, session_protocol_only
+from tests.support.one_upstream import OneUpstream, one_upstream
 from tests.support.servers import load_example, run_asgi
 
 pytestmark = pytest.mark.anyio
 fixture = load_example("examples/fixture/server.py")
 UPSTREAM_ERAS = ("session", "2026-07-28")
 
-MANIFESTS = """
-apiVersion: portcullis.dev/v1alpha1
-kind: MCPConnection
-metadata: {{name: fixture, namespace: acme}}
-spec: {{url: "{url}", credential: {{source: none}}}}
----
-apiVersion: portcullis.dev/v1alpha1
-kind: VirtualMCPServer
-metadata: {{name: s, namespace: acme}}
----
-apiVersion: portcullis.dev/v1alpha1
-kind: ToolMapping
-metadata: {{name: m, namespace: acme}}
-spec:
-  serverRef: {{name: s}}
-  connectionRef: {{name: fixture}}
-  tools: [{tools}]
-"""
 TOOLS = ["test_elicitation", "test_sampling", "test_simple_text", "test_input_required_result_multi_round", "test_input_required_result_sampling"]
 
 
 @dataclass
 class Stack:
-    gw: LocalGateway
-    state: Any
+    served: OneUpstream
     era: str
 
+    @property
+    def gw(self) -> LocalGateway:
+        return self.served.gw
+
     def mint(self, user: str = "ada@example.com") -> str:
-        answer = httpx2.post(
-            self.gw.admin_url + "/v1/tokens", json={"user": user}, headers={"Authorization": f"Bearer {admin_secret(self.state)}"}, timeout=10
-        )
-        return str(answer.json()["token"])
+        return self.served.mint(user)
 
 
 @pytest.fixture(scope="module", params=UPSTREAM_ERAS)
 def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
-    directory = tmp_path_factory.mktemp("relay")
     app = fixture.build_app()
     app = session_protocol_only(app) if request.param == "session" else modern_only(app)
-    with run_asgi(app) as url:
-        (directory / "m.yaml").write_text(MANIFESTS.format(url=url, tools=", ".join(f"{{name: {t}}}" for t in TOOLS)))
-        with local_gateway([directory / "m.yaml"], state_dir=directory / "state", port=0, admin_port=0, audit=MemoryAuditSink()) as gw:
-            yield Stack(gw, directory / "state", request.param)
+    with run_asgi(app) as url, one_upstream(url, TOOLS, tmp_path_factory.mktemp("relay")) as served:
+        yield Stack(served, request.param)
 
 
 @dataclass
