@@ -19,19 +19,24 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterator
+from contextlib import ExitStack
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import anyio
 import httpx2
 import mcp_types as types
 import pytest
+import yaml
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
-from portcullis.serve import LocalGateway
+from portcullis.gateway.audit import MemoryAuditSink
+from portcullis.serve import LocalGateway, local_gateway
 from tests.support.eras import modern_only, session_protocol_only
-from tests.support.one_upstream import OneUpstream, one_upstream
+from tests.support.one_upstream import OneUpstream, manifests, mint, one_upstream
+from tests.support.round_robin import round_robin_proxy
 from tests.support.servers import load_example, run_asgi
 
 pytestmark = pytest.mark.anyio
@@ -178,3 +183,94 @@ async def test_an_answer_for_another_users_call_is_refused(stack: Stack) -> None
             },
         )
     assert answer.status_code == 403
+
+
+async def test_a_2026_agent_is_asked_what_a_session_protocol_upstream_asks_mid_call(stack: Stack) -> None:
+    """The bridge (gateway/bridge.py): the upstream's mid-stream question becomes `input_required`,
+    the agent's retry carries the answer to the upstream call still waiting, and the call ends."""
+    if stack.era != "session":
+        pytest.skip("a 2026-07-28 upstream asks in its results already: nothing to bridge")
+    person = Person([])
+    audit_before = len(stack.served.audit.events)
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {stack.mint()}"}, timeout=30) as http:
+        async with Client(
+            streamable_http_client(stack.gw.url, http_client=http), mode="2026-07-28",
+            elicitation_callback=person.elicit, sampling_callback=person.sample,
+        ) as client:
+            with anyio.fail_after(20):
+                asked = await client.call_tool("test_elicitation", {"message": "Bridge?"})
+                sampled = await client.call_tool("test_sampling", {"prompt": "Say something"})
+    assert not asked.is_error and "yes" in text(asked), text(asked)
+    assert not sampled.is_error and "sampled words" in text(sampled), text(sampled)
+    assert person.asked == ["elicitation: Bridge?", "sampling"]
+    # Each of the four requests (two calls, two retries) is one audit event.
+    events = [e for e in list(stack.served.audit.events)[audit_before:] if e.method == "tools/call"]
+    assert [(e.tool, e.outcome) for e in events] == [
+        ("test_elicitation", "ok"), ("test_elicitation", "ok"), ("test_sampling", "ok"), ("test_sampling", "ok"),
+    ], events
+
+
+async def test_a_2026_agent_that_declared_nothing_is_not_bridged(stack: Stack) -> None:
+    if stack.era != "session":
+        pytest.skip("only session-protocol upstreams ask mid-stream")
+    async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {stack.mint()}"}, timeout=30) as http:
+        async with Client(streamable_http_client(stack.gw.url, http_client=http), mode="2026-07-28") as client:
+            with anyio.fail_after(20):
+                result = await client.call_tool("test_elicitation", {"message": "Anyone?"})
+    # The upstream is told its client cannot be asked (as a client without the capability would say).
+    assert "cannot reach this call's client" in text(result) or result.is_error, text(result)
+
+
+async def test_a_bridged_answer_reaches_the_replica_holding_the_call(tmp_path: Path) -> None:
+    """Two gateways on one state directory behind a balancer with no stickiness: a 2026-07-28
+    agent's retry lands on the other replica, which passes it on to the one whose upstream call
+    waits for it (sessions.py `pass_on`)."""
+    app = session_protocol_only(fixture.build_app())
+    person = Person([])
+    with ExitStack() as stack:
+        url = stack.enter_context(run_asgi(app))
+        proxy = stack.enter_context(round_robin_proxy())
+        (tmp_path / "m.yaml").write_text(yaml.safe_dump_all(manifests(url, TOOLS)))
+        replicas = [
+            stack.enter_context(
+                local_gateway([tmp_path / "m.yaml"], state_dir=tmp_path / "state", port=0, admin_port=0,
+                              audit=MemoryAuditSink(), public_url=proxy.url())
+            )
+            for _ in range(2)
+        ]
+        for name, replica in zip("ab", replicas, strict=True):
+            proxy.proxy.add_backend(name, replica.url)
+        token = mint(replicas[0], tmp_path / "state", "ada@example.com")
+        async with httpx2.AsyncClient(headers={"Authorization": f"Bearer {token}"}, timeout=30) as http:
+            async with Client(
+                streamable_http_client(proxy.url(), http_client=http), mode="2026-07-28", elicitation_callback=person.elicit
+            ) as client:
+                with anyio.fail_after(30):
+                    for _ in range(2):  # started once on each replica, so each time the retry lands on the other
+                        result = await client.call_tool("test_elicitation", {"message": "Which replica?"})
+                        assert not result.is_error and "yes" in text(result), text(result)
+        calls = [e for e in proxy.proxy.recorded() if e.rpc_method == "tools/call"]
+    assert len(calls) == 4 and all(e.outcome == "ok" for e in calls), calls
+    assert {(first.backend, retry.backend) for first, retry in zip(calls[::2], calls[1::2], strict=True)} == {("a", "b"), ("b", "a")}
+    assert person.asked == ["elicitation: Which replica?"] * 2
+
+
+async def test_both_eras_are_told_the_lists_announce_their_changes(stack: Stack) -> None:
+    """Changes are told on `subscriptions/listen` (2026-07-28) and on a session's GET stream (the session era)."""
+    token = stack.mint()
+    opened = await _initialize(stack.gw.url, token, {})
+    session_era = json.loads(opened.text.split("data: ", 1)[1]) if opened.text.startswith("event") else opened.json()
+    meta = {"io.modelcontextprotocol/protocolVersion": "2026-07-28", "io.modelcontextprotocol/clientCapabilities": {}}
+    async with httpx2.AsyncClient(timeout=10) as http:
+        discovered = await http.post(
+            stack.gw.url,
+            json={"jsonrpc": "2.0", "id": 1, "method": "server/discover", "params": {"_meta": meta}},
+            headers={
+                "Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream",
+                "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "server/discover",
+            },
+        )
+    modern = json.loads(discovered.text.split("data: ", 1)[1]) if discovered.text.startswith("event") else discovered.json()
+    for answer in (session_era, modern):
+        capabilities = answer["result"]["capabilities"]
+        assert all(capabilities[kind]["listChanged"] is True for kind in ("tools", "prompts", "resources")), answer

@@ -90,17 +90,6 @@ _FM = "fastmcp"
 _S, _M = SESSION_ERA, MODERN_ERA
 
 KNOWN_GAPS: dict[tuple[str, str, str], str] = {
-    (_EV, _M, "elicitation"): (
-        "a 2026-07-28 agent, a session-protocol upstream that asks mid-stream: through the gateway the upstream is "
-        "answered -32601 'elicitation/create cannot reach this call's client through the gateway' and the tool "
-        "returns that as isError (turning a mid-stream request into inputRequests is not built); directly "
-        "(2025-11-25) one elicitation/create reaches the client and the tool returns the answer"
-    ),
-    (_EV, _M, "sampling"): (
-        "a 2026-07-28 agent, a session-protocol upstream that asks mid-stream: through the gateway the upstream is "
-        "answered -32601 'sampling/createMessage cannot reach this call's client through the gateway' (see "
-        "elicitation); directly one sampling/createMessage reaches the client and the tool returns the sampled text"
-    ),
     (_EV, _S, "logging"): (
         "after toggle-simulated-logging, directly 1 notifications/message arrives within 3 s (on the session's GET "
         "stream); through the gateway 0"

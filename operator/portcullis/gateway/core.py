@@ -447,6 +447,27 @@ class Gateway:
             record.result(relayed, "tool_error" if relayed.get("isError") else "ok")
             return relayed
 
+    async def task_request(
+        self, claims: SessionClaims, method: str, tool: str | None, connection: str | None, params: dict[str, Any]
+    ) -> dict[str, Any]:
+        """Relay one `tasks/*` request for a task made by exposed `tool` on `connection` (tasks.py).
+
+        `connection` None is a task this caller may not know of (a foreign or forged id, another
+        user's task): refused before any upstream traffic, with the upstream's own answer for a
+        task that does not exist, as is a task whose tool is no longer exposed to this token.
+        """
+        with self._request(claims, method, tool) as record:
+            exposed = self._exposure.by_name.get(tool) if tool is not None else None
+            if connection is None:
+                record.deny(Reason.UNKNOWN_TASK)
+            elif exposed is None or exposed.connection != connection:
+                record.deny(Reason.NOT_EXPOSED)
+            elif claims.tools is not None and exposed.name not in claims.tools:
+                record.deny(Reason.OUTSIDE_TOKEN_SCOPE)
+            else:
+                return await self._forward(record, claims, connection, params)
+            raise RPCError(INVALID_PARAMS, "Failed to retrieve task: Task not found")
+
     @contextlib.contextmanager
     def _request(self, claims: SessionClaims, method: str, name: str | None) -> Iterator[CallRecord]:
         """One request on the call path: audited once on the way out, and no internals on the wire."""
@@ -637,6 +658,22 @@ class Gateway:
         relayed = relay_result(result)
         record.result(relayed, "ok")
         return relayed
+
+    def speaks_session_protocol(self, tool: str) -> bool:
+        """Is the exposed `tool`'s upstream known to ask mid-call the session protocol's way? (bridge.py)"""
+        exposed = self._exposure.by_name.get(tool)
+        upstream = self._upstreams.get(exposed.connection) if exposed is not None else None
+        return upstream is not None and upstream.era == "legacy"
+
+    def record_answer(self, claims: SessionClaims, name: str, *, accepted: bool) -> None:
+        """Audit a 2026-07-28 retry that answers a question of a call still running (bridge.py)."""
+        with self._request(claims, "tools/call", name) as record:
+            exposed = self._exposure.by_name.get(name)
+            if accepted and exposed is not None:
+                record.allow(exposed.connection)
+                record.outcome, record.detail = "ok", "answers the upstream's question to the call it continues"
+            else:
+                record.deny(Reason.STALE_ANSWER)
 
     async def missing_connections(self, user: str) -> tuple[list[str], list[str]]:
         """(not connected, stored but unreadable) connections this server needs of `user`."""

@@ -26,6 +26,7 @@ from typing import Any, TypeVar
 
 import mcp_types as types
 from mcp.server.connection import allowed_log_levels
+from mcp_types import CLIENT_CAPABILITIES_META_KEY
 from mcp_types.version import MODERN_PROTOCOL_VERSIONS
 from mcp.server.lowlevel import Server
 from mcp.server.transport_security import TransportSecuritySettings
@@ -45,10 +46,13 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from portcullis import __version__
 from portcullis.gateway import paging, tracing
 from portcullis.gateway.audit import Reason
-from portcullis.gateway.core import INTERNAL_ERROR, Gateway, RPCError, Unauthenticated, complete_tool_result
+from portcullis.gateway.core import INTERNAL_ERROR, INVALID_PARAMS, Gateway, RPCError, Unauthenticated, complete_tool_result
 from portcullis.gateway.fastpath import FastToolCall, is_candidate, replay
+from portcullis.gateway.bridge import Bridge
 from portcullis.gateway.inflight import InFlight
+from portcullis.gateway.session_ids import SessionIds
 from portcullis.gateway.sessions import AgentSessions, current_session
+from portcullis.gateway.tasks import TASK_METHODS, TASKS_CAPABILITY, Tasks
 from portcullis.gateway.upstream import NotRelayable, call_events
 from portcullis.gateway.tokens import SessionClaims
 
@@ -147,7 +151,26 @@ def _relaying(ctx: Any, params: Any) -> contextvars.Token[Any]:
     return call_events.set(_CallRelay(ctx, params.meta))
 
 
-def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None) -> Server[Any]:
+def _announce_list_changes(result: dict[str, Any]) -> None:
+    """The gateway tells of changes to its tool, prompt and resource lists, in both eras
+    (`subscriptions/listen`; a session's GET stream, sessions.py): say so in its capabilities."""
+    capabilities = result.get("capabilities")
+    if isinstance(capabilities, dict):
+        for kind in ("tools", "prompts", "resources"):
+            if isinstance(capabilities.get(kind), dict):
+                capabilities[kind] = {**capabilities[kind], "listChanged": True}
+
+
+def _bridged(ctx: Any, params: types.CallToolRequestParams, gateway: Gateway) -> bool:
+    """Does this first call go through the bridge: a 2026-07-28 agent that can be asked things,
+    calling a tool whose upstream asks mid-call (the session protocol)?"""
+    if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS or params.request_state is not None:
+        return False
+    capabilities = (params.meta or {}).get(CLIENT_CAPABILITIES_META_KEY)
+    return isinstance(capabilities, dict) and Bridge.wanted(capabilities) and gateway.speaks_session_protocol(params.name)
+
+
+def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None, bridge: Bridge | None = None) -> Server[Any]:
     # 2026-07-28 clients learn of allowlist changes on a `subscriptions/listen` stream.
     # Each replica watches the config itself and publishes its own change, so an
     # in-process bus is enough: no event has to cross replicas.
@@ -177,10 +200,20 @@ def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None) -> Serv
         # The agent's progress token and log level are forwarded upstream in `_meta`; the
         # upstream's progress and log messages come back on its SSE answer and are passed on here.
         claims = _claims()
-        reset = _relaying(ctx, params)
+        leg = _CallRelay(ctx, params.meta)
+        reset = call_events.set(leg)
         try:
             with inflight.track(claims.jti, ctx.request_id) as cancellable:
-                result = await gateway.call_tool(claims, params.name, params.arguments, _relayed(params))
+                if bridge is not None and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and bridge.ours(params.request_state):
+                    # The answer to a question a session-protocol upstream asked mid-call (bridge.py).
+                    responses = params.model_dump(by_alias=True, mode="json", exclude_none=True).get("inputResponses")
+                    result = await bridge.resume(claims, params.name, str(params.request_state), responses, leg)
+                elif bridge is not None and _bridged(ctx, params, gateway):
+                    declared = (params.meta or {}).get(CLIENT_CAPABILITIES_META_KEY)
+                    capabilities: dict[str, Any] = declared if isinstance(declared, dict) else {}
+                    result = await bridge.start(claims, params.name, params.arguments, _relayed(params), capabilities, leg)
+                else:
+                    result = await gateway.call_tool(claims, params.name, params.arguments, _relayed(params))
         except RPCError as exc:
             raise _raise(exc) from None
         finally:
@@ -188,6 +221,57 @@ def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None) -> Serv
         if cancellable.cancelled_caught:  # audited as cancelled; the client has stopped listening for this answer
             raise MCPError(INTERNAL_ERROR, "The call was cancelled by the client.")
         return complete_tool_result(result)
+
+    # Tasks (2025-11-25 only; tasks.py). A task-augmented call is answered with a task, which the
+    # SDK's tools/call result surface would refuse, so a middleware serves it before validation.
+    tasks = Tasks(gateway, SessionIds(gateway.verifier.keys, lambda: gateway.config.server.url))
+
+    async def task_call(params: dict[str, Any]) -> dict[str, Any]:
+        try:
+            types.CallToolRequestParams.model_validate(params, by_name=False)
+        except ValueError:
+            raise MCPError(INVALID_PARAMS, "Invalid request parameters") from None
+        try:
+            return await tasks.call(_claims(), params)
+        except RPCError as exc:
+            raise _raise(exc) from None
+
+    task_call = _no_internals(task_call)
+
+    async def task_middleware(ctx: Any, call_next: Callable[[Any], Awaitable[Any]]) -> Any:
+        params = ctx.params
+        if ctx.method == "tools/call" and isinstance(params, dict) and params.get("task") is not None and _session_era(ctx):
+            return await task_call(params)
+        result = await call_next(ctx)
+        if ctx.method in ("initialize", "server/discover") and isinstance(result, dict):
+            _announce_list_changes(result)
+        if ctx.method == "initialize" and isinstance(result, dict) and result.get("protocolVersion") == TASKS_VERSION:
+            capabilities = result.get("capabilities")
+            if isinstance(capabilities, dict):
+                result["capabilities"] = {**capabilities, "tasks": TASKS_CAPABILITY}
+        return result
+
+    def task_request(method: str) -> Callable[[Any, Any], Awaitable[dict[str, Any]]]:
+        async def handle(ctx: Any, params: Any) -> dict[str, Any]:
+            if not _session_era(ctx):
+                raise MCPError(-32601, "Method not found", method)
+            try:
+                return await tasks.request(_claims(), method, params.model_dump(by_alias=True, mode="json", exclude_none=True))
+            except RPCError as exc:
+                raise _raise(exc) from None
+
+        handle.__name__ = method.replace("/", "_")
+        return handle
+
+    async def list_tasks(ctx: Any, params: types.PaginatedRequestParams | None) -> dict[str, Any]:
+        if not _session_era(ctx):
+            raise MCPError(-32601, "Method not found", "tasks/list")
+        try:
+            listed = await tasks.list_tasks(_claims())
+        except RPCError as exc:
+            raise _raise(exc) from None
+        page, next_cursor = _page(listed, params)
+        return {"tasks": list(page), **({"nextCursor": next_cursor} if next_cursor else {})}
 
     async def cancelled(ctx: Any, params: types.CancelledNotificationParams) -> None:
         # A session-era client's notice (2026-07-28 clients close the stream instead): inflight.py.
@@ -253,11 +337,24 @@ def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None) -> Serv
     )
     # The SDK installs an OpenTelemetry middleware by default; Portcullis records calls in its
     # audit log and metrics instead, and the middleware costs a few percent of every call.
-    server.middleware = []
+    server.middleware = [task_middleware]
     server.add_request_handler("tools/list", types.PaginatedRequestParams, _no_internals(list_tools))
     server.add_request_handler("tools/call", types.CallToolRequestParams, _no_internals(call_tool))
+    params_types = {"tasks/get": types.GetTaskRequestParams, "tasks/result": types.GetTaskPayloadRequestParams,
+                    "tasks/cancel": types.CancelTaskRequestParams}
+    for method in TASK_METHODS:
+        server.add_request_handler(method, params_types[method], _no_internals(task_request(method)))
+    server.add_request_handler("tasks/list", types.PaginatedRequestParams, _no_internals(list_tasks))
     server.add_notification_handler("notifications/cancelled", types.CancelledNotificationParams, cancelled)
     return server
+
+
+TASKS_VERSION = "2025-11-25"
+"""The protocol version that has tasks (2026-07-28 moved them to an extension the SDK does not serve)."""
+
+
+def _session_era(ctx: Any) -> bool:
+    return ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS
 
 
 Handler = TypeVar("Handler", bound=Callable[..., Awaitable[Any]])
@@ -356,6 +453,12 @@ class BearerAuth:
                     await _not_utf8(scope, receive, send)
                     return
                 receive = replay(first, receive)
+                if self.sessions is not None and is_candidate(scope) and (b'"requestState"' in first.get("body", b"") or first.get("more_body")):
+                    # A retry may continue a call another replica holds (bridge.py): passed on there.
+                    passed = await self.sessions.pass_on(scope, receive, send, claims)
+                    if passed is None:
+                        return
+                    receive = passed
             reset = current_claims.set(claims)
             try:
                 if self.fast is not None and is_candidate(scope):
@@ -478,7 +581,10 @@ def build_app(
     on an agent's answer to a request relayed from this one (relay.py); empty on one replica.
     """
     inflight = InFlight()
-    server = build_mcp_server(gateway, inflight)
+    ids = SessionIds(gateway.verifier.keys, lambda: gateway.config.server.url)
+    bridge = Bridge(gateway, ids)
+    bridge.replica_url = replica_url
+    server = build_mcp_server(gateway, inflight, bridge)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -542,7 +648,7 @@ def build_app(
     base = (public_base or _origin(gateway.config.server.url)).rstrip("/")
     origins = allowed_origins | {base}
     fast = FastToolCall(gateway, app, server.server_info_stamp, max_body_bytes) if fast_path else None
-    sessions = AgentSessions(gateway, inflight, max_body_bytes, replica_url=replica_url)
+    sessions = AgentSessions(gateway, inflight, max_body_bytes, replica_url=replica_url, ids=ids)
     return BearerAuth(app, gateway, base + RESOURCE_METADATA_PATH + MCP_PATH, origins, fast, sessions)
 
 

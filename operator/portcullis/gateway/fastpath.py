@@ -11,7 +11,8 @@ Fidelity is kept by construction, not by re-implementing the protocol:
   ladder, duplicated routing headers, Accept), and the result is shaped with the
   SDK's own per-version serializer and stamped with the same `serverInfo`;
 - anything not plainly a well-formed 2026-07-28 `tools/call` (a rejection of
-  any kind, a notification, progress or log opt-in, a multi-round-trip retry, `Mcp-Param-*`
+  any kind, a notification, progress or log opt-in, a multi-round-trip retry, a call
+  whose session-protocol upstream may ask its client something (bridge.py), `Mcp-Param-*`
   headers to validate, an unknown body size) is handed to the SDK unchanged, with
   the body replayed, so every error answer still comes from one place.
 
@@ -32,7 +33,7 @@ from mcp.shared.inbound import (
     classify_inbound_request,
     find_duplicated_routing_header,
 )
-from mcp_types import LOG_LEVEL_META_KEY, SERVER_INFO_META_KEY
+from mcp_types import CLIENT_CAPABILITIES_META_KEY, LOG_LEVEL_META_KEY, SERVER_INFO_META_KEY
 from mcp_types import methods as _methods
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -84,6 +85,9 @@ class FastToolCall:
         name = params["name"]
         if name in self._tools_with_param_headers():
             await self.fallback(scope, _replay(body, receive), send)  # Mcp-Param-* validation is the SDK's
+            return
+        if self.gateway.speaks_session_protocol(name) and _can_be_asked(params):
+            await self.fallback(scope, _replay(body, receive), send)  # its upstream may ask it something: bridge.py
             return
         self.served += 1
         await self._answer(request["id"], claims, name, params, send)
@@ -162,6 +166,11 @@ def _plain_call(body: bytes) -> dict[str, Any] | None:
     if not isinstance(meta, dict) or "progressToken" in meta or LOG_LEVEL_META_KEY in meta:
         return None  # progress and log messages belong to the SDK's streaming path
     return request
+
+
+def _can_be_asked(params: dict[str, Any]) -> bool:
+    capabilities = (params.get("_meta") or {}).get(CLIENT_CAPABILITIES_META_KEY)
+    return isinstance(capabilities, dict) and any(isinstance(capabilities.get(c), dict) for c in ("elicitation", "sampling", "roots"))
 
 
 async def _read_body(receive: Receive) -> bytes:

@@ -71,8 +71,10 @@ class Relay:
             raise AgentError({"code": -32603, "message": f"the client's answer to {method} has no result"})
         return result
 
-    def route(self, claims: SessionClaims, message: dict[str, Any]) -> tuple[int, str]:
-        """Where an agent's answer goes: (202, "") when handled here, (0, url) to forward, or an error status and reason."""
+    def route(self, claims: SessionClaims, message: dict[str, Any], *, deliver: bool = True) -> tuple[int, str]:
+        """Where an agent's answer goes: (202, "") when handled here, (0, url) to forward, or an error status and reason.
+
+        `deliver=False` only tells where (a bridged retry: bridge.py resumes the call itself)."""
         try:
             target = self.ids.open_relay_id(str(message.get("id")))
         except TokenError as exc:
@@ -80,6 +82,8 @@ class Relay:
         if target.user != claims.sub:
             return 403, "this answer belongs to another user's call"
         if not target.replica or target.replica == self.replica_url:
+            if not deliver:
+                return 202, ""
             waiting = self._waiting.get(str(message["id"]))
             if waiting is not None and not waiting.done():
                 waiting.set_result(message)
@@ -88,11 +92,19 @@ class Relay:
             return 202, ""
         return 0, target.replica
 
-    async def forward(self, url: str, headers: list[tuple[bytes, bytes]], body: bytes) -> tuple[int, bytes, str]:
-        """POST an answer on to the replica that waits for it; (status, body, content type) of its reply."""
-        passed = {k.decode("latin-1"): v.decode("latin-1") for k, v in headers if k.decode("latin-1").lower() in _FORWARDED_HEADERS}
+    async def forward(self, url: str, headers: list[tuple[bytes, bytes]], body: bytes, *, long: bool = False) -> tuple[int, bytes, str]:
+        """POST an answer on to the replica that waits for it; (status, body, content type) of its reply.
+
+        `long`: a bridged retry, answered only when the call it continues ends or asks again."""
+        passed = {
+            name: value
+            for name, value in ((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers)
+            if name in _FORWARDED_HEADERS or name.startswith("mcp-")
+        }
+        # A bridged retry lasts as long as the rest of its call, which the replica running it bounds.
+        timeout = aiohttp.ClientTimeout(total=None, sock_connect=_FORWARD_SECONDS) if long else aiohttp.ClientTimeout(total=_FORWARD_SECONDS)
         try:
-            async with self._http().post(url, data=body, headers=passed, timeout=aiohttp.ClientTimeout(total=_FORWARD_SECONDS)) as reply:
+            async with self._http().post(url, data=body, headers=passed, timeout=timeout) as reply:
                 return reply.status, await reply.read(), reply.headers.get("content-type", "application/json")
         except (aiohttp.ClientError, TimeoutError) as exc:
             log.warning("passing an answer on to the replica at %s failed: %s", url, type(exc).__name__)

@@ -62,6 +62,8 @@ def plain_call(body: bytes) -> dict[str, Any] | None:
         return None
     if not isinstance(params.get("_meta", {}), dict):
         return None
+    if "task" in params:  # task-augmented: answered at once with a task, by the SDK's server (tasks.py)
+        return None
     return request
 
 

@@ -36,12 +36,15 @@ from portcullis.gateway.tokens import ALGORITHM, SigningKeys, TokenError, unveri
 
 SESSION_TYP: Final = "portcullis-session+jwt"
 RELAY_TYP: Final = "portcullis-relay+jwt"
+TASK_TYP: Final = "portcullis-task+jwt"
 RELAY_PREFIX: Final = "portcullis-relay:"
 """The start of every JSON-RPC id the gateway gives a relayed request, so an answer is recognised at once."""
 MAX_CAPABILITIES_BYTES: Final = 8192
 # A session outlives no token that could use it; a relayed request waits at most this long for its answer.
 SESSION_SECONDS: Final = 7 * 24 * 3600
 RELAY_SECONDS: Final = 3600
+TASK_SECONDS: Final = 7 * 24 * 3600
+"""A task id's lifetime; the upstream's own retention (the task's `ttl`) usually ends it sooner."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,8 +70,18 @@ class RelayTarget:
     nonce: str
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskRef:
+    """What a gateway task id says: whose task it is, where it runs, and which exposed tool made it."""
+
+    connection: str
+    upstream_id: str
+    user: str
+    tool: str
+
+
 class SessionIds:
-    """Issue and read session ids and relayed-request ids for one server."""
+    """Issue and read session ids, relayed-request ids and task ids for one server."""
 
     def __init__(self, keys: Callable[[], SigningKeys], audience: Callable[[], str]):
         self._keys = keys  # the token verifier's provider: a rotation applies here at once
@@ -81,6 +94,10 @@ class SessionIds:
     @property
     def _relay_aud(self) -> str:
         return self._audience() + "#relay"
+
+    @property
+    def _task_aud(self) -> str:
+        return self._audience() + "#task"
 
     def issue_session(self, user: str, protocol_version: str, capabilities: dict[str, Any]) -> str | None:
         """A session id, or None when the capabilities are too large to carry (the session is then served without one)."""
@@ -115,6 +132,22 @@ class SessionIds:
         if not isinstance(user, str) or not isinstance(replica, str) or not isinstance(nonce, str):
             raise TokenError("malformed")
         return RelayTarget(replica, user, nonce)
+
+    def task_id(self, task: TaskRef) -> str:
+        now = int(time.time())
+        return self._sign(
+            {"aud": self._task_aud, "sub": task.user, "c": task.connection, "t": task.upstream_id, "tool": task.tool,
+             "iat": now, "exp": now + TASK_SECONDS},
+            TASK_TYP,
+        )
+
+    def open_task_id(self, task_id: str) -> TaskRef:
+        payload = self._open(task_id, TASK_TYP, self._task_aud)
+        fields = payload.get("c"), payload.get("t"), payload.get("sub"), payload.get("tool")
+        if not all(isinstance(f, str) for f in fields):
+            raise TokenError("malformed")
+        connection, upstream_id, user, tool = fields
+        return TaskRef(str(connection), str(upstream_id), str(user), str(tool))
 
     def _sign(self, payload: dict[str, Any], typ: str) -> str:
         key = self._current().current

@@ -55,8 +55,10 @@ def _error(status: int, message: str) -> JSONResponse:
 
 
 class AgentSessions:
-    def __init__(self, gateway: Gateway, inflight: InFlight, max_body_bytes: int, *, replica_url: str = ""):
-        self.ids = SessionIds(gateway.verifier.keys, lambda: gateway.config.server.url)
+    def __init__(
+        self, gateway: Gateway, inflight: InFlight, max_body_bytes: int, *, replica_url: str = "", ids: SessionIds | None = None
+    ):
+        self.ids = ids or SessionIds(gateway.verifier.keys, lambda: gateway.config.server.url)
         self.relay = Relay(self.ids, lambda: gateway.http)
         self.relay.replica_url = replica_url
         self.calls = SessionToolCall(gateway, self.relay, inflight)
@@ -64,6 +66,26 @@ class AgentSessions:
         self._streams: set[asyncio.Queue[str]] = set()
         gateway.on_tools_changed(lambda: self._notice("notifications/tools/list_changed"))
         gateway.on_list_changed(lambda kind: self._notice(f"notifications/{kind}/list_changed"))
+
+    async def pass_on(self, scope: Scope, receive: Receive, send: Send, claims: SessionClaims) -> Receive | None:
+        """A 2026-07-28 retry whose `requestState` names another replica (bridge.py) is passed on
+        there, and None returned; anything else comes back to be served here (its body replayed)."""
+        body, complete = await _read_upto(receive, self.max_body_bytes)
+        replayed = _replayed(body, complete, receive)
+        if not complete or RELAY_PREFIX.encode() not in body:
+            return replayed
+        message = _json(body)
+        params = message.get("params") if isinstance(message, dict) else None
+        state = params.get("requestState") if isinstance(params, dict) else None
+        if not isinstance(state, str) or not state.startswith(RELAY_PREFIX):
+            return replayed
+        status, where = self.relay.route(claims, {"id": state}, deliver=False)
+        if status != 0:
+            return replayed  # here, or refused here by the call path with the error it gives
+        status, reply, content_type = await self.relay.forward(where, scope["headers"], body, long=True)
+        await send({"type": "http.response.start", "status": status, "headers": [(b"content-type", content_type.encode("latin-1"))]})
+        await send({"type": "http.response.body", "body": reply})
+        return None
 
     @staticmethod
     def concerns(scope: Scope) -> bool:
