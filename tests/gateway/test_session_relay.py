@@ -33,6 +33,7 @@ from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
 
 from portcullis.gateway.audit import MemoryAuditSink
+from portcullis.gateway.local import admin_secret
 from portcullis.serve import LocalGateway, local_gateway
 from tests.support.eras import modern_only, session_protocol_only
 from tests.support.one_upstream import OneUpstream, manifests, mint, one_upstream
@@ -274,3 +275,43 @@ async def test_both_eras_are_told_the_lists_announce_their_changes(stack: Stack)
     for answer in (session_era, modern):
         capabilities = answer["result"]["capabilities"]
         assert all(capabilities[kind]["listChanged"] is True for kind in ("tools", "prompts", "resources")), answer
+
+
+async def _modern_call(url: str, token: str, name: str, arguments: dict[str, Any], **retry: Any) -> dict[str, Any]:
+    meta = {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {"elicitation": {"form": {}}},
+    }
+    params = {"name": name, "arguments": arguments, "_meta": meta, **retry}
+    async with httpx2.AsyncClient(timeout=20) as http:
+        answer = await http.post(
+            url,
+            json={"jsonrpc": "2.0", "id": 7, "method": "tools/call", "params": params},
+            headers={
+                "Authorization": f"Bearer {token}", "Accept": "application/json, text/event-stream",
+                "MCP-Protocol-Version": "2026-07-28", "Mcp-Method": "tools/call", "Mcp-Name": name,
+            },
+        )
+    body = answer.text
+    message: dict[str, Any] = json.loads(body.split("data: ")[-1]) if body.startswith(("event", "data")) else answer.json()
+    return message
+
+
+async def test_only_the_user_who_was_asked_can_answer_a_bridged_question(stack: Stack) -> None:
+    if stack.era != "session":
+        pytest.skip("only session-protocol upstreams ask mid-stream")
+    ada = stack.mint("ada@example.com")
+    with anyio.fail_after(20):
+        asked = await _modern_call(stack.gw.url, ada, "test_elicitation", {"message": "Who answers?"})
+        assert asked["result"]["resultType"] == "input_required", asked
+        state, (key,) = asked["result"]["requestState"], asked["result"]["inputRequests"]
+        answer = {"inputResponses": {key: {"action": "accept", "content": {"response": "me"}}}, "requestState": state}
+        scoped = httpx2.post(
+            stack.gw.admin_url + "/v1/tokens", json={"user": "ada@example.com", "tools": ["test_simple_text"]},
+            headers={"Authorization": f"Bearer {admin_secret(stack.served.state_dir)}"}, timeout=10,
+        ).json()["token"]
+        for intruder in (stack.mint("bob@example.com"), scoped):
+            refused = await _modern_call(stack.gw.url, intruder, "test_elicitation", {"message": "Who answers?"}, **answer)
+            assert refused["error"]["code"] == -32602, refused
+        done = await _modern_call(stack.gw.url, ada, "test_elicitation", {"message": "Who answers?"}, **answer)
+    assert "me" in json.dumps(done["result"]["content"]), done

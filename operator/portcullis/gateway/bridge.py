@@ -147,7 +147,8 @@ class Bridge:
         except TokenError:
             raise RPCError(INVALID_PARAMS, "Invalid requestState: it was not issued by this server") from None
         waiting = self._waiting.get(state)
-        if target.user != claims.sub or waiting is None or waiting.name != name or waiting.answer is None:
+        out_of_scope = claims.tools is not None and name not in claims.tools  # a narrower token of the same user
+        if target.user != claims.sub or waiting is None or waiting.name != name or waiting.answer is None or out_of_scope:
             self.gateway.record_answer(claims, name, accepted=False)
             raise RPCError(INVALID_PARAMS, "Invalid requestState: no call of yours waits for it (it ended, or timed out)")
         answer = (responses or {}).get(QUESTION_KEY)
