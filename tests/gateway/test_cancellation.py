@@ -1,4 +1,4 @@
-"""An agent that gives up on a call stops it upstream, in both eras on both sides.
+"""An agent that gives up on a call (or a prompt) stops it upstream, in both eras on both sides.
 
 A 2026-07-28 agent cancels by closing the call's stream; a 2025-11-25 agent sends
 `notifications/cancelled` on a separate POST and keeps listening. Either way the
@@ -57,6 +57,17 @@ def upstream(seen: Seen) -> MCPServer:
     async def quick() -> str:
         return "quick"
 
+    @server.prompt()
+    async def slow_prompt() -> str:
+        seen.started += 1
+        try:
+            await anyio.sleep(10)
+        except anyio.get_cancelled_exc_class():
+            seen.cancelled += 1
+            raise
+        seen.finished += 1
+        return "written at length"
+
     return server
 
 
@@ -74,7 +85,7 @@ def stack(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     app: ASGIApp = upstream(seen).streamable_http_app()
     if request.param == "session":
         app = session_protocol_only(app)
-    with run_asgi(app) as url, one_upstream(url, ["long", "quick"], tmp_path_factory.mktemp("cancel")) as served:
+    with run_asgi(app) as url, one_upstream(url, ["long", "quick"], tmp_path_factory.mktemp("cancel"), prompts=["slow_prompt"]) as served:
         yield Stack(served.gw, served.token, seen, served.audit)
 
 
@@ -99,3 +110,17 @@ async def test_a_cancelled_call_is_cancelled_upstream(stack: Stack, mode: Mode) 
     with anyio.fail_after(5):
         while not any(e.tool == "long" and e.reason == "cancelled" for e in list(stack.audit.events)[-5:]):
             await anyio.sleep(0.05)
+
+
+@pytest.mark.parametrize("mode", MODES)
+async def test_a_cancelled_prompt_is_cancelled_upstream(stack: Stack, mode: Mode) -> None:
+    """Not only tool calls: any request the gateway forwards stops when its agent gives up on it."""
+    before = Seen(stack.seen.started, stack.seen.cancelled, stack.seen.finished)
+    async with agent(stack.gw.url, stack.token, mode) as client:
+        with anyio.move_on_after(0.8) as waited:
+            await client.get_prompt("slow_prompt", {})
+        assert waited.cancelled_caught, "the prompt came back before the agent gave up on it"
+        with anyio.fail_after(5):
+            while stack.seen.cancelled == before.cancelled and stack.seen.finished == before.finished:
+                await anyio.sleep(0.05)
+    assert (stack.seen.cancelled, stack.seen.finished) == (before.cancelled + 1, before.finished)

@@ -36,7 +36,7 @@ class OneUpstream:
         return mint(self.gw, self.state_dir, user)
 
 
-def manifests(url: str, tools: Iterable[str], **spec: Any) -> list[dict[str, Any]]:
+def manifests(url: str, tools: Iterable[str], *, prompts: Iterable[str] = (), **spec: Any) -> list[dict[str, Any]]:
     meta = {"namespace": "acme"}
     return [
         {
@@ -50,7 +50,12 @@ def manifests(url: str, tools: Iterable[str], **spec: Any) -> list[dict[str, Any
             "apiVersion": "portcullis.dev/v1alpha1",
             "kind": "ToolMapping",
             "metadata": {"name": "m", **meta},
-            "spec": {"serverRef": {"name": "s"}, "connectionRef": {"name": CONNECTION}, "tools": [{"name": t} for t in tools]},
+            "spec": {
+                "serverRef": {"name": "s"},
+                "connectionRef": {"name": CONNECTION},
+                "tools": [{"name": t} for t in tools],
+                "prompts": [{"name": p} for p in prompts],
+            },
         },
     ]
 
@@ -64,8 +69,10 @@ def mint(gw: LocalGateway, state_dir: Path, user: str) -> str:
 
 
 @contextmanager
-def one_upstream(url: str, tools: Iterable[str], directory: Path, *, user: str = "u", **spec: Any) -> Iterator[OneUpstream]:
-    (directory / "manifests.yaml").write_text(yaml.safe_dump_all(manifests(url, tools, **spec)))
+def one_upstream(
+    url: str, tools: Iterable[str], directory: Path, *, user: str = "u", prompts: Iterable[str] = (), **spec: Any
+) -> Iterator[OneUpstream]:
+    (directory / "manifests.yaml").write_text(yaml.safe_dump_all(manifests(url, tools, prompts=prompts, **spec)))
     state = directory / "state"
     audit = MemoryAuditSink()
     with local_gateway([directory / "manifests.yaml"], state_dir=state, port=0, admin_port=0, audit=audit) as gw:

@@ -33,11 +33,10 @@ from portcullis.gateway.core import INTERNAL_ERROR, INVALID_PARAMS, Gateway, RPC
 from portcullis.gateway.relay import ANSWER_SECONDS
 from portcullis.gateway.session_ids import RELAY_PREFIX, SessionIds
 from portcullis.gateway.tokens import SessionClaims, TokenError
-from portcullis.gateway.upstream import AgentError, NotRelayable, call_events
+from portcullis.gateway.upstream import AgentError, NotRelayable, call_events, may_ask
 
 log = logging.getLogger("portcullis.gateway")
 
-RELAYABLE: Final = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
 QUESTION_KEY: Final = "portcullis-question"
 """The key of the one question in each `inputRequests` the bridge sends."""
 MAX_WAITING: Final = 10_000
@@ -65,8 +64,7 @@ class _Events:
             await self.relay.log(params)
 
     async def ask(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        capability = RELAYABLE.get(method)
-        if capability is None or not isinstance(self.capabilities.get(capability), dict):
+        if not may_ask(self.capabilities, method):
             raise NotRelayable(method)
         answer: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
         self._waiting.answer = answer
@@ -101,11 +99,6 @@ class Bridge:
         self.ids = ids
         self.replica_url = ""
         self._waiting: dict[str, _Waiting] = {}
-
-    @staticmethod
-    def wanted(capabilities: dict[str, Any]) -> bool:
-        """Did the agent declare something an upstream may ask for?"""
-        return any(isinstance(capabilities.get(c), dict) for c in RELAYABLE.values())
 
     @staticmethod
     def ours(request_state: str | None) -> bool:

@@ -15,15 +15,17 @@ RFC 9728 protected-resource document and the `WWW-Authenticate` hint.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import json
 import logging
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
+import anyio
 import mcp_types as types
 from mcp.server.connection import allowed_log_levels
 from mcp_types import CLIENT_CAPABILITIES_META_KEY
@@ -51,9 +53,9 @@ from portcullis.gateway.fastpath import FastToolCall, is_candidate, replay
 from portcullis.gateway.bridge import Bridge
 from portcullis.gateway.inflight import InFlight
 from portcullis.gateway.session_ids import SessionIds
-from portcullis.gateway.sessions import AgentSessions, current_session
+from portcullis.gateway.sessions import AgentSessions, current_session, header
 from portcullis.gateway.tasks import TASK_METHODS, TASKS_CAPABILITY, Tasks
-from portcullis.gateway.upstream import NotRelayable, call_events
+from portcullis.gateway.upstream import NotRelayable, call_events, can_be_asked
 from portcullis.gateway.tokens import SessionClaims
 
 log = logging.getLogger("portcullis.gateway")
@@ -147,8 +149,9 @@ class _CallRelay:
         raise NotRelayable(method)  # 2026-07-28 agents are asked in results (inputRequests), never mid-stream
 
 
-def _relaying(ctx: Any, params: Any) -> contextvars.Token[Any]:
-    return call_events.set(_CallRelay(ctx, params.meta))
+def _refuse_if_cancelled(cancellable: anyio.CancelScope) -> None:
+    if cancellable.cancelled_caught:  # audited as cancelled; the client has stopped listening for this answer
+        raise MCPError(INTERNAL_ERROR, "The request was cancelled by the client.")
 
 
 def _announce_list_changes(result: dict[str, Any]) -> None:
@@ -167,7 +170,7 @@ def _bridged(ctx: Any, params: types.CallToolRequestParams, gateway: Gateway) ->
     if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS or params.request_state is not None:
         return False
     capabilities = (params.meta or {}).get(CLIENT_CAPABILITIES_META_KEY)
-    return isinstance(capabilities, dict) and Bridge.wanted(capabilities) and gateway.speaks_session_protocol(params.name)
+    return can_be_asked(capabilities) and gateway.speaks_session_protocol(params.name)
 
 
 def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None, bridge: Bridge | None = None) -> Server[Any]:
@@ -196,14 +199,24 @@ def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None, bridge:
         definitions, next_cursor = _page(await gateway.list_tools(_claims()), params)
         return types.ListToolsResult(tools=[types.Tool.model_validate(t) for t in definitions], next_cursor=next_cursor)
 
+    @contextlib.contextmanager
+    def serving(ctx: Any, meta: Any) -> Iterator[tuple[_CallRelay, anyio.CancelScope]]:
+        """One request bound upstream: what the upstream sends on its stream relayed to the agent
+        (progress, logs), and cancellable by the agent's `notifications/cancelled` (inflight.py)."""
+        leg = _CallRelay(ctx, meta)
+        reset = call_events.set(leg)
+        try:
+            with inflight.track(_claims().jti, ctx.request_id) as cancellable:
+                yield leg, cancellable
+        finally:
+            call_events.reset(reset)
+
     async def call_tool(ctx: Any, params: types.CallToolRequestParams) -> dict[str, Any]:
         # The agent's progress token and log level are forwarded upstream in `_meta`; the
         # upstream's progress and log messages come back on its SSE answer and are passed on here.
         claims = _claims()
-        leg = _CallRelay(ctx, params.meta)
-        reset = call_events.set(leg)
         try:
-            with inflight.track(claims.jti, ctx.request_id) as cancellable:
+            with serving(ctx, params.meta) as (leg, cancellable):
                 if bridge is not None and ctx.protocol_version in MODERN_PROTOCOL_VERSIONS and bridge.ours(params.request_state):
                     # The answer to a question a session-protocol upstream asked mid-call (bridge.py).
                     responses = params.model_dump(by_alias=True, mode="json", exclude_none=True).get("inputResponses")
@@ -216,15 +229,12 @@ def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None, bridge:
                     result = await gateway.call_tool(claims, params.name, params.arguments, _relayed(params))
         except RPCError as exc:
             raise _raise(exc) from None
-        finally:
-            call_events.reset(reset)
-        if cancellable.cancelled_caught:  # audited as cancelled; the client has stopped listening for this answer
-            raise MCPError(INTERNAL_ERROR, "The call was cancelled by the client.")
+        _refuse_if_cancelled(cancellable)
         return complete_tool_result(result)
 
     # Tasks (2025-11-25 only; tasks.py). A task-augmented call is answered with a task, which the
     # SDK's tools/call result surface would refuse, so a middleware serves it before validation.
-    tasks = Tasks(gateway, SessionIds(gateway.verifier.keys, lambda: gateway.config.server.url))
+    tasks = Tasks(gateway, bridge.ids if bridge is not None else SessionIds(gateway.verifier.keys, lambda: gateway.config.server.url))
 
     async def task_call(params: dict[str, Any]) -> dict[str, Any]:
         try:
@@ -283,13 +293,12 @@ def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None, bridge:
         return types.ListPromptsResult(prompts=[types.Prompt.model_validate(p) for p in prompts], next_cursor=next_cursor)
 
     async def get_prompt(ctx: Any, params: types.GetPromptRequestParams) -> types.GetPromptResult | types.InputRequiredResult:
-        reset = _relaying(ctx, params)
         try:
-            result = await gateway.get_prompt(_claims(), params.name, params.arguments, _relayed(params))
+            with serving(ctx, params.meta) as (_, cancellable):
+                result = await gateway.get_prompt(_claims(), params.name, params.arguments, _relayed(params))
         except RPCError as exc:
             raise _raise(exc) from None
-        finally:
-            call_events.reset(reset)
+        _refuse_if_cancelled(cancellable)
         if result.get("resultType") == "input_required":
             return types.InputRequiredResult.model_validate(result)
         return types.GetPromptResult.model_validate(result)
@@ -306,9 +315,11 @@ def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None, bridge:
 
     async def read_resource(ctx: Any, params: types.ReadResourceRequestParams) -> types.ReadResourceResult:
         try:
-            result = await gateway.read_resource(_claims(), str(params.uri))
+            with serving(ctx, params.meta) as (_, cancellable):
+                result = await gateway.read_resource(_claims(), str(params.uri))
         except RPCError as exc:
             raise _raise(exc) from None
+        _refuse_if_cancelled(cancellable)
         return types.ReadResourceResult.model_validate(result)
 
     async def complete(ctx: Any, params: types.CompleteRequestParams) -> types.CompleteResult:
@@ -414,7 +425,7 @@ class BearerAuth:
         if scope["type"] != "http" or not scope["path"].startswith(MCP_PATH):
             await self.app(scope, receive, send)
             return
-        origin = _header(scope, b"origin")
+        origin = header(scope, b"origin")
         if origin is not None and not _origin_allowed(origin, self.allowed_origins):
             # Streamable HTTP: servers MUST validate Origin (DNS rebinding). Host is not
             # checked: in-cluster Service names and proxies vary, and a page cannot
@@ -433,13 +444,13 @@ class BearerAuth:
                     claims = self.gateway.authenticate(token)
             except Unauthenticated as exc:
                 tracing.refused(str(exc), "unauthenticated")
-                self.gateway.record_unauthenticated(str(exc), _header(scope, b"mcp-method"))
+                self.gateway.record_unauthenticated(str(exc), header(scope, b"mcp-method"))
                 await _unauthorized(str(exc), self.metadata_url, token is not None)(scope, receive, send)
                 return
             except Exception as exc:  # the revocation or key store failed: fail closed, audited, no internals
                 log.warning("authenticating a request failed: %s", type(exc).__name__)
                 tracing.refused(Reason.AUTH_UNAVAILABLE, "error")
-                self.gateway.record_unauthenticated(Reason.AUTH_UNAVAILABLE, _header(scope, b"mcp-method"), outcome="error")
+                self.gateway.record_unauthenticated(Reason.AUTH_UNAVAILABLE, header(scope, b"mcp-method"), outcome="error")
                 response = JSONResponse(
                     {"jsonrpc": "2.0", "id": None, "error": {"code": -32603, "message": "cannot check the session token right now; try again"}},
                     status_code=503,
@@ -447,13 +458,14 @@ class BearerAuth:
                 )
                 await response(scope, receive, send)
                 return
+            candidate = is_candidate(scope)
             if scope["method"] == "POST":
                 first = await receive()
                 if not _utf8_json_start(first.get("body", b"")):
                     await _not_utf8(scope, receive, send)
                     return
                 receive = replay(first, receive)
-                if self.sessions is not None and is_candidate(scope) and (b'"requestState"' in first.get("body", b"") or first.get("more_body")):
+                if self.sessions is not None and candidate and (b'"requestState"' in first.get("body", b"") or first.get("more_body")):
                     # A retry may continue a call another replica holds (bridge.py): passed on there.
                     passed = await self.sessions.pass_on(scope, receive, send, claims)
                     if passed is None:
@@ -461,7 +473,7 @@ class BearerAuth:
                     receive = passed
             reset = current_claims.set(claims)
             try:
-                if self.fast is not None and is_candidate(scope):
+                if self.fast is not None and candidate:
                     await self.fast(scope, receive, send, claims)
                 elif self.sessions is not None and self.sessions.concerns(scope):
                     await self.sessions(scope, receive, send, claims, self.app)
@@ -507,13 +519,6 @@ _ORIGIN = re.compile(r"(?i)https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+)(:[0-9]{1,5})?/
 def _host_of(origin: str) -> str:
     match = _ORIGIN.fullmatch(origin)
     return match.group(1).lower() if match else ""
-
-
-def _header(scope: Scope, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return bytes(value).decode("latin-1")
-    return None
 
 
 def _bearer(scope: Scope) -> str | None:

@@ -40,6 +40,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from portcullis.gateway.catalog import Exposure
 from portcullis.gateway.core import Gateway, RPCError, complete_tool_result
 from portcullis.gateway.tokens import SessionClaims
+from portcullis.gateway.upstream import can_be_asked
 
 MODERN: Final = "2026-07-28"
 _ALLOWED_REQUEST_KEYS: Final = frozenset({"jsonrpc", "id", "method", "params"})
@@ -86,7 +87,7 @@ class FastToolCall:
         if name in self._tools_with_param_headers():
             await self.fallback(scope, _replay(body, receive), send)  # Mcp-Param-* validation is the SDK's
             return
-        if self.gateway.speaks_session_protocol(name) and _can_be_asked(params):
+        if self.gateway.speaks_session_protocol(name) and can_be_asked((params.get("_meta") or {}).get(CLIENT_CAPABILITIES_META_KEY)):
             await self.fallback(scope, _replay(body, receive), send)  # its upstream may ask it something: bridge.py
             return
         self.served += 1
@@ -166,11 +167,6 @@ def _plain_call(body: bytes) -> dict[str, Any] | None:
     if not isinstance(meta, dict) or "progressToken" in meta or LOG_LEVEL_META_KEY in meta:
         return None  # progress and log messages belong to the SDK's streaming path
     return request
-
-
-def _can_be_asked(params: dict[str, Any]) -> bool:
-    capabilities = (params.get("_meta") or {}).get(CLIENT_CAPABILITIES_META_KEY)
-    return isinstance(capabilities, dict) and any(isinstance(capabilities.get(c), dict) for c in ("elicitation", "sampling", "roots"))
 
 
 async def _read_body(receive: Receive) -> bytes:

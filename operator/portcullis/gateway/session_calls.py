@@ -32,19 +32,18 @@ from portcullis.gateway.inflight import InFlight
 from portcullis.gateway.relay import Relay
 from portcullis.gateway.session_ids import AgentSession
 from portcullis.gateway.tokens import SessionClaims
-from portcullis.gateway.upstream import AgentError, NotRelayable, call_events
+from portcullis.gateway.upstream import AgentError, NotRelayable, call_events, can_be_asked, may_ask
 
 log = logging.getLogger("portcullis.gateway")
 
 MAX_ROUNDS: Final = 16
 """Most `inputRequests` rounds one call may take (an upstream asking for ever is stopped)."""
-RELAYABLE: Final = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
-_SSE_HEADERS: Final = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache, no-transform")]
+SSE_HEADERS: Final = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache, no-transform")]
 
 
 def wants_relay(session: AgentSession | None) -> bool:
     """Does this session's client declare anything an upstream might ask it?"""
-    return session is not None and any(session.can(capability) for capability in RELAYABLE.values())
+    return session is not None and can_be_asked(session.capabilities)
 
 
 def plain_call(body: bytes) -> dict[str, Any] | None:
@@ -78,7 +77,6 @@ class _Stream:
         self.log_level: str | None = "debug"  # the session era sends every level (logging/setLevel is not kept)
         self.era = "session"
         self.agent_session: str | None = session.id
-        self._session = session
         self._progress_token = progress_token
         self._started = False
         self.gone = False  # the agent closed the stream
@@ -89,7 +87,7 @@ class _Stream:
         try:
             if not self._started:
                 self._started = True
-                await self._send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+                await self._send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             data = json.dumps(message, separators=(",", ":"))
             await self._send({"type": "http.response.body", "body": f"event: message\ndata: {data}\n\n".encode(), "more_body": True})
         except OSError:
@@ -97,7 +95,7 @@ class _Stream:
 
     async def end(self) -> None:
         if not self._started:
-            await self._send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            await self._send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
         if not self.gone:
             await self._send({"type": "http.response.body", "body": b"", "more_body": False})
 
@@ -109,8 +107,7 @@ class _Stream:
         await self.write({"jsonrpc": "2.0", "method": "notifications/message", "params": params})
 
     async def ask(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
-        capability = RELAYABLE.get(method)
-        if capability is None or not self._session.can(capability):
+        if not may_ask(self.capabilities, method):
             raise NotRelayable(method)
         return await self._relay.ask(self.write, self._user, method, params)
 

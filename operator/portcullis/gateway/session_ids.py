@@ -56,9 +56,6 @@ class AgentSession:
     protocol_version: str
     capabilities: dict[str, Any]
 
-    def can(self, capability: str) -> bool:
-        return isinstance(self.capabilities.get(capability), dict)
-
 
 @dataclasses.dataclass(frozen=True)
 class RelayTarget:

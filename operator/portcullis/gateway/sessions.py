@@ -32,7 +32,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.inflight import InFlight
 from portcullis.gateway.relay import Relay
-from portcullis.gateway.session_calls import SessionToolCall, plain_call, wants_relay
+from portcullis.gateway.fastpath import replay
+from portcullis.gateway.session_calls import SSE_HEADERS, SessionToolCall, plain_call, wants_relay
 from portcullis.gateway.session_ids import RELAY_PREFIX, AgentSession, SessionIds
 from portcullis.gateway.tokens import SessionClaims, TokenError
 
@@ -47,7 +48,6 @@ MAX_STREAMS: Final = 10_000
 _STREAM_QUEUE: Final = 16  # notices waiting for a slow stream; more are dropped (they are level triggers)
 _KEEPALIVE_SECONDS: Final = 25.0
 _MODERN: Final = b"2026-07-28"
-_SSE_HEADERS: Final = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache, no-transform")]
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -71,7 +71,7 @@ class AgentSessions:
         """A 2026-07-28 retry whose `requestState` names another replica (bridge.py) is passed on
         there, and None returned; anything else comes back to be served here (its body replayed)."""
         body, complete = await _read_upto(receive, self.max_body_bytes)
-        replayed = _replayed(body, complete, receive)
+        replayed = replay({"type": "http.request", "body": body, "more_body": not complete}, receive)
         if not complete or RELAY_PREFIX.encode() not in body:
             return replayed
         message = _json(body)
@@ -97,7 +97,7 @@ class AgentSessions:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, claims: SessionClaims, app: ASGIApp) -> None:
         session: AgentSession | None = None
-        presented = _header(scope, SESSION_HEADER)
+        presented = header(scope, SESSION_HEADER)
         if presented is not None:
             try:
                 session = self.ids.open_session(presented)
@@ -114,7 +114,7 @@ class AgentSessions:
                 await self._standalone_stream(receive, send)
             return
         body, complete = await _read_upto(receive, self.max_body_bytes)
-        receive = _replayed(body, complete, receive)
+        receive = replay({"type": "http.request", "body": body, "more_body": not complete}, receive)
         if complete and RELAY_PREFIX.encode() in body:
             message = _json(body)
             if isinstance(message, dict) and "method" not in message and str(message.get("id", "")).startswith(RELAY_PREFIX):
@@ -179,7 +179,7 @@ class AgentSessions:
         self._streams.add(queue)
         gone = asyncio.ensure_future(_disconnected(receive))
         try:
-            await send({"type": "http.response.start", "status": 200, "headers": _SSE_HEADERS})
+            await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": b": open\n\n", "more_body": True})
             while not gone.done():
                 waiting = asyncio.ensure_future(queue.get())
@@ -219,16 +219,6 @@ async def _read_upto(receive: Receive, limit: int) -> tuple[bytes, bool]:
             return b"".join(chunks), False
 
 
-def _replayed(body: bytes, complete: bool, receive: Receive) -> Receive:
-    """What was read, as one message, then the rest of the real stream (the SDK reads it all again)."""
-    pending: list[Message] = [{"type": "http.request", "body": body, "more_body": not complete}]
-
-    async def replayed() -> Message:
-        return pending.pop() if pending else await receive()
-
-    return replayed
-
-
 def _json(body: bytes) -> Any:
     try:
         return json.loads(body)
@@ -236,7 +226,8 @@ def _json(body: bytes) -> Any:
         return None
 
 
-def _header(scope: Scope, name: bytes) -> str | None:
+def header(scope: Scope, name: bytes) -> str | None:
+    """The value of request header `name` (lower-case bytes), or None."""
     for key, value in scope["headers"]:
         if key == name:
             return bytes(value).decode("latin-1")

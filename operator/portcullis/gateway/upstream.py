@@ -207,6 +207,19 @@ agents that declared the capability (session_calls.py): the catalog's listing se
 declares them all, each agent's calls go on a session declaring what it declared.
 """
 _LISTINGS: Final = frozenset({"tools/list", "prompts/list", "resources/list", "resources/templates/list"})
+ASKED_CAPABILITY: Final = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
+"""What an upstream may ask its client mid-call, and the client capability each needs."""
+
+
+def can_be_asked(capabilities: Any) -> bool:
+    """Did a client declare anything an upstream may ask it (`ASKED_CAPABILITY`)?"""
+    return isinstance(capabilities, dict) and any(isinstance(capabilities.get(c), dict) for c in ASKED_CAPABILITY.values())
+
+
+def may_ask(capabilities: Mapping[str, Any], method: str) -> bool:
+    """May an upstream ask a client that declared `capabilities` this `method`?"""
+    capability = ASKED_CAPABILITY.get(method)
+    return capability is not None and isinstance(capabilities.get(capability), dict)
 _METHOD_NOT_FOUND: Final = -32601
 
 
