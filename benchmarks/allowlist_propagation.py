@@ -83,7 +83,7 @@ async def propagate(runs: int) -> dict[str, list[float]]:
                 await KubernetesVault(client, NS).put(NS, "alice@example.com", "inbox", SECRET)
 
                 servers = await build(
-                    client, "summarizer", NS, "127.0.0.1", (0, 0, 0), audit=MemoryAuditSink(), state_dir=Path(tempfile.mkdtemp())
+                    client, "summarizer", NS, "127.0.0.1", (0, 0, 0, 0), audit=MemoryAuditSink(), state_dir=Path(tempfile.mkdtemp())
                 )
                 async with anyio.create_task_group() as tg:
                     tg.start_soon(servers.serve)

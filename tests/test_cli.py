@@ -59,7 +59,9 @@ def test_serve_credentials_and_tokens_from_the_command_line(tmp_path: Path) -> N
         assert stored.returncode == 0, stored.stderr
         assert "s3cret" not in stored.stdout
         listed = run_cli("credentials", "list", "-n", "demo", "--user", "ada@example.com", "--state-dir", state)
-        assert listed.stdout.split() == ["inbox"]
+        header, row = listed.stdout.splitlines()
+        assert header.split() == ["CONNECTION", "CONNECTED", "HOW", "SCOPES", "REFRESHED"]
+        assert row.split() == ["inbox", "yes", "static", "-", "-"]
         minted = run_cli("token", "mint", "--user", "ada@example.com", "--ttl", "5m", "--json", *admin)
         assert minted.returncode == 0, minted.stderr
         answer = json.loads(minted.stdout)

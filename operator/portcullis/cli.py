@@ -4,7 +4,7 @@
     portcullis serve -f PATH... [--url URL]      a gateway from the operator's YAML, no cluster
     portcullis compile -f PATH...                print the compiled config, or the errors
     portcullis token mint|revoke ...             through a running gateway's admin API
-    portcullis credentials set|delete|list ...   the local vault
+    portcullis credentials set|delete|list|connect   the local vault; OAuth connect links
     portcullis audit query|verify ...            the audit log: filter it, prove it intact
     portcullis gateway --in-cluster ...          the gateway as the operator deploys it
     portcullis operator                          the Kubernetes operator
@@ -20,7 +20,9 @@ import json
 import os
 import signal
 import sys
+import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -220,6 +222,11 @@ def cmd_credentials(args: argparse.Namespace) -> int:
                 f"no server of tenant {tenant!r} takes a per-user credential for connection {args.connection!r} "
                 f"(they take: {', '.join(wanted) or 'none'})"
             )
+        if args.connection in LocalState(state_dir).oauth_connections(tenant):
+            return _fail(
+                f"users connect {args.connection!r} with OAuth, not a stored secret: "
+                f"run `portcullis credentials connect --user {args.user} --connection {args.connection}`"
+            )
         secret = args.secret
         if secret is None:
             secret = sys.stdin.readline().rstrip("\n") if not sys.stdin.isatty() else getpass.getpass("secret: ")
@@ -234,10 +241,63 @@ def cmd_credentials(args: argparse.Namespace) -> int:
             return _fail(f"{args.user} has no {args.connection} credential in tenant {tenant}")
         print(f"deleted {args.connection} credential of {args.user} (tenant {tenant})")
         return 0
-    connections = asyncio.run(vault.connections_of(tenant, args.user))
-    for connection in connections:
-        print(connection)
+    if args.action == "connect":
+        return _connect(args)
+    return _list_credentials(vault, tenant, args.user, LocalState(state_dir).user_connections(tenant) or {})
+
+
+def _list_credentials(vault: Any, tenant: str, user: str, servers: dict[str, list[str]]) -> int:
+    """One line per connection: connected or not, how, and for OAuth the scopes and last refresh. No values."""
+    from portcullis.gateway.oauth.record import loads
+
+    stored = asyncio.run(vault.connections_of(tenant, user))
+    wanted = sorted({c for connections in servers.values() for c in connections} | set(stored))
+    rows = [("CONNECTION", "CONNECTED", "HOW", "SCOPES", "REFRESHED")]
+    for connection in wanted:
+        if connection not in stored:
+            rows.append((connection, "no", "-", "-", "-"))
+            continue
+        try:
+            text = asyncio.run(vault.get(tenant, user, connection))
+        except Exception as exc:  # a value that no longer opens: say so, never show it
+            rows.append((connection, "unreadable", "-", "-", type(exc).__name__))
+            continue
+        record = loads(text) if text else None
+        if record is None:
+            rows.append((connection, "yes", "static", "-", "-"))
+            continue
+        grant = record.grant
+        when = grant.refreshed_at or grant.obtained_at if grant else None
+        refreshed = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(when)) if when else "-"
+        rows.append((connection, "yes" if grant else "reconnect" if record.lost else "no", "oauth", grant.scope or "-" if grant else "-", refreshed))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
     return 0
+
+
+def _connect(args: argparse.Namespace) -> int:
+    """Ask the running gateway for a connect link, print it, and wait until the browser comes back."""
+    path = f"/v1/users/{urllib.parse.quote(args.user, safe='')}/connections"
+    status, answer = _admin_call(args, "POST", f"{path}/{urllib.parse.quote(args.connection, safe='')}/authorize", {})
+    if status != 201:
+        return _fail(answer.get("message", f"HTTP {status}") if isinstance(answer, dict) else f"HTTP {status}")
+
+    def entry() -> dict[str, Any]:
+        _, listed = _admin_call(args, "GET", path, None)
+        return next((c for c in listed.get("connections", []) if c.get("connection") == args.connection), {})
+
+    before = entry().get("connectedAt")
+    print(f"Open this link in a browser to connect {args.connection} for {args.user}:\n\n  {answer['authorizationUrl']}\n", flush=True)
+    deadline = min(time.time() + args.timeout, float(answer["expiresAt"]))
+    print(f"portcullis: waiting for the browser to come back to {answer['redirectUri']} ...", file=sys.stderr, flush=True)
+    while time.time() < deadline:
+        now = entry()
+        if now.get("connected") and now.get("connectedAt") != before:
+            print(f"connected {args.connection} for {args.user} (scopes: {' '.join(now.get('scopes') or []) or 'none'})")
+            return 0
+        time.sleep(1)
+    return _fail(f"the link was not used in time; run `portcullis credentials connect` again for a new one")
 
 
 # --- audit -----------------------------------------------------------------------------------
@@ -342,13 +402,22 @@ def build_parser() -> argparse.ArgumentParser:
 
     creds = sub.add_parser("credentials", help="users' upstream credentials in the local vault")
     csub = creds.add_subparsers(dest="action", required=True)
-    for action in ("set", "delete", "list"):
-        p = csub.add_parser(action)
+    helps = {
+        "set": "store a user's static credential (sealed)",
+        "delete": "forget a user's credential",
+        "list": "what a user has connected, and how (never a value)",
+        "connect": "print a connect link for an OAuth connection and wait until the user has consented",
+    }
+    for action, help_text in helps.items():
+        p = csub.add_parser(action, help=help_text)
         p.add_argument("--user", required=True)
         if action != "list":
             p.add_argument("--connection", required=True)
         if action == "set":
             p.add_argument("--secret", help="the credential (default: read from stdin)")
+        if action == "connect":
+            p.add_argument("--admin-url", default=os.environ.get("PORTCULLIS_ADMIN_URL", "http://127.0.0.1:8081"))
+            p.add_argument("--timeout", type=float, default=600, help="seconds to wait for the browser (default: 600)")
         p.add_argument("-n", "--namespace", default="default", help="tenant (the server's namespace)")
         state(p)
         p.set_defaults(func=cmd_credentials, action=action)

@@ -81,12 +81,14 @@ def compile(  # noqa: A001 - the name DESIGN.md gives this function
     connections: Iterable[MCPConnection],
     *,
     url: str | None = None,
+    callback_url: str | None = None,
 ) -> Compilation:
     """Build the config of `server` from the mappings that name it.
 
     Mappings of other servers or other namespaces are ignored. `url` overrides
     the server's public URL (the token audience); the default is its in-cluster
-    Service URL.
+    Service URL. `callback_url` overrides where browsers return from the OAuth
+    connect flow (`spec.connectedAccounts.callbackURL`; `serve` gives its own).
     """
     ns = server.metadata.namespace
     by_name = {c.metadata.name: c for c in connections if c.metadata.namespace == ns}
@@ -115,6 +117,7 @@ def compile(  # noqa: A001 - the name DESIGN.md gives this function
             namespace=ns,
             url=url or cluster_url(server),
             issuer=f"portcullis.dev/{ns}/{server.metadata.name}",
+            callback_url=callback_url or (server.spec.connected_accounts.callback_url if server.spec.connected_accounts else None),
         ),
         tenant=ns,
         vault_namespace=server.vault_namespace,
@@ -156,10 +159,11 @@ def compile_strict(
     connections: Iterable[MCPConnection],
     *,
     url: str | None = None,
+    callback_url: str | None = None,
 ) -> GatewayConfig:
     """Like `compile`, but any problem (including a mapping naming no known server) is an error."""
     mappings = list(mappings)
-    result = compile(server, mappings, connections, url=url)
+    result = compile(server, mappings, connections, url=url, callback_url=callback_url)
     if result.problems:
         raise CompileError(result.problems)
     return result.config

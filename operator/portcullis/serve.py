@@ -28,6 +28,7 @@ from portcullis.gateway.audit import AuditSink, JsonLinesAuditSink
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.endpoint import DEFAULT_MAX_BODY_BYTES, BearerAuth, build_app
 from portcullis.gateway.local import LocalState, build_local_gateway
+from portcullis.gateway.oauth.flow import CALLBACK_PATH
 from portcullis.gateway.runtime import Listener, Servers, bind, run_in_thread, with_lifespan
 
 
@@ -55,10 +56,10 @@ def report_skipped(manifests: Manifests) -> None:
         print(f"portcullis: skipped, not a Portcullis object or a v1 Secret: {what}", file=sys.stderr)
 
 
-def compile_for(manifests: Manifests, server: VirtualMCPServer, url: str) -> GatewayConfig:
+def compile_for(manifests: Manifests, server: VirtualMCPServer, url: str, callback_url: str | None = None) -> GatewayConfig:
     problems = orphan_mappings(manifests.servers, manifests.mappings)
     try:
-        config = compile_strict(server, manifests.mappings, manifests.connections, url=url)
+        config = compile_strict(server, manifests.mappings, manifests.connections, url=url, callback_url=callback_url)
     except CompileError as exc:
         problems = [*problems, *exc.problems]
     if problems:
@@ -132,7 +133,8 @@ def local_gateway(
     url = f"http://{shown_host}:{mcp_sock.getsockname()[1]}/mcp"
     admin_url = f"http://{shown_host}:{admin_sock.getsockname()[1]}"
     try:
-        config = compile_for(manifests, server, public_url or url)
+        # Browsers come back from an OAuth connect flow to this process's admin port (loopback).
+        config = compile_for(manifests, server, public_url or url, callback_url=admin_url + CALLBACK_PATH)
         state = LocalState(state_dir)
         sinks = [audit] if audit is not None else [JsonLinesAuditSink(sys.stdout)]
         gateway, keys = build_local_gateway(config, state, audit=sinks, secrets=manifests.secrets)
@@ -152,7 +154,7 @@ def local_gateway(
         replica_url=url,
     )
     mcp_app = with_lifespan(endpoint, gateway.start, gateway.stop)
-    admin_app = build_admin_app(gateway, auth=state.admin_auth(), keys=lambda: keys)
+    admin_app = build_admin_app(gateway, auth=state.admin_auth(), keys=lambda: keys, with_callback=True)
     servers = Servers([Listener(mcp_app, mcp_sock, "mcp"), Listener(admin_app, admin_sock, "admin")])
     handle = LocalGateway(gateway, servers, url, admin_url, endpoint, config.server.url)
     if background:

@@ -182,8 +182,11 @@ def test_a_status_the_operator_writes_is_accepted() -> None:
 def test_cel_rules_sit_on_the_models_they_restate() -> None:
     spec = openapi_schema(crd_of("MCPConnection"))["properties"]["spec"]
     assert [r["message"] for r in spec["properties"]["credential"]["x-kubernetes-validations"]] == [
-        "secretRef is required when source is shared, and only allowed then"
+        "secretRef is required when source is shared, and only allowed then",
+        "oauth is required when source is oauth, and only allowed then",
     ]
+    oauth = spec["properties"]["credential"]["properties"]["oauth"]
+    assert len(oauth["x-kubernetes-validations"]) == 3
     vmcp = openapi_schema(crd_of("VirtualMCPServer"))["properties"]["spec"]
     assert len(vmcp["properties"]["autoscaling"]["x-kubernetes-validations"]) == 1
 
@@ -250,7 +253,7 @@ SHARED = {"name": "key", "key": "token"}
 
 # (kind, spec, the field the error names). Each is rejected by the model too.
 REJECTED_BY_SCHEMA: dict[str, tuple[str, dict[str, Any], str]] = {
-    "bad credential source": ("MCPConnection", {"url": "http://u/mcp", "credential": {"source": "oauth"}}, "source"),
+    "bad credential source": ("MCPConnection", {"url": "http://u/mcp", "credential": {"source": "ldap"}}, "source"),
     "url without scheme": ("MCPConnection", {"url": "gmail-mcp:8080"}, "url"),
     "timeout too long": ("MCPConnection", {"url": "http://u", "timeoutSeconds": 601}, "timeoutSeconds"),
     "header with a space": ("MCPConnection", {"url": "http://u", "credential": {"header": "X Key"}}, "header"),
@@ -273,7 +276,26 @@ REJECTED_BY_SCHEMA: dict[str, tuple[str, dict[str, Any], str]] = {
     "resources claims": ("VirtualMCPServer", {"resources": {"claims": [{"name": "gpu"}]}}, "claims"),
 }
 
+OAUTH = "https://as.example/oauth"
 REJECTED_BY_CEL: dict[str, tuple[str, dict[str, Any], str]] = {
+    "oauth without its settings": ("MCPConnection", {"url": "http://u", "credential": {"source": "oauth"}}, "oauth"),
+    "oauth settings on a user secret": (
+        "MCPConnection", {"url": "http://u", "credential": {"source": "user", "oauth": {}}}, "oauth"
+    ),
+    "oauth with half its endpoints": (
+        "MCPConnection", {"url": "http://u", "credential": {"source": "oauth", "oauth": {"tokenEndpoint": f"{OAUTH}/token"}}}, "oauth"
+    ),
+    "explicit endpoints without a client": (
+        "MCPConnection",
+        {"url": "http://u", "credential": {"source": "oauth", "oauth": {
+            "authorizationEndpoint": f"{OAUTH}/authorize", "tokenEndpoint": f"{OAUTH}/token"}}},
+        "clientId",
+    ),
+    "client secret without a client": (
+        "MCPConnection",
+        {"url": "http://u", "credential": {"source": "oauth", "oauth": {"clientSecretRef": SHARED}}},
+        "clientSecretRef",
+    ),
     "shared without secretRef": ("MCPConnection", {"url": "http://u", "credential": {"source": "shared"}}, "secretRef"),
     "user with secretRef": (
         "MCPConnection", {"url": "http://u", "credential": {"source": "user", "secretRef": SHARED}}, "secretRef"
@@ -283,6 +305,14 @@ REJECTED_BY_CEL: dict[str, tuple[str, dict[str, Any], str]] = {
 }
 
 ACCEPTED: dict[str, tuple[str, dict[str, Any]]] = {
+    "oauth, discovered, dynamic client": ("MCPConnection", {"url": "https://u/mcp", "credential": {"source": "oauth", "oauth": {}}}),
+    "oauth, explicit, confidential client": (
+        "MCPConnection",
+        {"url": "https://u/mcp", "credential": {"source": "oauth", "oauth": {
+            "authorizationEndpoint": f"{OAUTH}/authorize", "tokenEndpoint": f"{OAUTH}/token",
+            "clientId": "portcullis", "clientSecretRef": SHARED, "scopes": ["repo", "read:org"]}}},
+    ),
+    "callback URL": ("VirtualMCPServer", {"connectedAccounts": {"callbackURL": "https://agents.example/oauth/callback"}}),
     "minimal connection": ("MCPConnection", {"url": "https://u/mcp"}),
     "shared with secretRef": ("MCPConnection", {"url": "http://u", "credential": {"source": "shared", "secretRef": SHARED}}),
     "empty scheme": ("MCPConnection", {"url": "http://u", "credential": {"source": "user", "scheme": ""}}),

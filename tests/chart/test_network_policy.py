@@ -11,7 +11,7 @@ import pytest
 
 from portcullis.api.resources import VirtualMCPServer
 from portcullis.render.deployment import GatewayPod, build_deployment
-from portcullis.render.metadata import ADMIN_PORT, MCP_PORT, METRICS_PORT
+from portcullis.render.metadata import ADMIN_PORT, CONNECT_PORT, MCP_PORT, METRICS_PORT
 from tests.chart.test_chart import K8S_VERSION, NAMESPACE, one, render
 
 MINTERS = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "backend"}},
@@ -97,9 +97,10 @@ def test_admin_port_only_for_the_operator_and_the_minters_while_mcp_stays_open()
     # The ports the rules name are the gateway's own (render/metadata.py).
     (container,) = gateway_pod()["spec"]["containers"]
     assert {(p["name"], p["containerPort"]) for p in container["ports"]} == {
-        ("mcp", MCP_PORT), ("admin", ADMIN_PORT), ("metrics", METRICS_PORT),
+        ("mcp", MCP_PORT), ("admin", ADMIN_PORT), ("metrics", METRICS_PORT), ("connect", CONNECT_PORT),
     }
     assert "from" not in rule_for(policy, MCP_PORT)
+    assert "from" not in rule_for(policy, CONNECT_PORT)  # browsers, through the Ingress
     assert rule_for(policy, METRICS_PORT)["from"] == SCRAPERS
     operator_peer, *minters = rule_for(policy, ADMIN_PORT)["from"]
     assert minters == MINTERS
@@ -114,3 +115,11 @@ def test_admin_port_is_never_open_to_everyone(admin_from: list[dict[str, Any]]) 
     rule = rule_for(gateway_policies(values)["acme"], ADMIN_PORT)
     assert rule["from"] and all(peer for peer in rule["from"])
     assert {"port": ADMIN_PORT, "protocol": "TCP"} not in rule_for(gateway_policies(values)["acme"], MCP_PORT)["ports"]
+
+
+def test_connect_port_follows_connect_from_and_never_opens_admin() -> None:
+    ingress = [{"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "ingress-nginx"}}}]
+    values = {"watchNamespaces": ["acme"], "networkPolicy": {"enabled": True, "connectFrom": ingress}}
+    rule = rule_for(gateway_policies(values)["acme"], CONNECT_PORT)
+    assert rule["from"] == ingress
+    assert [p["port"] for p in rule["ports"]] == [CONNECT_PORT]

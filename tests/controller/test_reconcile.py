@@ -192,7 +192,7 @@ async def test_edited_and_deleted_children_are_put_back() -> None:
 
         await delete(k8s, "/api/v1/namespaces/acme/services/summarizer")
         await eventually(lambda: exists(k8s, "v1/services", "summarizer"))
-        assert [p["port"] for p in obj(k8s, "v1/services", "summarizer")["spec"]["ports"]] == [8080, 8081, 9090]
+        assert [p["port"] for p in obj(k8s, "v1/services", "summarizer")["spec"]["ports"]] == [8080, 8081, 9090, 8083]
 
 
 WRITES = {"POST", "PUT", "PATCH", "DELETE"}

@@ -75,7 +75,7 @@ async def cluster_gateway(client: KubeClient, inbox_url: str, keys: SigningKeys)
     )
     await KubernetesVault(client, NS).put(NS, "alice@example.com", "inbox", ALICE_SECRET)
     with tempfile.TemporaryDirectory() as state:
-        servers = await build(client, "summarizer", NS, "127.0.0.1", (0, 0, 0), audit=MemoryAuditSink(), state_dir=Path(state))
+        servers = await build(client, "summarizer", NS, "127.0.0.1", (0, 0, 0, 0), audit=MemoryAuditSink(), state_dir=Path(state))
         async with anyio.create_task_group() as tg:
             tg.start_soon(servers.serve)
             await wait_started(servers)

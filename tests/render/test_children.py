@@ -114,6 +114,7 @@ def test_deployment_is_hardened_and_rolls_on_keys_not_on_config() -> None:
                                 {"name": "mcp", "containerPort": 8080, "protocol": "TCP"},
                                 {"name": "admin", "containerPort": 8081, "protocol": "TCP"},
                                 {"name": "metrics", "containerPort": 9090, "protocol": "TCP"},
+                                {"name": "connect", "containerPort": 8083, "protocol": "TCP"},
                             ],
                             "livenessProbe": {
                                 "httpGet": {"path": "/healthz", "port": "mcp"},
@@ -232,6 +233,7 @@ def test_service_exposes_mcp_admin_and_metrics() -> None:
                 {"name": "mcp", "port": 8080, "targetPort": "mcp", "protocol": "TCP"},
                 {"name": "admin", "port": 8081, "targetPort": "admin", "protocol": "TCP"},
                 {"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"},
+                {"name": "connect", "port": 8083, "targetPort": "connect", "protocol": "TCP"},
             ],
         },
     }

@@ -21,6 +21,9 @@ class ServerInfo(Model):
     namespace: str
     url: str = Field(description="The public MCP URL; session tokens carry it as their audience.")
     issuer: str = Field(description="`iss` of the session tokens this server mints.")
+    callback_url: str | None = Field(
+        default=None, description="Where browsers return from an OAuth connect flow (the redirect_uri); None: not set."
+    )
 
 
 class TokenPolicy(Model):
@@ -103,4 +106,4 @@ class GatewayConfig(Model):
             | {r.connection for r in self.resources}
             | {r.connection for r in self.resource_templates}
         )
-        return sorted(c for c in used if self.connections[c].credential.source == "user")
+        return sorted(c for c in used if self.connections[c].credential.per_user)

@@ -52,6 +52,7 @@ from portcullis.api.resources import (
     AutoscalingSpec,
     CredentialSpec,
     MCPConnection,
+    OAuthSpec,
     ToolMapping,
     VaultSpec,
     VirtualMCPServer,
@@ -159,7 +160,25 @@ _CEL_RULES: dict[type[BaseModel], list[JSON]] = {
         {
             "rule": "(has(self.source) && self.source == 'shared') == has(self.secretRef)",
             "message": "secretRef is required when source is shared, and only allowed then",
-        }
+        },
+        {
+            "rule": "(has(self.source) && self.source == 'oauth') == has(self.oauth)",
+            "message": "oauth is required when source is oauth, and only allowed then",
+        },
+    ],
+    OAuthSpec: [
+        {
+            "rule": "has(self.authorizationEndpoint) == has(self.tokenEndpoint)",
+            "message": "authorizationEndpoint and tokenEndpoint go together: give both or neither",
+        },
+        {
+            "rule": "!has(self.authorizationEndpoint) || has(self.clientId)",
+            "message": "clientId is required with explicit endpoints (dynamic registration needs the server's metadata)",
+        },
+        {
+            "rule": "!has(self.clientSecretRef) || has(self.clientId)",
+            "message": "clientSecretRef needs clientId (a dynamically registered client gets its own secret)",
+        },
     ],
     AuditSpec: [
         {

@@ -84,17 +84,76 @@ class SecretKeyReference(WireModel):
 # --- MCPConnection -----------------------------------------------------------------
 
 
+class OAuthSpec(WireModel):
+    """How users authorize this upstream with OAuth 2.1 (authorization code + PKCE), once each.
+
+    The authorization server is discovered the MCP way unless named: the upstream's RFC 9728
+    protected-resource metadata names it, and its RFC 8414 (or OpenID Connect) metadata names
+    the endpoints. `issuer` skips the first step; `authorizationEndpoint` with `tokenEndpoint`
+    skip both. The client is pre-registered (`clientId`, and `clientSecretRef` for a
+    confidential one) or, without `clientId`, registered dynamically (RFC 7591) once per
+    connection and kept in the vault.
+    """
+
+    issuer: Annotated[
+        str | None,
+        Field(max_length=2048, pattern=r"^https?://", description="The authorization server's issuer URL (default: discovered from the upstream's RFC 9728 metadata)."),
+    ] = None
+    authorization_endpoint: Annotated[
+        str | None,
+        Field(max_length=2048, pattern=r"^https?://", description="Explicit authorization endpoint; needs tokenEndpoint and clientId too."),
+    ] = None
+    token_endpoint: Annotated[
+        str | None,
+        Field(max_length=2048, pattern=r"^https?://", description="Explicit token endpoint; needs authorizationEndpoint and clientId too."),
+    ] = None
+    client_id: Annotated[
+        str | None,
+        Field(min_length=1, max_length=512, description="A pre-registered client; without it the client is registered dynamically (RFC 7591)."),
+    ] = None
+    client_secret_ref: Annotated[
+        SecretKeyReference | None,
+        Field(description="The pre-registered client's secret (a confidential client); omit for a public client."),
+    ] = None
+    scopes: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[!#-\[\]-~]+$")]],
+        Field(max_length=64, description="Scopes to ask for (RFC 6749 scope tokens)."),
+    ] = Field(default_factory=list)
+    resource: Annotated[
+        str | None,
+        Field(max_length=2048, pattern=r"^https?://", description="The RFC 8707 resource indicator (default: the connection's url)."),
+    ] = None
+
+    @model_validator(mode="after")
+    def _consistent(self) -> OAuthSpec:
+        if (self.authorization_endpoint is None) != (self.token_endpoint is None):
+            raise ValueError("authorizationEndpoint and tokenEndpoint go together: give both or neither")
+        if self.authorization_endpoint is not None and self.client_id is None:
+            raise ValueError(
+                "clientId is required with explicit endpoints (dynamic registration needs the server's metadata)"
+            )
+        if self.client_secret_ref is not None and self.client_id is None:
+            raise ValueError("clientSecretRef needs clientId (a dynamically registered client gets its own secret)")
+        return self
+
+
 class CredentialSpec(WireModel):
     """How a credential reaches the upstream on each call.
 
-    `user`: the calling user's own credential from the tenant vault.
+    `user`: the calling user's own credential from the tenant vault, stored by an administrator.
+    `oauth`: the calling user's own OAuth grant, from the connect flow, refreshed when due.
     `shared`: one credential for everybody, from `secretRef`.
     `none`: the upstream needs no credential.
     """
 
     source: Annotated[
-        Literal["user", "shared", "none"],
-        Field(description="Where the credential comes from: user (per-user, from the vault), shared (secretRef) or none."),
+        Literal["user", "oauth", "shared", "none"],
+        Field(
+            description=(
+                "Where the credential comes from: user (a per-user secret in the vault), oauth (a per-user OAuth "
+                "grant from the connect flow), shared (secretRef) or none."
+            )
+        ),
     ] = "none"
     header: Annotated[
         str,
@@ -108,14 +167,27 @@ class CredentialSpec(WireModel):
         SecretKeyReference | None,
         Field(description="The shared credential; required when source is shared, forbidden otherwise."),
     ] = None
+    oauth: Annotated[
+        OAuthSpec | None,
+        Field(description="The OAuth settings; required when source is oauth, forbidden otherwise."),
+    ] = None
 
     @model_validator(mode="after")
-    def _secret_ref_matches_source(self) -> CredentialSpec:
+    def _fields_match_source(self) -> CredentialSpec:
         if self.source == "shared" and self.secret_ref is None:
             raise ValueError("secretRef is required when source is shared")
         if self.source != "shared" and self.secret_ref is not None:
             raise ValueError("secretRef is only allowed when source is shared")
+        if self.source == "oauth" and self.oauth is None:
+            raise ValueError("oauth is required when source is oauth")
+        if self.source != "oauth" and self.oauth is not None:
+            raise ValueError("oauth is only allowed when source is oauth")
         return self
+
+    @property
+    def per_user(self) -> bool:
+        """Does each calling user bring their own credential (a vault entry)?"""
+        return self.source in ("user", "oauth")
 
     def header_value(self, secret: str) -> str:
         return f"{self.scheme} {secret}" if self.scheme else secret
@@ -340,6 +412,25 @@ class ResourceRequirementsSpec(WireModel):
         return {key: dict(value) for key, value in (("requests", self.requests), ("limits", self.limits)) if value is not None}
 
 
+class ConnectedAccountsSpec(WireModel):
+    """Where users' browsers come back to after they authorize an OAuth connection."""
+
+    callback_url: Annotated[
+        str,
+        Field(
+            alias="callbackURL",
+            min_length=1,
+            max_length=2048,
+            pattern=r"^https?://[^/?#]+/[^?#]*$",
+            description=(
+                "The public URL of the gateway's connect port (8083, path /oauth/callback), as users' browsers "
+                "reach it through an Ingress or load balancer, e.g. https://agents.acme.example/oauth/callback. "
+                "It is the OAuth redirect_uri, so register it with pre-registered clients."
+            ),
+        ),
+    ]
+
+
 class VirtualMCPServerSpec(WireModel):
     """One agent role: a scoped MCP endpoint."""
 
@@ -356,6 +447,10 @@ class VirtualMCPServerSpec(WireModel):
         default_factory=VaultSpec
     )
     audit: Annotated[AuditSpec, Field(description="Audit store, retention and failure policy.")] = Field(default_factory=AuditSpec)
+    connected_accounts: Annotated[
+        ConnectedAccountsSpec | None,
+        Field(description="The OAuth connect flow (connections with credential.source oauth): where browsers return."),
+    ] = None
     image: Annotated[
         str | None, Field(max_length=512, description="Gateway image; defaults to the operator's own.")
     ] = None

@@ -7,8 +7,11 @@ SubjectAccessReview for the verb `mint` in a cluster.
 
     POST   /v1/tokens                                   mint a session token
     POST   /v1/revocations                              revoke by jti or by user
+    GET    /v1/users/{user}/connections                 what the user has connected, and how (never a value)
     PUT    /v1/users/{user}/connections/{connection}    store a user's credential (sealed)
     DELETE /v1/users/{user}/connections/{connection}    forget it (cuts access at the next call)
+    POST   /v1/users/{user}/connections/{connection}/authorize
+                                                        a connect link for an OAuth connection (oauth/flow.py)
     GET    /v1/status                                   tool counts, schema tokens, readiness, audit queue
     GET    /v1/audit                                    query the audit log (filters, cursor paging)
     GET    /v1/audit/verify                             verify the hash chains of a time range
@@ -33,9 +36,11 @@ from portcullis.api.durations import format_duration, parse_duration
 from portcullis.gateway import admin_input as check
 from portcullis.gateway.admin_input import AdminError, audit_query_from, audit_row
 from portcullis.gateway.admission import AdminAuth
+from portcullis.gateway.oauth.pages import connect_routes
 from portcullis.gateway.audit.store import AuditStoreError
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.credentials import VaultUnavailable
+from portcullis.gateway.oauth.flow import FlowError, Unavailable
 from portcullis.gateway.tokens import SigningKeys, mint_token
 
 log = logging.getLogger("portcullis.admin")
@@ -176,7 +181,10 @@ def build_metrics_app() -> Starlette:
     )
 
 
-def build_admin_app(gateway: Gateway, *, auth: AdminAuth, keys: Callable[[], SigningKeys]) -> Starlette:
+def build_admin_app(
+    gateway: Gateway, *, auth: AdminAuth, keys: Callable[[], SigningKeys], with_callback: bool = False
+) -> Starlette:
+    """The admin API; `with_callback` also serves the OAuth callback (`portcullis serve`, on loopback)."""
     async def guarded(request: Request, action: str) -> str:
         try:
             caller = await auth.authorize(_bearer(request), action)
@@ -230,9 +238,47 @@ def build_admin_app(gateway: Gateway, *, auth: AdminAuth, keys: Callable[[], Sig
             if not existed:
                 raise AdminError(404, "not_found", f"{user!r} has no stored credential for {connection!r}")
             return Response(status_code=204)
+        if gateway.config.connections[connection].credential.source == "oauth":
+            raise AdminError(
+                409, "oauth_connection",
+                f"users connect {connection!r} with OAuth, not a stored secret: "
+                f"POST /v1/users/{{user}}/connections/{connection}/authorize for a connect link",
+                field="connection",
+            )
         body = await check.json_body(request, {"secret"})
         await gateway.vault.put(tenant, user, connection, check.secret(body.get("secret")))
         return Response(status_code=204)
+
+    async def connections(request: Request) -> Response:
+        await guarded(request, "credentials")
+        user = check.user_id(request.path_params["user"])
+        try:
+            described = await gateway.credentials.describe(user)
+        except VaultUnavailable as exc:
+            raise AdminError(503, "vault_unavailable", f"{exc}; try again") from None
+        return JSONResponse({"user": user, "connections": described})
+
+    async def authorize(request: Request) -> Response:
+        await guarded(request, "credentials")
+        user = check.user_id(request.path_params["user"])
+        connection = check.connection_name(request.path_params["connection"], gateway.config.user_connections())
+        await check.json_body(request, ())
+        try:
+            link = await gateway.credentials.oauth.authorize(user, connection)
+        except FlowError as exc:
+            raise AdminError(exc.status, exc.error, str(exc), field="connection") from None
+        except Unavailable as exc:
+            raise AdminError(502, "authorization_server_unavailable", f"{exc}; try again") from None
+        return JSONResponse(
+            {
+                "user": user,
+                "connection": connection,
+                "authorizationUrl": link.authorization_url,
+                "redirectUri": link.redirect_uri,
+                "expiresAt": int(link.expires_at),
+            },
+            status_code=201,
+        )
 
     async def audit_query(request: Request) -> Response:
         await guarded(request, "audit")
@@ -265,7 +311,10 @@ def build_admin_app(gateway: Gateway, *, auth: AdminAuth, keys: Callable[[], Sig
         routes=[
             Route("/v1/tokens", answered(tokens), methods=["POST"]),
             Route("/v1/revocations", answered(revocations), methods=["POST"]),
+            Route("/v1/users/{user}/connections", answered(connections), methods=["GET"]),
             Route("/v1/users/{user}/connections/{connection}", answered(credential), methods=["PUT", "DELETE"]),
+            Route("/v1/users/{user}/connections/{connection}/authorize", answered(authorize), methods=["POST"]),
+            *(connect_routes(gateway.credentials.oauth) if with_callback else ()),
             Route("/v1/status", answered(get_status), methods=["GET"]),
             Route("/v1/audit", answered(audit_query), methods=["GET"]),
             Route("/v1/audit/verify", answered(audit_verify), methods=["GET"]),

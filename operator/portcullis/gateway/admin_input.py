@@ -52,7 +52,8 @@ async def json_body(request: Request, allowed: Collection[str]) -> dict[str, Any
         raise AdminError(400, "bad_json", "request body must be a JSON object")
     unknown = sorted(set(body) - set(allowed))
     if unknown:
-        raise bad(unknown[0], f"unknown field `{unknown[0]}` (this call takes {', '.join(f'`{a}`' for a in sorted(allowed))})")
+        takes = ", ".join(f"`{a}`" for a in sorted(allowed)) or "no fields"
+        raise bad(unknown[0], f"unknown field `{unknown[0]}` (this call takes {takes})")
     return body
 
 

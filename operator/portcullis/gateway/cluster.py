@@ -36,6 +36,7 @@ from portcullis.gateway.audit.trail import AuditTrail, store_for
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.endpoint import build_app
 from portcullis.gateway.loops import Loop, StreamWatch
+from portcullis.gateway.oauth.pages import build_connect_app
 from portcullis.gateway.revocation import KubernetesRevocations
 from portcullis.gateway.runtime import Listener, Servers, bind, new_event_loop, with_lifespan
 from portcullis.gateway.tokens import SigningKeys, TokenVerifier
@@ -44,7 +45,7 @@ from portcullis.vault.kubernetes import KubernetesVault
 
 log = logging.getLogger("portcullis.gateway")
 
-MCP_PORT, ADMIN_PORT, METRICS_PORT = 8080, 8081, 9090
+MCP_PORT, ADMIN_PORT, METRICS_PORT, CONNECT_PORT = 8080, 8081, 9090, 8083
 
 
 def config_from(configmap: dict[str, Any]) -> GatewayConfig:
@@ -106,7 +107,7 @@ async def build(
     server: str,
     namespace: str,
     host: str,
-    ports: tuple[int, int, int] = (MCP_PORT, ADMIN_PORT, METRICS_PORT),
+    ports: tuple[int, int, int, int] = (MCP_PORT, ADMIN_PORT, METRICS_PORT, CONNECT_PORT),
     *,
     audit: AuditSink | None = None,
     state_dir: Path | None = None,
@@ -180,12 +181,13 @@ async def build(
 
     auth = KubernetesAdminAuth(client, namespace=namespace, server=server)
     admin_app = build_admin_app(gateway, auth=auth, keys=lambda: keys[0])
-    mcp_port, admin_port, metrics_port = ports
+    mcp_port, admin_port, metrics_port, connect_port = ports
     return Servers(
         [
             Listener(with_lifespan(build_app(gateway, replica_url=_replica_url(mcp_port)), start, stop), bind(host, mcp_port), "mcp"),
             Listener(admin_app, bind(host, admin_port), "admin"),
             Listener(build_metrics_app(), bind(host, metrics_port), "metrics"),
+            Listener(build_connect_app(gateway.credentials.oauth), bind(host, connect_port), "connect"),
         ],
         gateway=gateway,
     )

@@ -18,7 +18,7 @@ import functools
 import logging
 import time
 from collections.abc import Awaitable, Callable, Iterator, Mapping
-from typing import Any
+from typing import Any, TypeVar
 
 import aiohttp
 from mcp.shared.uri_template import InvalidUriTemplate, UriTemplate
@@ -31,9 +31,11 @@ from portcullis.gateway.audit.recorder import CallRecord, recording
 from portcullis.gateway.audit.trail import AuditTrail
 from portcullis.gateway.catalog import Catalog, Exposure
 from portcullis.gateway.credentials import (
+    AuthorizationUnavailable,
     CredentialError,
     Credentials,
     MissingCredential,
+    Reconnect,
     SecretResolver,
     UnreadableCredential,
 )
@@ -53,6 +55,7 @@ from portcullis.gateway.upstream import (
 )
 from portcullis.vault.base import Vault
 
+R = TypeVar("R")
 log = logging.getLogger("portcullis.gateway")
 
 # Verified tokens kept to skip re-checking signatures; cleared whole when full (simple, bounded).
@@ -151,6 +154,7 @@ class Gateway:
         self._watchers.clear()
         if self._http is not None:
             await self._http.close()
+        await self.credentials.oauth.close()
         await self.audit.stop()
 
     @property
@@ -241,14 +245,19 @@ class Gateway:
     async def refresh_all(self) -> None:
         await asyncio.gather(*(self.refresh(name) for name in list(self._config.connections)))
 
-    async def refresh(self, connection: str, credential: Mapping[str, str] | None = None) -> None:
+    async def refresh(self, connection: str, credential: Mapping[str, str] | None = None, *, user: str | None = None) -> None:
+        """List `connection`'s tools again; with `user`, a 401 to that user's credential renews it once (`_renewing`)."""
         upstream = self._upstreams.get(connection)
         if upstream is None:
             return
         if credential is None:
             credential = await self._listing_credential(connection)
+
+        def list_tools(c: Mapping[str, str] | None) -> Awaitable[list[dict[str, Any]]]:
+            return upstream.list_all("tools/list", "tools", credential=c)
+
         try:
-            tools = await upstream.list_all("tools/list", "tools", credential=credential)
+            tools = await (self._renewing(user, connection, credential, list_tools) if user else list_tools(credential))
         except (UpstreamError, UpstreamRPCError) as exc:
             log.warning(
                 "listing the tools of connection %s at %s failed: %s. Check that the upstream runs and that this "
@@ -394,10 +403,17 @@ class Gateway:
             exposure = self._exposure
         return exposure.scoped(claims.tools)
 
-    async def _fill_missing(self, claims: SessionClaims, exposure: Exposure) -> None:
-        # An upstream that refused an anonymous listing gets listed with this caller's credential.
+    async def _fill_missing(self, claims: SessionClaims, exposure: Exposure, *, only: str | None = None) -> None:
+        """List an upstream that refused an anonymous listing with this caller's credential.
+
+        `only`: the connection of the one tool being called, whose credential failure (not
+        connected, a lost grant) is then raised, so the call can say what to do about it."""
         for connection in {t.connection for t in exposure.missing}:
             if self.catalog.listing(connection).tools is None:
+                if connection == only:
+                    credential = await self.credentials.headers(claims.sub, connection)
+                    await self.refresh(connection, credential, user=claims.sub)
+                    continue
                 credential = await self.credentials.headers_or_none(claims.sub, connection)
                 if credential:
                     await self.refresh(connection, credential)
@@ -415,9 +431,14 @@ class Gateway:
             record.arguments(arguments)
             with tracing.span("authorize"):
                 exposed = self._exposure.by_name.get(name)
-                if exposed is None and any(t.name == name for t in self._config.tools):
+                allowlisted = next((t for t in self._config.tools if t.name == name), None)
+                if exposed is None and allowlisted is not None:
                     # Allowlisted but not listed yet (upstream down at start, or refused anonymous listing).
-                    await self._fill_missing(claims, self._exposure)
+                    in_scope = claims.tools is None or name in claims.tools
+                    try:
+                        await self._fill_missing(claims, self._exposure, only=allowlisted.connection if in_scope else None)
+                    except CredentialError as exc:
+                        return tool_error(self._credential_refusal(record, exc, claims.sub))
                     exposed = self._exposure.by_name.get(name)
                 if exposed is None or (claims.tools is not None and name not in claims.tools):
                     record.deny(Reason.NOT_EXPOSED if exposed is None else Reason.OUTSIDE_TOKEN_SCOPE)
@@ -436,13 +457,15 @@ class Gateway:
                 params["arguments"] = arguments
             try:
                 with record.upstream(), tracing.span("upstream", client=True):
-                    result = await self._upstreams[connection].request("tools/call", params, credential=credential)
+                    result = await self._send(claims.sub, connection, "tools/call", params, credential)
             except UpstreamRPCError as exc:
                 record.failed(Reason.UPSTREAM_RPC_ERROR)
                 raise _relayed_rpc_error(exc) from None
             except UpstreamError as exc:
                 record.failed(Reason.UPSTREAM_FAILED, detail=exc.kind)
                 return tool_error(f"The tool {name!r} is unavailable: {exc}. Try again later.")
+            except CredentialError as exc:
+                return tool_error(self._credential_refusal(record, exc, claims.sub))
             relayed = relay_result(result)
             record.result(relayed, "tool_error" if relayed.get("isError") else "ok")
             return relayed
@@ -481,15 +504,51 @@ class Gateway:
                 log.exception("request %s (%s %s) failed", record.request_id, method, name)
                 raise RPCError(INTERNAL_ERROR, f"Internal error in the gateway (request {record.request_id}).") from None
 
+    async def _send(
+        self, user: str, connection: str, method: str, params: dict[str, Any], credential: Mapping[str, str] | None
+    ) -> dict[str, Any]:
+        upstream = self._upstreams[connection]
+        return await self._renewing(user, connection, credential, lambda c: upstream.request(method, params, credential=c))
+
+    async def _renewing(
+        self, user: str, connection: str, credential: Mapping[str, str] | None, send: Callable[[Mapping[str, str] | None], Awaitable[R]]
+    ) -> R:
+        """`send` with `credential`; an upstream 401 to a renewable credential (OAuth) gets one retry
+        with a refreshed token, and a second 401 drops the grant (`Reconnect`)."""
+        try:
+            return await send(credential)
+        except UpstreamError as exc:
+            if exc.status != 401:
+                raise
+            retry = await self.credentials.rejected(user, connection, credential)
+            if retry is None:
+                raise
+        try:
+            return await send(retry)
+        except UpstreamError as exc:
+            if exc.status == 401:
+                raise await self.credentials.refused_after_refresh(user, connection) from None
+            raise
+
     def _credential_refusal(self, record: CallRecord, exc: CredentialError, user: str) -> str:
         """Audit a call stopped at the resolve step, and say what the user can do about it."""
         connection = exc.connection
+        if isinstance(exc, Reconnect):
+            record.deny(Reason.GRANT_LOST, outcome="error", detail=exc.reason)
+            return (
+                f"Your {connection!r} connection can no longer be used ({exc.reason}): reconnect {connection} "
+                "(your application asks Portcullis for a new connect link)."
+            )
+        if isinstance(exc, AuthorizationUnavailable):
+            record.deny(Reason.AUTHORIZATION_UNAVAILABLE, outcome="error", detail=str(exc))
+            return f"The {connection!r} authorization server cannot renew your access right now, so {connection!r} cannot be called. Try again later."
         if isinstance(exc, MissingCredential):
             record.deny(Reason.NO_CREDENTIAL)
-            return (
-                f"You have not connected {connection!r} yet: connect {connection} first "
-                f"(an administrator can run `portcullis credentials set --user {user} --connection {connection}`)."
-            )
+            if self._config.connections[connection].credential.source == "oauth":
+                how = f"your application asks Portcullis for a connect link, or run `portcullis credentials connect --user {user} --connection {connection}`"
+            else:
+                how = f"an administrator can run `portcullis credentials set --user {user} --connection {connection}`"
+            return f"You have not connected {connection!r} yet: connect {connection} first ({how})."
         if isinstance(exc, UnreadableCredential):
             record.deny(Reason.CREDENTIAL_UNREADABLE, outcome="error")
             return f"Your stored credential for {connection!r} cannot be used any more: reconnect {connection} (store it again)."
@@ -648,13 +707,15 @@ class Gateway:
             raise RPCError(INTERNAL_ERROR, _AUDIT_REFUSAL)
         try:
             with record.upstream(), tracing.span("upstream", client=True):
-                result = await self._upstreams[connection].request(record.method, params, credential=credential)
+                result = await self._send(claims.sub, connection, record.method, params, credential)
         except UpstreamRPCError as exc:
             record.failed(Reason.UPSTREAM_RPC_ERROR)
             raise _relayed_rpc_error(exc) from None
         except UpstreamError as exc:
             record.failed(Reason.UPSTREAM_FAILED, detail=exc.kind)
             raise RPCError(INTERNAL_ERROR, str(exc)) from None
+        except CredentialError as exc:
+            raise RPCError(INVALID_PARAMS, self._credential_refusal(record, exc, claims.sub)) from None
         relayed = relay_result(result)
         record.result(relayed, "ok")
         return relayed

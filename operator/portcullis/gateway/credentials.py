@@ -3,25 +3,32 @@
     source: none    no header
     source: shared  one Secret for every user (`secretRef`)
     source: user    the user's own sealed credential from the tenant's vault
+    source: oauth   the user's own OAuth access token from the tenant's vault, refreshed
+                    when due (oauth/flow.py); an upstream 401 gets one refresh (`rejected`)
 
 Failures are named, so the call path can answer each one clearly and audit it: a user who
-has not connected (`MissingCredential`), a sealed value that does not open
-(`UnreadableCredential`: it was moved, altered, or the tenant key changed; the user must
-store it again), and a vault that cannot be read right now (`VaultUnavailable`). No
-message carries a credential or a sealed value.
+has not connected (`MissingCredential`; `Reconnect` when an OAuth grant was lost), a sealed
+value that does not open (`UnreadableCredential`: it was moved, altered, or the tenant key
+changed; the user must store it again), a vault that cannot be read right now
+(`VaultUnavailable`) and an authorization server that cannot refresh right now
+(`AuthorizationUnavailable`). No message carries a credential or a sealed value.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any, TypeVar
 
 from portcullis.api.config import GatewayConfig
 from portcullis.api.resources import SecretKeyReference
-from portcullis.vault.base import Vault
+from portcullis.gateway.oauth.flow import NotConnected, OAuthConnections, Unavailable
+from portcullis.vault.base import LockTimeout, Vault
 from portcullis.vault.sealing import SealError
 
 log = logging.getLogger("portcullis.gateway")
+
+T = TypeVar("T")
 
 SecretResolver = Callable[[str, SecretKeyReference], Awaitable[str | None]]
 """(namespace, secretRef) -> the shared credential, for connections with `source: shared`."""
@@ -38,6 +45,14 @@ class MissingCredential(CredentialError):
         super().__init__(connection, f"no credential for connection {connection!r}")
 
 
+class Reconnect(MissingCredential):
+    """The user's OAuth grant was lost (refused at refresh, or by the upstream): connect again."""
+
+    def __init__(self, connection: str, reason: str):
+        CredentialError.__init__(self, connection, f"the {connection!r} grant can no longer be used ({reason})")
+        self.reason = reason
+
+
 class UnreadableCredential(CredentialError):
     def __init__(self, connection: str):
         super().__init__(connection, f"the stored credential for connection {connection!r} does not open")
@@ -48,11 +63,16 @@ class VaultUnavailable(CredentialError):
         super().__init__(connection, f"the credential store could not be read ({cause})")
 
 
+class AuthorizationUnavailable(CredentialError):
+    """An OAuth token is due and the authorization server cannot refresh it right now."""
+
+
 class Credentials:
     def __init__(self, config: Callable[[], GatewayConfig], vault: Vault, secrets: SecretResolver | None = None):
         self._config = config
         self.vault = vault
         self._secrets = secrets
+        self.oauth = OAuthConnections(config, vault, secrets)
 
     async def headers(self, user: str, connection: str) -> dict[str, str] | None:
         """The headers for `user`'s call to `connection` (None for `source: none`)."""
@@ -65,10 +85,47 @@ class Credentials:
             if shared is None:
                 raise MissingCredential(connection)
             return shared
+        if spec.source == "oauth":
+            return {spec.header: spec.header_value(await self._oauth(self.oauth.access_token(user, connection), connection))}
         secret = await self._user_secret(config.tenant, user, connection)
         if secret is None:
             raise MissingCredential(connection)
         return {spec.header: spec.header_value(secret)}
+
+    async def rejected(self, user: str, connection: str, sent: Mapping[str, str] | None) -> dict[str, str] | None:
+        """The upstream answered 401 to `sent`: headers worth one retry, or None (nothing to renew).
+
+        Only an OAuth grant can be renewed; a refresh refused by the authorization server
+        raises `Reconnect`."""
+        spec = self._config().connections[connection].credential
+        if spec.source != "oauth" or not sent or spec.header not in sent:
+            return None
+        token = sent[spec.header].removeprefix(f"{spec.scheme} " if spec.scheme else "")
+        return {spec.header: spec.header_value(await self._oauth(self.oauth.rejected(user, connection, token), connection))}
+
+    async def refused_after_refresh(self, user: str, connection: str) -> Reconnect:
+        """The upstream refused a freshly refreshed token too: drop the grant, so the user reconnects."""
+        reason = "the upstream refused it even after a refresh"
+        await self._oauth(self.oauth.lose(user, connection, reason), connection)
+        return Reconnect(connection, reason)
+
+    async def _oauth(self, step: Awaitable[T], connection: str) -> T:
+        """Run one OAuth step, its failures named as the call path names credential failures."""
+        try:
+            return await step
+        except NotConnected as exc:
+            raise (Reconnect(connection, exc.reason) if exc.reason else MissingCredential(connection)) from None
+        except Unavailable as exc:
+            raise AuthorizationUnavailable(connection, str(exc)) from None
+        except SealError:
+            raise UnreadableCredential(connection) from None
+        except LockTimeout as exc:
+            raise VaultUnavailable(connection, str(exc)) from None
+        except CredentialError:
+            raise
+        except Exception as exc:  # an API or disk failure: name its kind, never its text
+            log.warning("OAuth credential for connection %s failed: %s", connection, type(exc).__name__)
+            raise VaultUnavailable(connection, type(exc).__name__) from None
 
     async def headers_or_none(self, user: str, connection: str) -> dict[str, str] | None:
         """For listings, which work without a credential too: any failure reads as none."""
@@ -100,8 +157,30 @@ class Credentials:
         missing, unreadable = [], []
         for connection in config.user_connections():
             try:
-                if await self._user_secret(config.tenant, user, connection) is None:
+                if config.connections[connection].credential.source == "oauth":
+                    connected = await self._oauth(self.oauth.connected(user, connection), connection)
+                else:
+                    connected = await self._user_secret(config.tenant, user, connection) is not None
+                if not connected:
                     missing.append(connection)
             except UnreadableCredential:
                 unreadable.append(connection)
         return missing, unreadable
+
+    async def describe(self, user: str) -> list[dict[str, Any]]:
+        """Per connection this server needs of `user`: connected or not, how, and (OAuth) scopes and
+        refresh times. Never a credential."""
+        config = self._config()
+        described = []
+        for connection in config.user_connections():
+            source = config.connections[connection].credential.source
+            entry: dict[str, Any] = {"connection": connection, "source": source}
+            try:
+                if source == "oauth":
+                    entry.update(await self._oauth(self.oauth.describe(user, connection), connection))
+                else:
+                    entry["connected"] = await self._user_secret(config.tenant, user, connection) is not None
+            except UnreadableCredential:
+                entry.update(connected=False, unreadable=True)
+            described.append(entry)
+        return described

@@ -17,9 +17,10 @@ from __future__ import annotations
 import json
 import os
 import secrets as _secrets
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from portcullis.api.config import GatewayConfig
 from portcullis.api.resources import SecretKeyReference
@@ -104,20 +105,32 @@ class LocalState:
         path = self.state_dir / "servers" / config.server.namespace / f"{config.server.name}.json"
         make_private_dir(path.parent.parent)
         make_private_dir(path.parent)
-        document = {"tenant": config.tenant, "userConnections": config.user_connections()}
+        document = {
+            "tenant": config.tenant,
+            "userConnections": config.user_connections(),
+            # Connected with the OAuth connect flow, never with `credentials set`.
+            "oauthConnections": [c for c in config.user_connections() if config.connections[c].credential.source == "oauth"],
+        }
         write_private_file(path, (json.dumps(document, indent=2) + "\n").encode())
 
-    def user_connections(self, tenant: str) -> dict[str, list[str]] | None:
-        """Per server of `tenant` served here: its per-user connections (None: no server of it ever ran here)."""
-        found: dict[str, list[str]] = {}
+    def _servers_of(self, tenant: str) -> Iterator[tuple[str, dict[str, Any]]]:
+        """("namespace/name", what was recorded) of each server of `tenant` that ran here."""
         for path in sorted((self.state_dir / "servers").glob("*/*.json")):
             try:
                 document = json.loads(path.read_text())
             except (OSError, ValueError):
                 continue
-            if document.get("tenant") == tenant:
-                found[f"{path.parent.name}/{path.stem}"] = [str(c) for c in document.get("userConnections") or []]
+            if isinstance(document, dict) and document.get("tenant") == tenant:
+                yield f"{path.parent.name}/{path.stem}", document
+
+    def user_connections(self, tenant: str) -> dict[str, list[str]] | None:
+        """Per server of `tenant` served here: its per-user connections (None: no server of it ever ran here)."""
+        found = {name: [str(c) for c in doc.get("userConnections") or []] for name, doc in self._servers_of(tenant)}
         return found or None
+
+    def oauth_connections(self, tenant: str) -> set[str]:
+        """Connections of `tenant`'s servers served here whose users connect with OAuth."""
+        return {str(c) for _, doc in self._servers_of(tenant) for c in doc.get("oauthConnections") or []}
 
     def admin_auth(self) -> SecretAdminAuth:
         return SecretAdminAuth(admin_secret(self.state_dir))

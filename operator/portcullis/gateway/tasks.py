@@ -146,7 +146,7 @@ class Tasks:
         exposure = self.gateway.exposure
         pairs: list[tuple[str, str]] = []
         for connection, config in sorted(self.gateway.config.connections.items()):
-            if config.credential.source != "user":
+            if not config.credential.per_user:
                 continue  # the upstream sees one caller for every user: its list is everybody's
             tools = self.gateway.catalog.listing(connection).tools or {}
             capable = [n for n, t in tools.items() if _task_capable(t)]

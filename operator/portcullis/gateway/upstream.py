@@ -519,8 +519,10 @@ class UpstreamClient:
                 await self._modern("server/discover", {}, credential)
                 self._era = "modern"
             except (UpstreamRPCError, UpstreamError) as exc:
-                if isinstance(exc, UpstreamError) and (exc.transport or isinstance(exc, ResultTooLarge)):
-                    raise  # nothing learnt about the era
+                if isinstance(exc, UpstreamError) and (
+                    exc.transport or isinstance(exc, ResultTooLarge) or exc.status in (401, 403)
+                ):
+                    raise  # nothing learnt about the era (a refused credential says nothing of it)
                 self._era = "legacy"
             return self._era
 

@@ -23,6 +23,7 @@ from portcullis.api.quantities import canonical_quantity
 from portcullis.api.resources import VirtualMCPServer
 from portcullis.render.metadata import (
     ADMIN_PORT,
+    CONNECT_PORT,
     MCP_PORT,
     METRICS_PORT,
     gateway_account_name,
@@ -104,6 +105,7 @@ def build_deployment(server: VirtualMCPServer, *, pod: GatewayPod, keys_digest: 
                             {"name": "mcp", "containerPort": MCP_PORT, "protocol": "TCP"},
                             {"name": "admin", "containerPort": ADMIN_PORT, "protocol": "TCP"},
                             {"name": "metrics", "containerPort": METRICS_PORT, "protocol": "TCP"},
+                            {"name": "connect", "containerPort": CONNECT_PORT, "protocol": "TCP"},
                         ],
                         "livenessProbe": {
                             "httpGet": {"path": "/healthz", "port": "mcp"},

@@ -24,6 +24,8 @@ VAULT_NAMESPACE_ANNOTATION = "portcullis.dev/vault-namespace"
 MCP_PORT = 8080
 ADMIN_PORT = 8081
 METRICS_PORT = 9090
+CONNECT_PORT = 8083
+"""The OAuth callback (gateway/oauth/pages.py): the one port users' browsers reach."""
 
 
 def labels(server: VirtualMCPServer) -> dict[str, str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from portcullis.api.resources import VirtualMCPServer
-from portcullis.render.metadata import ADMIN_PORT, MCP_PORT, METRICS_PORT, object_meta, selector_labels
+from portcullis.render.metadata import ADMIN_PORT, CONNECT_PORT, MCP_PORT, METRICS_PORT, object_meta, selector_labels
 
 
 def build_service(server: VirtualMCPServer) -> dict[str, Any]:
@@ -20,6 +20,8 @@ def build_service(server: VirtualMCPServer) -> dict[str, Any]:
                 {"name": "mcp", "port": MCP_PORT, "targetPort": "mcp", "protocol": "TCP"},
                 {"name": "admin", "port": ADMIN_PORT, "targetPort": "admin", "protocol": "TCP"},
                 {"name": "metrics", "port": METRICS_PORT, "targetPort": "metrics", "protocol": "TCP"},
+                # OAuth callbacks from users' browsers: route an Ingress here, never to admin.
+                {"name": "connect", "port": CONNECT_PORT, "targetPort": "connect", "protocol": "TCP"},
             ],
         },
     }

@@ -14,16 +14,30 @@ access at the very next call, and no plaintext is cached. The tenant key is cach
 (it is never rewritten in place). Adding and removing one connection are merge patches, so
 concurrent writers touching different connections do not overwrite each other; the Secret is
 deleted with its last key, guarded by its resourceVersion so a concurrent put is not lost.
+
+``exclusive`` is a lease in the same Secret: the annotation ``portcullis.dev/locks`` maps a
+connection to its holder and an expiry, written by a merge patch that carries the Secret's
+resourceVersion. Two replicas that read the same version cannot both write it (the second
+gets 409 and reads again), so exactly one holds the lease; a replica that dies holding it
+blocks the others for at most ``LOCK_HOLD_SECONDS``.
 """
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
+import json
+import secrets
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from portcullis.kube import KubeClient, KubeError
+from portcullis.vault.base import LOCK_HOLD_SECONDS, LOCK_POLL_SECONDS, LOCK_WAIT_SECONDS, KeyedLocks, LockTimeout
 from portcullis.vault.sealing import KEY_BYTES, SealError, new_key, seal, unseal
 
 TENANT_KEY_SECRET = "portcullis-tenant-key"
@@ -31,6 +45,7 @@ TENANT_KEY_FIELD = "key"
 CREDENTIAL_PREFIX = "portcullis-cred-"
 CREDENTIAL_LABEL = "portcullis.dev/credential"
 USER_ANNOTATION = "portcullis.dev/user"
+LOCKS_ANNOTATION = "portcullis.dev/locks"
 _LABELS = {"app.kubernetes.io/part-of": "portcullis", "app.kubernetes.io/managed-by": "portcullis-gateway"}
 
 
@@ -72,6 +87,7 @@ class KubernetesVault:
         """The tenant key's Secret: `spec.vault.tenantKeySecret`, so RBAC can grant it apart from the credentials."""
         self._secrets = f"/api/v1/namespaces/{namespace}/secrets"
         self._key: bytes | None = None
+        self._locks = KeyedLocks()
 
     def _path(self, name: str) -> str:
         return f"{self._secrets}/{name}"
@@ -161,3 +177,85 @@ class KubernetesVault:
     async def connections_of(self, tenant: str, user: str) -> list[str]:
         secret = await self._user_secret(user)
         return sorted(((secret or {}).get("data") or {}))
+
+    def exclusive(self, tenant: str, user: str, connection: str) -> AbstractAsyncContextManager[None]:
+        return self._exclusive(user, connection)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, user: str, connection: str) -> AsyncIterator[None]:
+        holder = secrets.token_hex(8)
+        async with self._locks.held(user, connection):  # this replica's holders queue here first
+            await self._take_lease(user, connection, holder)
+            try:
+                yield
+            finally:
+                await self._end_lease(user, connection, holder)
+
+    async def _take_lease(self, user: str, connection: str, holder: str) -> None:
+        deadline = time.monotonic() + LOCK_WAIT_SECONDS
+        while True:
+            secret = await self._user_secret(user)
+            leases = _leases(secret)
+            held = leases.get(connection)
+            now = time.time()
+            if held is None or float(held.get("until", 0)) <= now:
+                leases[connection] = {"holder": holder, "until": round(now + LOCK_HOLD_SECONDS, 3)}
+                try:
+                    await self._write_leases(user, secret, leases)
+                    return
+                except _Stale:
+                    pass  # someone wrote in between (409): read again
+            if time.monotonic() >= deadline:
+                raise LockTimeout(f"the credential for {connection!r} is being rewritten by another replica; try again")
+            await asyncio.sleep(LOCK_POLL_SECONDS)
+
+    async def _end_lease(self, user: str, connection: str, holder: str) -> None:
+        for _ in range(5):
+            secret = await self._user_secret(user)
+            leases = _leases(secret)
+            if secret is None or (leases.get(connection) or {}).get("holder") != holder:
+                return  # deleted meanwhile, or expired and taken over
+            del leases[connection]
+            try:
+                await self._write_leases(user, secret, leases)
+                return
+            except _Stale:
+                continue
+        # Still contended: the lease expires by itself within LOCK_HOLD_SECONDS.
+
+    async def _write_leases(self, user: str, secret: dict[str, Any] | None, leases: dict[str, Any]) -> None:
+        """Write the lease map, guarded by the version read; `_Stale` when that version is no longer current."""
+        encoded = json.dumps(leases, sort_keys=True) if leases else None
+        name = credential_secret_name(user)
+        try:
+            if secret is None:
+                await self._client.create(self._secrets, {
+                    "apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                    "metadata": {
+                        "name": name, "namespace": self._namespace,
+                        "labels": {**_LABELS, CREDENTIAL_LABEL: "true"},
+                        "annotations": {USER_ANNOTATION: user, LOCKS_ANNOTATION: encoded or "{}"},
+                    },
+                })
+            else:
+                version = secret["metadata"].get("resourceVersion")
+                await self._client.merge_patch(
+                    self._path(name), {"metadata": {"resourceVersion": version, "annotations": {LOCKS_ANNOTATION: encoded}}}
+                )
+        except KubeError as e:
+            if e.status == 409:
+                raise _Stale(name) from None
+            raise
+
+
+class _Stale(Exception):
+    """The Secret changed since it was read (409 on a guarded write)."""
+
+
+def _leases(secret: dict[str, Any] | None) -> dict[str, Any]:
+    text = (((secret or {}).get("metadata") or {}).get("annotations") or {}).get(LOCKS_ANNOTATION)
+    try:
+        leases = json.loads(text) if text else {}
+    except ValueError:
+        return {}  # unreadable: treat as free (the next write replaces it)
+    return leases if isinstance(leases, dict) else {}

@@ -12,7 +12,9 @@ file systems (macOS). Nothing needs the user back from a file name; the sealed v
 associated data binds the real user id, so even a colliding or renamed file does not open.
 
 Writes are atomic (a private temp file in the same directory, then ``os.replace``), so a
-concurrent reader sees the old value or the new one. The tenant key is created with a
+concurrent reader sees the old value or the new one. ``exclusive`` is an ``flock`` on
+``<sha256(user)[:32]>.<connection>.lock`` beside the value, so replicas sharing one state
+directory take turns; the kernel drops the lock of a process that dies. The tenant key is created with a
 link-based exclusive create, so two processes starting at once agree on one key. File I/O is
 done inline: reads of a few hundred bytes from local disk cost less than a thread hop.
 """
@@ -21,13 +23,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import asyncio
 import contextlib
+import fcntl
 import hashlib
 import os
 import re
 import tempfile
+import time
+from collections.abc import AsyncIterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
+from portcullis.vault.base import LOCK_POLL_SECONDS, LOCK_WAIT_SECONDS, KeyedLocks, LockTimeout
 from portcullis.vault.sealing import KEY_BYTES, new_key, seal, unseal
 
 _SAFE_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
@@ -103,6 +111,7 @@ class LocalVault:
         # call would double the file I/O on the hot path. Plaintext credentials are not cached.
         self._keys: dict[str, bytes] = {}
         self._sealed: dict[Path, tuple[tuple[int, int, int], str]] = {}
+        self._locks = KeyedLocks()
 
     def _tenant_dir(self, tenant: str) -> Path:
         check_tenant(tenant)
@@ -191,3 +200,27 @@ class LocalVault:
             for name in names
             if name.startswith(prefix) and name.endswith(_SUFFIX)
         )
+
+    def exclusive(self, tenant: str, user: str, connection: str) -> AbstractAsyncContextManager[None]:
+        return self._exclusive(tenant, user, connection)
+
+    @contextlib.asynccontextmanager
+    async def _exclusive(self, tenant: str, user: str, connection: str) -> AsyncIterator[None]:
+        path = self._path(tenant, user, connection).with_suffix(".lock")
+        async with self._locks.held(tenant, user, connection):  # this process's holders queue here
+            make_private_dir(self._root)
+            make_private_dir(path.parent)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                deadline = time.monotonic() + LOCK_WAIT_SECONDS
+                while True:  # other processes: poll, so waiting never blocks the event loop
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                        break
+                    except BlockingIOError:
+                        if time.monotonic() >= deadline:
+                            raise LockTimeout(f"the credential for {connection!r} is being rewritten by another process; try again") from None
+                        await asyncio.sleep(LOCK_POLL_SECONDS)
+                yield
+            finally:
+                os.close(fd)  # closing drops the flock

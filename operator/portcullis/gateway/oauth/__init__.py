@@ -1,0 +1,1 @@
+"""Connected accounts: users authorize upstreams with OAuth once; the gateway keeps their tokens fresh."""
