@@ -33,7 +33,7 @@ from portcullis.api.resources import API_VERSION  # noqa: E402
 from portcullis.controller.options import Options  # noqa: E402
 from portcullis.gateway.audit import MemoryAuditSink  # noqa: E402
 from portcullis.gateway.cluster import build  # noqa: E402
-from portcullis.gateway.tokens import SigningKeys, mint_token  # noqa: E402
+from portcullis.gateway.identity.tokens import SigningKeys, mint_token  # noqa: E402
 from portcullis.kube import KubeClient  # noqa: E402
 from portcullis.vault.kubernetes import KubernetesVault  # noqa: E402
 from tests.support.agent import agent  # noqa: E402

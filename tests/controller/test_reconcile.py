@@ -347,7 +347,7 @@ async def test_an_available_deployment_makes_the_server_ready_with_gateway_count
 
 @pytest.mark.anyio
 async def test_rotate_keys_annotation_rotates_and_rolls_the_pods() -> None:
-    from portcullis.gateway.tokens import SigningKeys
+    from portcullis.gateway.identity.tokens import SigningKeys
 
     async with operator_emulator() as k8s, running_operator(k8s):
         await create_world(k8s)

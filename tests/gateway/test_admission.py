@@ -4,7 +4,7 @@ from typing import Any
 
 import pytest
 
-from portcullis.gateway.admission import AdminAuth, KubernetesAdminAuth, SecretAdminAuth
+from portcullis.gateway.identity.admission import AdminAuth, KubernetesAdminAuth, SecretAdminAuth
 from portcullis.kube import KubeClient, KubeError
 from tests.support.kmock_support import Emulator, emulator
 

@@ -10,7 +10,7 @@ import httpx2
 import jwt
 import pytest
 
-from portcullis.gateway.tokens import LocalKeyStore, SigningKeys, mint_token
+from portcullis.gateway.identity.tokens import LocalKeyStore, SigningKeys, mint_token
 from tests.gateway.conftest import Stack
 
 INIT = {

@@ -23,7 +23,7 @@ from portcullis.compile import compile_strict
 from portcullis.gateway.audit import MemoryAuditSink
 from portcullis.gateway.cluster import build
 from portcullis.gateway.runtime import Servers
-from portcullis.gateway.tokens import SigningKeys, mint_token
+from portcullis.gateway.identity.tokens import SigningKeys, mint_token
 from portcullis.kube import KubeClient
 from portcullis.vault.kubernetes import KubernetesVault
 from tests.gateway.conftest import ALICE_SECRET, inbox
@@ -130,7 +130,7 @@ async def test_credentials_and_revocations_live_in_the_cluster() -> None:
                 cut = await session.call_tool("fetch_mails", {"limit": 1})
                 assert cut.is_error and "connect inbox first" in " ".join(c.text for c in cut.content)  # type: ignore[union-attr]
             # A revocation written by another replica's store reaches this one through the watch.
-            from portcullis.gateway.revocation import KubernetesRevocations
+            from portcullis.gateway.identity.revocation import KubernetesRevocations
 
             other_replica = KubernetesRevocations(client, NS, "summarizer-revocations")
             await other_replica.revoke_user("alice@example.com", int(time.time()) + 1)

@@ -29,8 +29,8 @@ from portcullis.gateway.cluster import watch_object
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.endpoint import build_app, build_mcp_server
 from portcullis.gateway.loops import BackgroundTasks
-from portcullis.gateway.revocation import KubernetesRevocations, MemoryRevocations
-from portcullis.gateway.tokens import SessionClaims, SigningKeys, TokenVerifier
+from portcullis.gateway.identity.revocation import KubernetesRevocations, MemoryRevocations
+from portcullis.gateway.identity.tokens import SessionClaims, SigningKeys, TokenVerifier
 from portcullis.gateway.upstream import LISTENING, UpstreamError
 from portcullis.kube import KubeClient, KubeError
 from portcullis.vault.base import MemoryVault

@@ -9,14 +9,14 @@ from pathlib import Path
 import anyio
 import pytest
 
-from portcullis.gateway.revocation import (
+from portcullis.gateway.identity.revocation import (
     FileRevocations,
     KubernetesRevocations,
     MemoryRevocations,
     RevocationStore,
     user_key,
 )
-from portcullis.gateway.tokens import SessionClaims
+from portcullis.gateway.identity.tokens import SessionClaims
 from portcullis.kube import KubeClient
 from tests.support.kmock_support import emulator
 

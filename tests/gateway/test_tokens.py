@@ -10,7 +10,7 @@ import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
 
-from portcullis.gateway.tokens import (
+from portcullis.gateway.identity.tokens import (
     LocalKeyStore,
     SessionClaims,
     SigningKeys,

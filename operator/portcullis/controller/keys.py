@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from portcullis.gateway.tokens import SigningKeys
+from portcullis.gateway.identity.tokens import SigningKeys
 from portcullis.render.secret import KEYS_KEY
 
 ROTATE_REQUEST_ANNOTATION = "portcullis.dev/rotate-keys"

@@ -35,13 +35,13 @@ from starlette.routing import Route
 from portcullis.api.durations import format_duration, parse_duration
 from portcullis.gateway import admin_input as check
 from portcullis.gateway.admin_input import AdminError, audit_query_from, audit_row
-from portcullis.gateway.admission import AdminAuth
+from portcullis.gateway.identity.admission import AdminAuth
 from portcullis.gateway.oauth.pages import connect_routes
 from portcullis.gateway.audit.store import AuditStoreError
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.credentials import VaultUnavailable
 from portcullis.gateway.oauth.flow import FlowError, Unavailable
-from portcullis.gateway.tokens import SigningKeys, mint_token
+from portcullis.gateway.identity.tokens import SigningKeys, mint_token
 
 log = logging.getLogger("portcullis.admin")
 

@@ -19,7 +19,7 @@ from portcullis.api.resources import DNS_SUBDOMAIN_PATTERN
 from portcullis.gateway.audit.chain import StoredEvent
 from portcullis.gateway.audit.events import DECISIONS, OUTCOMES
 from portcullis.gateway.audit.store import MAX_PAGE, AuditQuery, decode_cursor, parse_time
-from portcullis.gateway.revocation import check_jti
+from portcullis.gateway.identity.revocation import check_jti
 
 MAX_ADMIN_BODY: Final = 64 * 1024
 MAX_SECRET: Final = 16 * 1024

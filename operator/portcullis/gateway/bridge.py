@@ -32,7 +32,7 @@ from typing import Any, Final
 from portcullis.gateway.core import INTERNAL_ERROR, INVALID_PARAMS, Gateway, RPCError
 from portcullis.gateway.relay import ANSWER_SECONDS
 from portcullis.gateway.session_ids import RELAY_PREFIX, SessionIds
-from portcullis.gateway.tokens import SessionClaims, TokenError
+from portcullis.gateway.identity.tokens import SessionClaims, TokenError
 from portcullis.gateway.upstream import AgentError, NotRelayable, call_events, may_ask
 
 log = logging.getLogger("portcullis.gateway")

@@ -29,7 +29,7 @@ from portcullis.api.config import GatewayConfig
 from portcullis.api.resources import SecretKeyReference
 from portcullis.gateway import tracing
 from portcullis.gateway.admin import build_admin_app, build_metrics_app
-from portcullis.gateway.admission import KubernetesAdminAuth
+from portcullis.gateway.identity.admission import KubernetesAdminAuth
 from portcullis.gateway.audit import AuditSink, JsonLinesAuditSink
 from portcullis.gateway.audit.keys import KubernetesAuditKeys
 from portcullis.gateway.audit.trail import AuditTrail, store_for
@@ -37,9 +37,9 @@ from portcullis.gateway.core import Gateway
 from portcullis.gateway.endpoint import build_app
 from portcullis.gateway.loops import Loop, StreamWatch
 from portcullis.gateway.oauth.pages import build_connect_app
-from portcullis.gateway.revocation import KubernetesRevocations
+from portcullis.gateway.identity.revocation import KubernetesRevocations
 from portcullis.gateway.runtime import Listener, Servers, bind, new_event_loop, with_lifespan
-from portcullis.gateway.tokens import SigningKeys, TokenVerifier
+from portcullis.gateway.identity.tokens import SigningKeys, TokenVerifier
 from portcullis.kube import KubeClient
 from portcullis.vault.kubernetes import KubernetesVault
 

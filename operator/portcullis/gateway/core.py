@@ -40,8 +40,8 @@ from portcullis.gateway.credentials import (
     UnreadableCredential,
 )
 from portcullis.gateway.loops import BackgroundTasks, Loop, StreamWatch
-from portcullis.gateway.revocation import RevocationStore
-from portcullis.gateway.tokens import SessionClaims, TokenError, TokenVerifier
+from portcullis.gateway.identity.revocation import RevocationStore
+from portcullis.gateway.identity.tokens import SessionClaims, TokenError, TokenVerifier
 from portcullis.gateway.upstream import (
     LISTENING,
     PROMPTS_LIST_CHANGED,

@@ -56,7 +56,7 @@ from portcullis.gateway.session_ids import SessionIds
 from portcullis.gateway.sessions import AgentSessions, current_session, header
 from portcullis.gateway.tasks import TASK_METHODS, TASKS_CAPABILITY, Tasks
 from portcullis.gateway.upstream import NotRelayable, call_events, can_be_asked
-from portcullis.gateway.tokens import SessionClaims
+from portcullis.gateway.identity.tokens import SessionClaims
 
 log = logging.getLogger("portcullis.gateway")
 

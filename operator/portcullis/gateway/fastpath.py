@@ -39,7 +39,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from portcullis.gateway.catalog import Exposure
 from portcullis.gateway.core import Gateway, RPCError, complete_tool_result
-from portcullis.gateway.tokens import SessionClaims
+from portcullis.gateway.identity.tokens import SessionClaims
 from portcullis.gateway.upstream import can_be_asked
 
 MODERN: Final = "2026-07-28"

@@ -25,13 +25,13 @@ from typing import Any
 from portcullis.api.config import GatewayConfig
 from portcullis.api.resources import SecretKeyReference
 from portcullis.gateway import tracing
-from portcullis.gateway.admission import SecretAdminAuth
+from portcullis.gateway.identity.admission import SecretAdminAuth
 from portcullis.gateway.audit import AuditSink
 from portcullis.gateway.audit.keys import LocalAuditKeys
 from portcullis.gateway.audit.trail import AuditTrail, store_for
 from portcullis.gateway.core import Gateway
-from portcullis.gateway.revocation import FileRevocations
-from portcullis.gateway.tokens import LocalKeyStore, SigningKeys, TokenVerifier
+from portcullis.gateway.identity.revocation import FileRevocations
+from portcullis.gateway.identity.tokens import LocalKeyStore, SigningKeys, TokenVerifier
 from portcullis.vault.local import LocalVault, make_private_dir, write_private_file
 
 ADMIN_SECRET_ENV = "PORTCULLIS_ADMIN_SECRET"

@@ -29,7 +29,7 @@ from typing import Any, Final
 import aiohttp
 
 from portcullis.gateway.session_ids import SessionIds
-from portcullis.gateway.tokens import SessionClaims, TokenError
+from portcullis.gateway.identity.tokens import SessionClaims, TokenError
 from portcullis.gateway.upstream import AgentError
 
 log = logging.getLogger("portcullis.gateway")

@@ -31,7 +31,7 @@ from portcullis.gateway.core import INTERNAL_ERROR, Gateway, RPCError
 from portcullis.gateway.inflight import InFlight
 from portcullis.gateway.relay import Relay
 from portcullis.gateway.session_ids import AgentSession
-from portcullis.gateway.tokens import SessionClaims
+from portcullis.gateway.identity.tokens import SessionClaims
 from portcullis.gateway.upstream import AgentError, NotRelayable, call_events, can_be_asked, may_ask
 
 log = logging.getLogger("portcullis.gateway")

@@ -32,7 +32,7 @@ from typing import Any, Final
 
 import jwt
 
-from portcullis.gateway.tokens import ALGORITHM, SigningKeys, TokenError, unverified_header
+from portcullis.gateway.identity.tokens import ALGORITHM, SigningKeys, TokenError, unverified_header
 
 SESSION_TYP: Final = "portcullis-session+jwt"
 RELAY_TYP: Final = "portcullis-relay+jwt"

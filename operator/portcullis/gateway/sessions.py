@@ -35,7 +35,7 @@ from portcullis.gateway.relay import Relay
 from portcullis.gateway.fastpath import replay
 from portcullis.gateway.session_calls import SSE_HEADERS, SessionToolCall, plain_call, wants_relay
 from portcullis.gateway.session_ids import RELAY_PREFIX, AgentSession, SessionIds
-from portcullis.gateway.tokens import SessionClaims, TokenError
+from portcullis.gateway.identity.tokens import SessionClaims, TokenError
 
 log = logging.getLogger("portcullis.gateway")
 

@@ -41,7 +41,7 @@ from typing import Any, Final
 
 from portcullis.gateway.core import INVALID_PARAMS, Gateway, RPCError
 from portcullis.gateway.session_ids import SessionIds, TaskRef
-from portcullis.gateway.tokens import SessionClaims, TokenError
+from portcullis.gateway.identity.tokens import SessionClaims, TokenError
 from portcullis.gateway.upstream import NotRelayable, call_events
 
 TASKS_CAPABILITY: Final[dict[str, Any]] = {"list": {}, "cancel": {}, "requests": {"tools": {"call": {}}}}

@@ -19,7 +19,7 @@ from typing import Any
 
 from portcullis.gateway.audit.events import AuditEvent, Decision, Outcome, Reason
 from portcullis.gateway.audit.trail import AuditTrail
-from portcullis.gateway.tokens import SessionClaims
+from portcullis.gateway.identity.tokens import SessionClaims
 
 
 class CallRecord:

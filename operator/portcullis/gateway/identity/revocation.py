@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import anyio
 
 from portcullis.gateway.loops import Loop, StreamWatch
-from portcullis.gateway.tokens import SessionClaims
+from portcullis.gateway.identity.tokens import SessionClaims
 from portcullis.kube import KubeClient, KubeError
 from portcullis.vault.local import make_private_dir, write_private_file
 
