@@ -376,3 +376,25 @@ def test_the_cli_prints_a_link_waits_for_the_browser_and_lists_how(stack: Stack)
             [*base, "set", "--user", "ada", "--connection", CONNECTION, "--secret", "x", *where], capture_output=True, text=True, timeout=30
         )
         assert refused.returncode == 1 and "credentials connect" in refused.stderr
+
+
+def test_discovery_from_a_named_issuer_and_clear_errors_when_nothing_is_found(stack: Stack, tmp_path: Path) -> None:
+    # oauth.issuer skips the upstream's RFC 9728 metadata.
+    with serve(stack, stack.manifest(issuer=stack.provider.issuer)) as gw:
+        assert connect(gw, stack, "ada").status_code == 200
+    # An upstream that publishes no protected-resource metadata, and no issuer named: say what to set.
+    bare = manifests(stack.provider.issuer + "/no-mcp-here", ["whoami"], credential={"source": "oauth", "oauth": {}})
+    path = tmp_path / "bare.yaml"
+    path.write_text(yaml.safe_dump_all(bare))
+    with local_gateway([path], state_dir=tmp_path / "bare-state", port=0, admin_port=0, audit=MemoryAuditSink()) as gw:
+        answer = admin(gw, tmp_path / "bare-state", "POST", f"/v1/users/ada/connections/{CONNECTION}/authorize")
+        assert answer.status_code == 502
+        assert "RFC 9728" in answer.json()["message"] and "oauth.issuer" in answer.json()["message"]
+    # Metadata found for an issuer that names another issuer is refused (RFC 8414 3.3): here the
+    # root metadata of the provider answers for a path the provider does not issue from.
+    other = stack.provider.issuer + "/tenant-b"
+    wrong = manifests(stack.upstream.url, ["whoami"], credential={"source": "oauth", "oauth": {"issuer": other}})
+    path.write_text(yaml.safe_dump_all(wrong))
+    with local_gateway([path], state_dir=tmp_path / "wrong-state", port=0, admin_port=0, audit=MemoryAuditSink()) as gw:
+        answer = admin(gw, tmp_path / "wrong-state", "POST", f"/v1/users/ada/connections/{CONNECTION}/authorize")
+        assert answer.status_code == 502 and f"not {other!r}" in answer.json()["message"], answer.text

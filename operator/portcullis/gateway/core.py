@@ -259,16 +259,23 @@ class Gateway:
         try:
             tools = await (self._renewing(user, connection, credential, list_tools) if user else list_tools(credential))
         except (UpstreamError, UpstreamRPCError) as exc:
-            log.warning(
-                "listing the tools of connection %s at %s failed: %s. Check that the upstream runs and that this "
-                "gateway can reach that URL (MCPConnection %s, spec.url), and its credential if it needs one",
-                connection, upstream.config.url, exc, connection,
-            )
+            if credential is None and isinstance(exc, UpstreamError) and self._refuses_anonymous(connection, exc):
+                log.info("connection %s lists its tools only to its users (%s): listed with the first caller's credential", connection, exc.kind)
+            else:
+                log.warning(
+                    "listing the tools of connection %s at %s failed: %s. Check that the upstream runs and that this "
+                    "gateway can reach that URL (MCPConnection %s, spec.url), and its credential if it needs one",
+                    connection, upstream.config.url, exc, connection,
+                )
             self.catalog.record_failure(connection, str(exc))
         else:
             upstream.remember_tool_schemas(tools)
             self.catalog.record_tools(connection, tools)
         self._rebuild_exposure()
+
+    def _refuses_anonymous(self, connection: str, exc: UpstreamError) -> bool:
+        """A per-user upstream that answers 401/403 without a credential: expected, not a failure."""
+        return exc.status in (401, 403) and self._config.connections[connection].credential.per_user
 
     async def _listing_credential(self, connection: str) -> Mapping[str, str] | None:
         # Tool lists are the same for every user; a per-user upstream is listed without a
@@ -325,6 +332,14 @@ class Gateway:
                 except NoChangeStream as exc:
                     log.info("%s; its lists are refreshed every %ss", exc, self.refresh_seconds)
                     return
+                except UpstreamError as exc:
+                    if self._refuses_anonymous(connection, exc):
+                        # Each user's own credential opens it, and no stream is held with one
+                        # (docs/fidelity.md): the lists follow users' calls and the timer.
+                        log.info("connection %s wants each user's credential for its change stream too (%s); "
+                                 "its lists are refreshed every %ss and on users' calls", connection, exc.kind, self.refresh_seconds)
+                        return
+                    failure = exc
                 except Exception as exc:  # a bug here must not end the watch for good either
                     failure = exc
                 stream.ended(failure)
