@@ -164,3 +164,20 @@ def test_the_tenant_key_secret_is_compiled_and_may_not_pose_as_a_credential() ->
     assert VaultSpec.model_validate({"tenantKeySecret": "acme-sealing-key"}).tenant_key_secret == "acme-sealing-key"
     with pytest.raises(ValidationError, match="portcullis-cred-"):
         VaultSpec.model_validate({"tenantKeySecret": "portcullis-cred-0123456789abcdef"})
+
+
+def test_oidc_sign_in_defaults_its_audience_to_the_server_url() -> None:
+    from portcullis.api.resources import VirtualMCPServer
+    from portcullis.compile import compile as compile_config
+
+    server = VirtualMCPServer.model_validate(
+        {"metadata": {"name": "triage", "namespace": "acme"}, "spec": {"auth": {"oidc": {"issuer": "https://login.example"}}}}
+    )
+    config = compile_config(server, [], [], url="https://agents.example/mcp").config
+    assert config.oidc is not None
+    assert (config.oidc.issuer, config.oidc.audience, config.oidc.user_claim) == ("https://login.example", "https://agents.example/mcp", "sub")
+    explicit = server.model_copy(update={"spec": server.spec.model_copy(update={"auth": type(server.spec.auth).model_validate(
+        {"oidc": {"issuer": "https://login.example", "audience": "api://triage"}})})})
+    assert compile_config(explicit, [], [], url="https://agents.example/mcp").config.oidc.audience == "api://triage"  # type: ignore[union-attr]
+    plain = VirtualMCPServer.model_validate({"metadata": {"name": "triage", "namespace": "acme"}})
+    assert compile_config(plain, [], []).config.oidc is None

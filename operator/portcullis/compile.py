@@ -23,6 +23,7 @@ from portcullis.api.config import (
     ExposedResourceTemplate,
     ExposedTool,
     GatewayConfig,
+    OIDCConfig,
     ServerInfo,
     TokenPolicy,
 )
@@ -122,6 +123,7 @@ def compile(  # noqa: A001 - the name DESIGN.md gives this function
         tenant=ns,
         vault_namespace=server.vault_namespace,
         vault_key_secret=server.spec.vault.tenant_key_secret,
+        oidc=_oidc(server, url or cluster_url(server)),
         tokens=TokenPolicy(
             default_ttl_seconds=server.spec.session_tokens.default_ttl_seconds,
             max_ttl_seconds=server.spec.session_tokens.max_ttl_seconds,
@@ -151,6 +153,23 @@ def compile(  # noqa: A001 - the name DESIGN.md gives this function
         resource_templates=tuple(draft.resource_templates[k] for k in sorted(draft.resource_templates)),
     )
     return Compilation(config=config, problems=tuple(problems), accepted_mappings=tuple(accepted))
+
+
+def _oidc(server: VirtualMCPServer, url: str) -> OIDCConfig | None:
+    spec = server.spec.auth.oidc
+    if spec is None:
+        return None
+    return OIDCConfig(
+        issuer=spec.issuer,
+        audience=spec.audience or url,
+        user_claim=spec.user_claim,
+        required_scopes=tuple(spec.required_scopes),
+        required_group=spec.required_group,
+        groups_claim=spec.groups_claim,
+        clock_skew_seconds=spec.clock_skew_seconds,
+        introspection_client_id=spec.introspection.client_id if spec.introspection else None,
+        introspection_secret=spec.introspection.client_secret_ref if spec.introspection else None,
+    )
 
 
 def compile_strict(

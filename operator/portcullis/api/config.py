@@ -26,6 +26,20 @@ class ServerInfo(Model):
     )
 
 
+class OIDCConfig(Model):
+    """`spec.auth.oidc`, with the audience resolved (default: the server's public URL)."""
+
+    issuer: str
+    audience: str
+    user_claim: str = "sub"
+    required_scopes: tuple[str, ...] = ()
+    required_group: str | None = None
+    groups_claim: str = "groups"
+    clock_skew_seconds: int = 60
+    introspection_client_id: str | None = None
+    introspection_secret: SecretKeyReference | None = Field(default=None, description="The Secret holding the introspecting client's secret.")
+
+
 class TokenPolicy(Model):
     default_ttl_seconds: int = 900
     max_ttl_seconds: int = 3600
@@ -91,6 +105,7 @@ class GatewayConfig(Model):
     vault_namespace: str
     vault_key_secret: str = "portcullis-tenant-key"
     tokens: TokenPolicy = Field(default_factory=TokenPolicy)
+    oidc: OIDCConfig | None = Field(default=None, description="Accept OpenID Connect access tokens (spec.auth.oidc).")
     audit: AuditConfig = Field(default_factory=AuditConfig)
     connections: dict[str, ConnectionConfig] = Field(default_factory=dict)
     tools: tuple[ExposedTool, ...] = ()

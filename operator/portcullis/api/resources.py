@@ -431,6 +431,55 @@ class ConnectedAccountsSpec(WireModel):
     ]
 
 
+class IntrospectionSpec(WireModel):
+    """The client the gateway authenticates as at the provider's introspection endpoint (RFC 7662)."""
+
+    client_id: Annotated[str, Field(min_length=1, max_length=512, description="The introspecting client's id.")]
+    client_secret_ref: Annotated[SecretKeyReference, Field(description="Its secret (sent with client_secret_basic).")]
+
+
+class OIDCAuthSpec(WireModel):
+    """People sign in with the company's OpenID Connect provider; their access tokens are accepted
+    beside minted session tokens (the MCP authorization spec's resource server role)."""
+
+    issuer: Annotated[
+        str,
+        Field(min_length=1, max_length=2048, pattern=r"^https?://[^?#]+$", description="The provider's issuer URL, exactly as in its tokens' iss."),
+    ]
+    audience: Annotated[
+        str | None,
+        Field(max_length=2048, description="The aud tokens must carry (default: this server's MCP URL, per RFC 8707)."),
+    ] = None
+    user_claim: Annotated[
+        str,
+        Field(min_length=1, max_length=128, description="The claim naming the user: the vault's user id (e.g. sub, email, preferred_username)."),
+    ] = "sub"
+    required_scopes: Annotated[
+        list[Annotated[str, Field(min_length=1, max_length=256, pattern=r"^[!#-\[\]-~]+$")]],
+        Field(max_length=32, description="Scopes every token must carry; listed in the RFC 9728 metadata."),
+    ] = Field(default_factory=list)
+    required_group: Annotated[
+        str | None,
+        Field(min_length=1, max_length=256, description="A group the user must be in (a value of groupsClaim)."),
+    ] = None
+    groups_claim: Annotated[
+        str, Field(min_length=1, max_length=128, description="The claim listing the user's groups.")
+    ] = "groups"
+    clock_skew_seconds: Annotated[
+        int, Field(ge=0, le=300, description="Leeway for exp, nbf and iat.")
+    ] = 60
+    introspection: Annotated[
+        IntrospectionSpec | None,
+        Field(description="Validate opaque (non-JWT) access tokens at the provider's RFC 7662 introspection endpoint."),
+    ] = None
+
+
+class ServerAuthSpec(WireModel):
+    """How people and agents authenticate to this server, besides minted session tokens."""
+
+    oidc: Annotated[OIDCAuthSpec | None, Field(description="Accept the company OpenID Connect provider's access tokens.")] = None
+
+
 class VirtualMCPServerSpec(WireModel):
     """One agent role: a scoped MCP endpoint."""
 
@@ -447,6 +496,10 @@ class VirtualMCPServerSpec(WireModel):
         default_factory=VaultSpec
     )
     audit: Annotated[AuditSpec, Field(description="Audit store, retention and failure policy.")] = Field(default_factory=AuditSpec)
+    auth: Annotated[
+        ServerAuthSpec,
+        Field(description="Interactive clients: people sign in with OpenID Connect (session tokens keep working)."),
+    ] = Field(default_factory=ServerAuthSpec)
     connected_accounts: Annotated[
         ConnectedAccountsSpec | None,
         Field(description="The OAuth connect flow (connections with credential.source oauth): where browsers return."),

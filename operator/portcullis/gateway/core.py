@@ -40,6 +40,8 @@ from portcullis.gateway.credentials import (
     UnreadableCredential,
 )
 from portcullis.gateway.loops import BackgroundTasks, Loop, StreamWatch
+from portcullis.gateway.identity.oidc import JTI_PREFIX as OIDC_JTI_PREFIX
+from portcullis.gateway.identity.oidc import OIDCVerifier
 from portcullis.gateway.identity.revocation import RevocationStore
 from portcullis.gateway.identity.tokens import SessionClaims, TokenError, TokenVerifier
 from portcullis.gateway.upstream import (
@@ -118,6 +120,7 @@ class Gateway:
         self.revocations = revocations
         self.audit = audit
         self.credentials = Credentials(lambda: self._config, vault, secrets)
+        self.oidc = OIDCVerifier(lambda: self._config, secrets)
         self.refresh_seconds = refresh_seconds
         self.catalog = Catalog()
         self._http: aiohttp.ClientSession | None = None
@@ -155,6 +158,7 @@ class Gateway:
         if self._http is not None:
             await self._http.close()
         await self.credentials.oauth.close()
+        await self.oidc.close()
         await self.audit.stop()
 
     @property
@@ -388,6 +392,21 @@ class Gateway:
 
     # --- authentication ------------------------------------------------------------
 
+    async def authenticate_any(self, token: str | None) -> SessionClaims:
+        """A session token, or (with `spec.auth.oidc`) an OpenID Connect access token.
+
+        Raises `Unauthenticated` (401) or `Forbidden` (403: authentic, but lacking a required
+        scope or group); a provider that cannot be read raises `ProviderUnavailable` (503)."""
+        if token and self.oidc.accepts(token):
+            try:
+                claims = await self.oidc.verify(token)
+            except TokenError as exc:
+                raise Unauthenticated(exc.reason) from None
+            if self.revocations.is_revoked(claims):
+                raise Unauthenticated("revoked")
+            return claims
+        return self.authenticate(token)
+
     def authenticate(self, token: str | None) -> SessionClaims:
         if not token:
             raise Unauthenticated("missing bearer token")
@@ -453,7 +472,7 @@ class Gateway:
                     try:
                         await self._fill_missing(claims, self._exposure, only=allowlisted.connection if in_scope else None)
                     except CredentialError as exc:
-                        return tool_error(self._credential_refusal(record, exc, claims.sub))
+                        return tool_error(await self._credential_refusal(record, exc, claims))
                     exposed = self._exposure.by_name.get(name)
                 if exposed is None or (claims.tools is not None and name not in claims.tools):
                     record.deny(Reason.NOT_EXPOSED if exposed is None else Reason.OUTSIDE_TOKEN_SCOPE)
@@ -464,7 +483,7 @@ class Gateway:
                 with tracing.span("credential"):
                     credential = await self.credentials.headers(claims.sub, connection)
             except CredentialError as exc:
-                return tool_error(self._credential_refusal(record, exc, claims.sub))
+                return tool_error(await self._credential_refusal(record, exc, claims))
             if not record.admit():
                 return tool_error(_AUDIT_REFUSAL)
             params: dict[str, Any] = {**relay, "name": exposed.upstream_name} if relay else {"name": exposed.upstream_name}
@@ -480,7 +499,7 @@ class Gateway:
                 record.failed(Reason.UPSTREAM_FAILED, detail=exc.kind)
                 return tool_error(f"The tool {name!r} is unavailable: {exc}. Try again later.")
             except CredentialError as exc:
-                return tool_error(self._credential_refusal(record, exc, claims.sub))
+                return tool_error(await self._credential_refusal(record, exc, claims))
             relayed = relay_result(result)
             record.result(relayed, "tool_error" if relayed.get("isError") else "ok")
             return relayed
@@ -545,9 +564,17 @@ class Gateway:
                 raise await self.credentials.refused_after_refresh(user, connection) from None
             raise
 
-    def _credential_refusal(self, record: CallRecord, exc: CredentialError, user: str) -> str:
+    async def _credential_refusal(self, record: CallRecord, exc: CredentialError, claims: SessionClaims) -> str:
         """Audit a call stopped at the resolve step, and say what the user can do about it."""
-        connection = exc.connection
+        connection, user = exc.connection, claims.sub
+        if isinstance(exc, MissingCredential) and claims.jti.startswith(OIDC_JTI_PREFIX):
+            # A person signed in at an interactive client, with no application to connect for
+            # them: the answer carries their own connect link (single use, ten minutes).
+            link = await self._connect_link(user, connection)
+            if link is not None:
+                lost = isinstance(exc, Reconnect)
+                record.deny(Reason.GRANT_LOST if lost else Reason.NO_CREDENTIAL)
+                return f"{'Reconnect' if lost else 'Connect'} {connection!r} first: open {link} in your browser, then call again."
         if isinstance(exc, Reconnect):
             record.deny(Reason.GRANT_LOST, outcome="error", detail=exc.reason)
             return (
@@ -569,6 +596,16 @@ class Gateway:
             return f"Your stored credential for {connection!r} cannot be used any more: reconnect {connection} (store it again)."
         record.deny(Reason.VAULT_UNAVAILABLE, outcome="error", detail=str(exc))
         return f"The credential store is unavailable right now, so {connection!r} cannot be called. Try again later."
+
+    async def _connect_link(self, user: str, connection: str) -> str | None:
+        """A connect link for an OAuth connection, or None (not OAuth, or no link can be made now)."""
+        if self._config.connections[connection].credential.source != "oauth":
+            return None
+        try:
+            return (await self.credentials.oauth.authorize(user, connection)).authorization_url
+        except Exception as exc:  # no callback URL, the authorization server down: the plain answer then
+            log.info("no connect link for connection %s: %s", connection, exc)
+            return None
 
     # --- prompts and resources (deny by default) --------------------------------------
 
@@ -717,7 +754,7 @@ class Gateway:
             with tracing.span("credential"):
                 credential = await self.credentials.headers(claims.sub, connection)
         except CredentialError as exc:
-            raise RPCError(INVALID_PARAMS, self._credential_refusal(record, exc, claims.sub)) from None
+            raise RPCError(INVALID_PARAMS, await self._credential_refusal(record, exc, claims)) from None
         if not record.admit():
             raise RPCError(INTERNAL_ERROR, _AUDIT_REFUSAL)
         try:
@@ -730,7 +767,7 @@ class Gateway:
             record.failed(Reason.UPSTREAM_FAILED, detail=exc.kind)
             raise RPCError(INTERNAL_ERROR, str(exc)) from None
         except CredentialError as exc:
-            raise RPCError(INVALID_PARAMS, self._credential_refusal(record, exc, claims.sub)) from None
+            raise RPCError(INVALID_PARAMS, await self._credential_refusal(record, exc, claims)) from None
         relayed = relay_result(result)
         record.result(relayed, "ok")
         return relayed

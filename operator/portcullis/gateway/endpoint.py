@@ -56,6 +56,7 @@ from portcullis.gateway.session_ids import SessionIds
 from portcullis.gateway.sessions import AgentSessions, current_session, header
 from portcullis.gateway.tasks import TASK_METHODS, TASKS_CAPABILITY, Tasks
 from portcullis.gateway.upstream import NotRelayable, call_events, can_be_asked
+from portcullis.gateway.identity.oidc import Forbidden
 from portcullis.gateway.identity.tokens import SessionClaims
 
 log = logging.getLogger("portcullis.gateway")
@@ -441,11 +442,21 @@ class BearerAuth:
         with tracing.request(scope, self.gateway.audit.server):
             try:
                 with tracing.span("authenticate"):
-                    claims = self.gateway.authenticate(token)
+                    if self.gateway.config.oidc is None:
+                        claims = self.gateway.authenticate(token)
+                    else:
+                        claims = await self.gateway.authenticate_any(token)
+            except Forbidden as exc:
+                tracing.refused(exc.reason, "denied")
+                self.gateway.record_unauthenticated(exc.reason, header(scope, b"mcp-method"), outcome="denied")
+                await _forbidden(exc, self.metadata_url)(scope, receive, send)
+                return
             except Unauthenticated as exc:
                 tracing.refused(str(exc), "unauthenticated")
                 self.gateway.record_unauthenticated(str(exc), header(scope, b"mcp-method"))
-                await _unauthorized(str(exc), self.metadata_url, token is not None)(scope, receive, send)
+                oidc = self.gateway.config.oidc
+                issuer = oidc.issuer if oidc is not None else None
+                await _unauthorized(str(exc), self.metadata_url, token is not None, issuer)(scope, receive, send)
                 return
             except Exception as exc:  # the revocation or key store failed: fail closed, audited, no internals
                 log.warning("authenticating a request failed: %s", type(exc).__name__)
@@ -530,19 +541,32 @@ def _bearer(scope: Scope) -> str | None:
     return None
 
 
-def _unauthorized(reason: str, metadata_url: str, had_token: bool) -> Response:
+def _forbidden(exc: Forbidden, metadata_url: str) -> Response:
+    """RFC 6750 3.1: an authentic token without what this server requires (a scope, a group)."""
+    if exc.scope is not None:
+        challenge = f'Bearer error="insufficient_scope", scope="{exc.scope}", error_description="{exc.reason}", resource_metadata="{metadata_url}"'
+    else:
+        challenge = f'Bearer error="insufficient_scope", error_description="{exc.reason}", resource_metadata="{metadata_url}"'
+    body = {"error": "insufficient_scope", "error_description": exc.reason, "message": f"Signed in, but not allowed here: {exc.reason}."}
+    return JSONResponse(body, status_code=403, headers={"WWW-Authenticate": challenge})
+
+
+def _unauthorized(reason: str, metadata_url: str, had_token: bool, issuer: str | None = None) -> Response:
     # RFC 6750 §3: no error code when the request carried no credentials at all.
     challenge = f'Bearer resource_metadata="{metadata_url}"'
     if had_token:
         challenge = f'Bearer error="invalid_token", error_description="{reason}", resource_metadata="{metadata_url}"'
+    how = (
+        "Session tokens are short-lived and minted by your application for one user: mint a new one (POST "
+        "/v1/tokens on the gateway's admin port, or `portcullis token mint --user <id>`) and send it as "
+        "`Authorization: Bearer <token>`."
+    )
+    if issuer is not None:
+        how = f"Sign in with {issuer} (an OAuth-capable MCP client does it from this server's resource metadata), or {how[0].lower()}{how[1:]}"
     body = {
         "error": "invalid_token" if had_token else "unauthorized",
         "error_description": reason,
-        "message": (
-            f"The session token was refused ({reason}). Session tokens are short-lived and minted by your "
-            "application for one user: mint a new one (POST /v1/tokens on the gateway's admin port, or "
-            "`portcullis token mint --user <id>`) and send it as `Authorization: Bearer <token>`."
-        ),
+        "message": f"The token was refused ({reason}). {how}",
     }
     return JSONResponse(body, status_code=401, headers={"WWW-Authenticate": challenge})
 
@@ -554,21 +578,37 @@ NO_OAUTH = (
 )
 
 
-async def _no_authorization_server(request: Request) -> Response:
+def _no_authorization_server(gateway: Gateway) -> Callable[[Request], Awaitable[Response]]:
     """OAuth-aware clients (mcp-remote, the Inspector) look for an authorization server at the MCP
-    server's origin when the resource metadata names none; say plainly why there is none."""
-    status = 400 if request.url.path == "/register" else 404
-    return JSONResponse({"error": "invalid_client_metadata" if status == 400 else "not_found", "error_description": NO_OAUTH}, status_code=status)
+    server's origin when the resource metadata names none; say plainly why there is none, or
+    (with `spec.auth.oidc`) where it is."""
+
+    async def answer(request: Request) -> Response:
+        status = 400 if request.url.path == "/register" else 404
+        oidc = gateway.config.oidc
+        text = NO_OAUTH if oidc is None else (
+            f"This virtual MCP server's authorization server is {oidc.issuer} (named in its RFC 9728 resource "
+            "metadata): register and log in there, not here."
+        )
+        return JSONResponse({"error": "invalid_client_metadata" if status == 400 else "not_found", "error_description": text}, status_code=status)
+
+    return answer
 
 
 def resource_metadata(gateway: Gateway) -> dict[str, Any]:
-    """RFC 9728 protected-resource metadata for this server's MCP URL."""
-    return {
+    """RFC 9728 protected-resource metadata for this server's MCP URL; with `spec.auth.oidc`, it
+    names the company's issuer, where interactive clients log people in (MCP authorization spec)."""
+    metadata: dict[str, Any] = {
         "resource": gateway.config.server.url,
         "bearer_methods_supported": ["header"],
         "resource_name": f"Portcullis virtual MCP server {gateway.config.server.namespace}/{gateway.config.server.name}",
         "resource_documentation": "https://portcullis.dev/docs/session-tokens",
     }
+    oidc = gateway.config.oidc
+    if oidc is not None:
+        metadata["authorization_servers"] = [oidc.issuer]
+        metadata["scopes_supported"] = list(oidc.required_scopes)
+    return metadata
 
 
 def build_app(
@@ -590,6 +630,8 @@ def build_app(
     bridge = Bridge(gateway, ids)
     bridge.replica_url = replica_url
     server = build_mcp_server(gateway, inflight, bridge)
+
+    no_authorization_server = _no_authorization_server(gateway)
 
     async def healthz(request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -644,10 +686,10 @@ def build_app(
             Route("/readyz", readyz),
             Route(RESOURCE_METADATA_PATH + MCP_PATH, metadata),
             Route(RESOURCE_METADATA_PATH, metadata),
-            Route("/.well-known/oauth-authorization-server", _no_authorization_server),
-            Route("/.well-known/oauth-authorization-server" + MCP_PATH, _no_authorization_server),
-            Route("/.well-known/openid-configuration", _no_authorization_server),
-            Route("/register", _no_authorization_server, methods=["POST", "GET"]),
+            Route("/.well-known/oauth-authorization-server", no_authorization_server),
+            Route("/.well-known/oauth-authorization-server" + MCP_PATH, no_authorization_server),
+            Route("/.well-known/openid-configuration", no_authorization_server),
+            Route("/register", no_authorization_server, methods=["POST", "GET"]),
         ],
     )
     base = (public_base or _origin(gateway.config.server.url)).rstrip("/")

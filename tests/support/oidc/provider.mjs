@@ -1,18 +1,28 @@
-// An OAuth 2.1 authorization server for Portcullis' "connected accounts" tests: oidc-provider
-// (npm, pinned in package.json), configured the way an MCP upstream's authorization server is
-// expected to behave, plus a few test-only control endpoints under /test/.
+// An OAuth 2.1 authorization server (and OpenID Connect issuer) for Portcullis' tests: oidc-provider
+// (npm, pinned in package.json), configured the way an MCP upstream's authorization server, or a
+// company's OpenID Connect issuer in front of the gateway, is expected to behave, plus a few
+// test-only control endpoints under /test/.
 //
 //   node tests/support/oidc/provider.mjs ['{"accessTokenTtl": 60, "clients": [...]}']
 //
-// It listens on 127.0.0.1, on a port the kernel picks, and prints exactly one line on stdout once
-// it serves: `READY http://127.0.0.1:PORT` (the issuer). Everything else goes to stderr.
+// It listens on 127.0.0.1, on the configured port or one the kernel picks, and prints exactly one
+// line on stdout once it serves: `READY http://127.0.0.1:PORT` (the issuer). Everything else goes
+// to stderr.
 //
 // Configuration: an optional JSON argument, with environment fallbacks for the lifetimes:
 //   accessTokenTtl  (ACCESS_TOKEN_TTL, seconds, default 60)
 //   refreshTokenTtl (REFRESH_TOKEN_TTL, seconds, default 3600)
 //   clients         pre-registered clients, oidc-provider client metadata
 //                   ({client_id, client_secret, redirect_uris, token_endpoint_auth_method, ...})
-//   resourceScopes  the scopes of every resource server (default "mail.read mail.send")
+//   resourceScopes  the scopes of every resource server (default "mail.read mail.send mcp:tools")
+//   port            the port to listen on (default 0: any free one). A test that restarts the
+//                   provider on the same port gets the same issuer, with nothing stored before
+//                   (no registrations, grants or refresh tokens survive a restart).
+//   keys            the signing keys, private RSA JWKs with a `kid` (default: one generated at
+//                   start, kid "test-rs256"). The first signs new tokens; all are published in
+//                   the JWKS, so [B, A] is "rotated to B, A still trusted".
+//   groups          {"ada": ["mcp-users"], "grace": []}: a `groups` claim (a list of strings) in
+//                   the access tokens of those subjects; other subjects get no such claim.
 //
 // What it does, and why:
 // - authorization code with PKCE, required for every client; oidc-provider 9 only knows S256.
@@ -22,8 +32,13 @@
 //   the offline_access scope (oidc-provider's default wants offline_access, which it only keeps
 //   with prompt=consent); it does not expire with the browser session.
 // - resource indicators (RFC 8707): any http://127.0.0.1 URL is a resource server, and an access
-//   token for it is an RS256 JWT (typ at+jwt) whose `aud` is that URL.
-// - open dynamic client registration (RFC 7591), revocation and introspection.
+//   token for it is an RS256 JWT (typ at+jwt) whose `aud` is that URL and whose `scope` holds
+//   the requested resource scopes (of resourceScopes), e.g. "mcp:tools".
+// - open dynamic client registration (RFC 7591), revocation and introspection. The discovery
+//   documents' scopes_supported lists the resource scopes with openid and offline_access. A registration
+//   may carry the test-only metadata `test_access_token_ttl` (seconds): that client's access
+//   tokens then live that long (how a test gets a token that expires soon, without making
+//   every client's tokens short-lived).
 // - the development login and consent pages: any login and password are accepted.
 //
 // Test-only endpoints (not part of any standard):
@@ -34,6 +49,14 @@
 //                              {"authorization_code": {"ada": 1}, "refresh_token": {"ada": 2},
 //                               "refresh_token_errors": {"ada": 1}, "errors": [{...}, ...]}
 //   POST /test/reset-events    zero those counts
+//   POST /test/rotate          body {"keys": [jwk, ...]}: sign with the new keys from the next
+//                              request on, on the same issuer and port, keeping everything stored
+//                              (registrations, grants, refresh tokens, logins). oidc-provider
+//                              reads its keys once, when built, so this builds a new Provider
+//                              over the same storage and swaps it in; answers {"kids": [...]}
+//   POST /test/groups          body {"ada": ["mcp-users"], "grace": null}: set (a list) or drop
+//                              (null) subjects' groups for tokens issued from then on; answers
+//                              the whole map
 
 import crypto from 'node:crypto';
 import http from 'node:http';
@@ -57,8 +80,15 @@ const seconds = (value, fallback) => {
 };
 const accessTokenTtl = seconds(options.accessTokenTtl ?? process.env.ACCESS_TOKEN_TTL, 60);
 const refreshTokenTtl = seconds(options.refreshTokenTtl ?? process.env.REFRESH_TOKEN_TTL, 3600);
-const resourceScopes = options.resourceScopes ?? 'mail.read mail.send';
+const resourceScopes = options.resourceScopes ?? 'mail.read mail.send mcp:tools';
 const clients = options.clients ?? [];
+const port = Number(options.port ?? 0);
+if (!Number.isInteger(port) || port < 0 || port > 65535) {
+  throw new Error(`not a port: ${options.port}`);
+}
+const groups = new Map(Object.entries(options.groups ?? {}));
+// The browser session cookies stay valid across a key rotation: it is the same provider.
+const cookieKeys = [crypto.randomBytes(32).toString('base64url')];
 
 // --- storage ------------------------------------------------------------------------------
 // oidc-provider's own memory adapter indexes tokens by grant only. /test/revoke needs "everything
@@ -189,10 +219,33 @@ function isLoopbackResource(resource) {
   return url !== null && url.protocol === 'http:' && url.hostname === '127.0.0.1' && !url.hash;
 }
 
-function configuration() {
+function generatedKey() {
   const { privateKey } = crypto.generateKeyPairSync('rsa', { modulusLength: 2048 });
-  const signingKey = { ...privateKey.export({ format: 'jwk' }), kid: 'test-rs256', alg: 'RS256', use: 'sig' };
+  return { ...privateKey.export({ format: 'jwk' }), kid: 'test-rs256', alg: 'RS256', use: 'sig' };
+}
 
+function signingKeys(keys) {
+  if (!Array.isArray(keys) || keys.length === 0) {
+    throw new Error('keys must be a non-empty list of private JWKs');
+  }
+  return keys.map((key) => {
+    if (key?.kty !== 'RSA' || !key.d || typeof key.kid !== 'string') {
+      throw new Error(`a signing key must be a private RSA JWK with a kid (got kid ${key?.kid})`);
+    }
+    return { ...key, alg: 'RS256', use: 'sig' };
+  });
+}
+
+// The key ids, in the order the JWKS publishes them (the first is the one that signs).
+function kidsOf(keys) {
+  return keys.map((key) => key.kid);
+}
+
+function accessTokenTtlFor(client) {
+  return client?.test_access_token_ttl ?? accessTokenTtl;
+}
+
+function configuration(keys) {
   return {
     adapter: TestAdapter,
     clients,
@@ -201,12 +254,29 @@ function configuration() {
       response_types: ['code'],
       token_endpoint_auth_method: 'client_secret_basic',
     },
-    cookies: { keys: [crypto.randomBytes(32).toString('base64url')] },
-    jwks: { keys: [signingKey] },
+    cookies: { keys: cookieKeys },
+    jwks: { keys },
     responseTypes: ['code'], // OAuth 2.1: no implicit or hybrid flows
-    scopes: ['openid', 'offline_access'],
+    // The resource scopes are listed too: a dynamic registration may name the scopes the client
+    // will ask for (mcp-remote and the MCP SDKs send those of the resource's metadata), and
+    // oidc-provider refuses one naming a scope missing here (invalid_client_metadata).
+    scopes: ['openid', 'offline_access', ...resourceScopes.split(' ').filter(Boolean)],
     claims: { openid: ['sub'] },
     findAccount: (ctx, sub) => ({ accountId: sub, claims: () => ({ sub }) }),
+    extraClientMetadata: {
+      properties: ['test_access_token_ttl'],
+      validator: (ctx, key, value) => {
+        if (key === 'test_access_token_ttl' && value !== undefined && !(Number.isInteger(value) && value > 0)) {
+          throw new errors.InvalidClientMetadata('test_access_token_ttl must be a positive number of seconds');
+        }
+      },
+    },
+    // Claims a resource server sees in a JWT access token (and introspection in an opaque one),
+    // on top of iss, sub, aud, exp, iat, jti, client_id and scope.
+    extraTokenClaims: (ctx, token) => {
+      const subjectGroups = token.accountId === undefined ? undefined : groups.get(token.accountId);
+      return subjectGroups === undefined ? undefined : { groups: [...subjectGroups] };
+    },
     pkce: { required: () => true },
     rotateRefreshToken: true,
     issueRefreshToken: (ctx, client) => client.grantTypeAllowed('refresh_token'),
@@ -214,9 +284,9 @@ function configuration() {
     // offline_access do so): the gateway holds it long after the user closed the consent page.
     expiresWithSession: () => false,
     ttl: {
-      AccessToken: accessTokenTtl,
+      AccessToken: (ctx, token, client) => accessTokenTtlFor(client),
       AuthorizationCode: 60,
-      ClientCredentials: accessTokenTtl,
+      ClientCredentials: (ctx, token, client) => accessTokenTtlFor(client),
       Grant: refreshTokenTtl,
       IdToken: accessTokenTtl,
       Interaction: 600,
@@ -230,14 +300,19 @@ function configuration() {
       introspection: { enabled: true },
       resourceIndicators: {
         enabled: true,
-        getResourceServerInfo: (ctx, resource) => {
+        getResourceServerInfo: (ctx, resource, client) => {
           if (!isLoopbackResource(resource)) {
             throw new errors.InvalidTarget(`${resource} is not a resource server here`);
+          }
+          // A resource whose path ends in /opaque gets opaque access tokens, which only the
+          // introspection endpoint (RFC 7662) can validate; every other one gets RS256 JWTs.
+          if (new URL(resource).pathname.endsWith('/opaque')) {
+            return { scope: resourceScopes, audience: resource, accessTokenTTL: accessTokenTtlFor(client), accessTokenFormat: 'opaque' };
           }
           return {
             scope: resourceScopes,
             audience: resource,
-            accessTokenTTL: accessTokenTtl,
+            accessTokenTTL: accessTokenTtlFor(client),
             accessTokenFormat: 'jwt',
             jwt: { sign: { alg: 'RS256' } },
           };
@@ -253,7 +328,49 @@ function json(res, status, body) {
   res.end(text);
 }
 
-function control(req, res, url) {
+const MAX_BODY_BYTES = 1 << 20;
+
+function readJson(req) {
+  return new Promise((resolve, reject) => {
+    const chunks = [];
+    let size = 0;
+    req.on('data', (chunk) => {
+      size += chunk.length;
+      if (size > MAX_BODY_BYTES) {
+        reject(new Error('body too large'));
+        req.destroy();
+        return;
+      }
+      chunks.push(chunk);
+    });
+    req.on('end', () => {
+      try {
+        resolve(JSON.parse(Buffer.concat(chunks).toString('utf8') || 'null'));
+      } catch (error) {
+        reject(error);
+      }
+    });
+    req.on('error', reject);
+  });
+}
+
+function setGroups(changes) {
+  if (changes === null || typeof changes !== 'object' || Array.isArray(changes)) {
+    throw new Error('the body must be an object: {"sub": ["group", ...] or null}');
+  }
+  for (const [sub, list] of Object.entries(changes)) {
+    if (list === null) {
+      groups.delete(sub);
+    } else if (Array.isArray(list) && list.every((group) => typeof group === 'string')) {
+      groups.set(sub, list);
+    } else {
+      throw new Error(`the groups of ${sub} must be a list of strings or null`);
+    }
+  }
+  return Object.fromEntries(groups);
+}
+
+async function control(req, res, url) {
   const route = `${req.method} ${url.pathname}`;
   switch (route) {
     case 'POST /test/revoke': {
@@ -268,28 +385,27 @@ function control(req, res, url) {
     case 'POST /test/reset-events':
       events = {};
       return json(res, 200, events);
+    case 'POST /test/rotate': {
+      const keys = signingKeys((await readJson(req))?.keys);
+      serve(keys);
+      return json(res, 200, { kids: kidsOf(keys) });
+    }
+    case 'POST /test/groups':
+      return json(res, 200, setGroups(await readJson(req)));
     default:
       return json(res, 404, { error: `no test endpoint ${route}` });
   }
 }
 
-let callback; // the provider's request handler, once the issuer (which names the port) is known
+// --- serving ------------------------------------------------------------------------------
 
-const server = http.createServer((req, res) => {
-  const url = new URL(req.url, 'http://127.0.0.1');
-  if (url.pathname.startsWith('/test/')) {
-    return control(req, res, url);
-  }
-  if (!callback) {
-    return json(res, 503, { error: 'starting' });
-  }
-  return callback(req, res);
-});
+let issuer; // known once the server listens (it names the port)
+let callback; // the current provider's request handler
 
-server.listen(0, '127.0.0.1', () => {
-  const { port } = server.address();
-  const issuer = `http://127.0.0.1:${port}`;
-  const provider = new Provider(issuer, configuration());
+// Build a provider signing with `keys` and send every later request to it. Requests already
+// being handled finish on the provider they started on; both share the storage above.
+function serve(keys) {
+  const provider = new Provider(issuer, configuration(keys));
 
   provider.on('grant.success', (ctx) => {
     count(ctx.oidc.params.grant_type, subjectOf(ctx));
@@ -308,6 +424,29 @@ server.listen(0, '127.0.0.1', () => {
   });
 
   callback = provider.callback();
+}
+
+const initialKeys = options.keys === undefined ? [generatedKey()] : signingKeys(options.keys);
+
+const server = http.createServer((req, res) => {
+  const url = new URL(req.url, 'http://127.0.0.1');
+  if (url.pathname.startsWith('/test/')) {
+    return control(req, res, url).catch((error) => json(res, 400, { error: String(error.message ?? error) }));
+  }
+  if (!callback) {
+    return json(res, 503, { error: 'starting' });
+  }
+  return callback(req, res);
+});
+
+server.on('error', (error) => {
+  console.error(`cannot listen on 127.0.0.1:${port}:`, error.message);
+  process.exit(1);
+});
+
+server.listen(port, '127.0.0.1', () => {
+  issuer = `http://127.0.0.1:${server.address().port}`;
+  serve(initialKeys);
   process.stdout.write(`READY ${issuer}\n`);
 });
 

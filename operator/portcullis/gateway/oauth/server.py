@@ -101,7 +101,7 @@ class AuthorizationServers:
 
     async def _issuer_of(self, upstream_url: str, resource: str) -> str:
         """RFC 9728: the first authorization server the upstream's metadata names."""
-        for url in _well_known(upstream_url, "oauth-protected-resource"):
+        for url in well_known(upstream_url, "oauth-protected-resource"):
             metadata = await self._metadata(url)
             if metadata is None:
                 continue
@@ -113,12 +113,12 @@ class AuthorizationServers:
                 return servers[0]
             raise OAuthFailure("the upstream's protected-resource metadata names no authorization server; set oauth.issuer")
         raise OAuthFailure(
-            f"no protected-resource metadata (RFC 9728) at {_well_known(upstream_url, 'oauth-protected-resource')[0]}; "
+            f"no protected-resource metadata (RFC 9728) at {well_known(upstream_url, 'oauth-protected-resource')[0]}; "
             "set oauth.issuer or the endpoints on the MCPConnection"
         )
 
     async def _server_metadata(self, issuer: str) -> Endpoints:
-        for url in [*_well_known(issuer, "oauth-authorization-server"), *_well_known(issuer, "openid-configuration", oidc=True)]:
+        for url in [*well_known(issuer, "oauth-authorization-server"), *well_known(issuer, "openid-configuration", oidc=True)]:
             metadata = await self._metadata(url)
             if metadata is None:
                 continue
@@ -189,8 +189,7 @@ class AuthorizationServers:
         headers: dict[str, str] = {}
         form = dict(form)
         if client.auth_method == "client_secret_basic" and client.client_secret is not None:
-            pair = f"{urllib.parse.quote(client.client_id, safe='')}:{urllib.parse.quote(client.client_secret, safe='')}"
-            headers["authorization"] = "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+            headers["authorization"] = basic_auth(client.client_id, client.client_secret)
         else:
             form["client_id"] = client.client_id
             if client.auth_method == "client_secret_post" and client.client_secret is not None:
@@ -222,6 +221,12 @@ class AuthorizationServers:
         )
 
 
+def basic_auth(client_id: str, secret: str) -> str:
+    """The Authorization header of `client_secret_basic` (RFC 6749 2.3.1: each part form-encoded first)."""
+    pair = f"{urllib.parse.quote(client_id, safe='')}:{urllib.parse.quote(secret, safe='')}"
+    return "Basic " + base64.b64encode(pair.encode()).decode("ascii")
+
+
 async def _json(response: aiohttp.ClientResponse, what: str) -> dict[str, Any]:
     raw = await response.content.read(MAX_ANSWER_BYTES + 1)
     if len(raw) > MAX_ANSWER_BYTES:
@@ -235,7 +240,7 @@ async def _json(response: aiohttp.ClientResponse, what: str) -> dict[str, Any]:
     return body
 
 
-def _well_known(url: str, name: str, *, oidc: bool = False) -> list[str]:
+def well_known(url: str, name: str, *, oidc: bool = False) -> list[str]:
     """RFC 8615 well-known URLs for `url`: path-inserted first (RFC 8414 3.1, RFC 9728 3.1), then
     appended (OpenID Connect Discovery 4), then at the root."""
     parts = urllib.parse.urlsplit(url)
