@@ -177,6 +177,8 @@ def cmd_token_mint(args: argparse.Namespace) -> int:
         body["ttl"] = args.ttl
     if args.tools:
         body["tools"] = [t.strip() for t in args.tools.split(",") if t.strip()]
+    if args.read_only:
+        body["access"] = "read-only"
     status, answer = _admin_call(args, "POST", "/v1/tokens", body)
     if status != 201:
         return _fail(answer.get("message", f"HTTP {status}") if isinstance(answer, dict) else f"HTTP {status}")
@@ -391,6 +393,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--user", required=True)
     p.add_argument("--ttl", help="e.g. 15m (capped by the server's sessionTokens.maxTTL)")
     p.add_argument("--tools", help="comma-separated narrower scope")
+    p.add_argument("--read-only", action="store_true", help="only tools marked read-only (readOnlyHint, or readOnly in the mapping)")
     p.add_argument("--json", action="store_true", help="print the whole answer, not just the token")
     admin(p)
     p.set_defaults(func=cmd_token_mint)

@@ -23,12 +23,14 @@ from portcullis.api.config import (
     ExposedResourceTemplate,
     ExposedTool,
     GatewayConfig,
+    LimitsConfig,
     OIDCConfig,
     ServerInfo,
     TokenPolicy,
 )
 from portcullis.api.resources import TOOL_NAME_RE, MCPConnection, ToolMapping, VirtualMCPServer
 from portcullis.api.status import Reason
+from portcullis.expressions import ArgumentRule, RuleError, compile_rule
 
 MCP_PORT = 8080
 
@@ -124,6 +126,7 @@ def compile(  # noqa: A001 - the name DESIGN.md gives this function
         vault_namespace=server.vault_namespace,
         vault_key_secret=server.spec.vault.tenant_key_secret,
         oidc=_oidc(server, url or cluster_url(server)),
+        limits=_limits(server),
         tokens=TokenPolicy(
             default_ttl_seconds=server.spec.session_tokens.default_ttl_seconds,
             max_ttl_seconds=server.spec.session_tokens.max_ttl_seconds,
@@ -153,6 +156,17 @@ def compile(  # noqa: A001 - the name DESIGN.md gives this function
         resource_templates=tuple(draft.resource_templates[k] for k in sorted(draft.resource_templates)),
     )
     return Compilation(config=config, problems=tuple(problems), accepted_mappings=tuple(accepted))
+
+
+def _limits(server: VirtualMCPServer) -> LimitsConfig:
+    spec = server.spec.limits
+    if spec is None:
+        return LimitsConfig()
+    return LimitsConfig(
+        per_user=tuple(spec.per_user),
+        store=spec.store,
+        postgres_url=spec.postgres.url_secret_ref if spec.postgres else None,
+    )
 
 
 def _oidc(server: VirtualMCPServer, url: str) -> OIDCConfig | None:
@@ -254,6 +268,11 @@ def _check_mapping(mapping: ToolMapping, connections: dict[str, MCPConnection], 
                 )
             )
         seen_here.setdefault(exposed, index)
+        for number, rule in enumerate(tool.rules):
+            try:
+                compile_rule(ArgumentRule(rule.name, rule.expression, rule.message))
+            except RuleError as exc:
+                out.append(Problem("ToolMapping", name, f"spec.tools[{index}].rules[{number}].expression", Reason.INVALID_RULE, str(exc)))
     prompts_here: set[str] = set()
     for index, prompt in enumerate(spec.prompts):
         exposed = prompt.exposed_name
@@ -281,6 +300,9 @@ def _add_mapping(mapping: ToolMapping, draft: _Draft) -> None:
             upstream_name=tool.name,
             description=tool.description,
             mapping=mname,
+            read_only=tool.read_only,
+            rules=tuple(tool.rules),
+            limits=tuple(tool.limits),
         )
     for prompt in mapping.spec.prompts:
         draft.prompts[prompt.exposed_name] = ExposedPrompt(

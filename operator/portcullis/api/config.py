@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from portcullis.api.resources import CredentialSpec, Model, SecretKeyReference
+from portcullis.api.resources import ArgumentRuleSpec, CredentialSpec, Model, RateLimitSpec, SecretKeyReference
 
 CONFIG_VERSION: Literal[1] = 1
 
@@ -73,6 +73,15 @@ class ExposedTool(Model):
     upstream_name: str
     description: str | None = None
     mapping: str
+    read_only: bool | None = Field(default=None, description="The mapping's readOnly; None: the upstream's readOnlyHint decides.")
+    rules: tuple[ArgumentRuleSpec, ...] = ()
+    limits: tuple[RateLimitSpec, ...] = ()
+
+
+class LimitsConfig(Model):
+    per_user: tuple[RateLimitSpec, ...] = ()
+    store: Literal["replica", "postgres"] = "replica"
+    postgres_url: SecretKeyReference | None = None
 
 
 class ExposedPrompt(Model):
@@ -106,6 +115,7 @@ class GatewayConfig(Model):
     vault_key_secret: str = "portcullis-tenant-key"
     tokens: TokenPolicy = Field(default_factory=TokenPolicy)
     oidc: OIDCConfig | None = Field(default=None, description="Accept OpenID Connect access tokens (spec.auth.oidc).")
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
     audit: AuditConfig = Field(default_factory=AuditConfig)
     connections: dict[str, ConnectionConfig] = Field(default_factory=dict)
     tools: tuple[ExposedTool, ...] = ()

@@ -51,6 +51,7 @@ from portcullis.api.resources import (
     AuditSpec,
     AutoscalingSpec,
     CredentialSpec,
+    LimitsSpec,
     MCPConnection,
     OAuthSpec,
     ToolMapping,
@@ -190,6 +191,12 @@ _CEL_RULES: dict[type[BaseModel], list[JSON]] = {
         {
             "rule": "!has(self.tenantKeySecret) || !self.tenantKeySecret.startsWith('portcullis-cred-')",
             "message": "tenantKeySecret must not start with portcullis-cred- (the users' credential Secrets)",
+        }
+    ],
+    LimitsSpec: [
+        {
+            "rule": "(has(self.store) && self.store == 'postgres') == has(self.postgres)",
+            "message": "postgres is required when store is postgres, and only allowed then",
         }
     ],
     AutoscalingSpec: [

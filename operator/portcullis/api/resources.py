@@ -480,6 +480,27 @@ class ServerAuthSpec(WireModel):
     oidc: Annotated[OIDCAuthSpec | None, Field(description="Accept the company OpenID Connect provider's access tokens.")] = None
 
 
+class LimitsSpec(WireModel):
+    """Per-user limits on all of this server's tool calls together, and where counts are kept."""
+
+    per_user: Annotated[
+        list[RateLimitSpec], Field(max_length=4, description="Limits on each user's calls of any tool of this server.")
+    ] = Field(default_factory=list)
+    store: Annotated[
+        Literal["replica", "postgres"],
+        Field(description="replica: each gateway counts alone (N replicas allow up to N times a limit); postgres: shared, exact."),
+    ] = "replica"
+    postgres: Annotated[
+        PostgresAuditSpec | None, Field(description="The database for store: postgres (may be the audit one).")
+    ] = None
+
+    @model_validator(mode="after")
+    def _postgres_matches_store(self) -> LimitsSpec:
+        if (self.store == "postgres") != (self.postgres is not None):
+            raise ValueError("postgres is required when store is postgres, and only allowed then")
+        return self
+
+
 class VirtualMCPServerSpec(WireModel):
     """One agent role: a scoped MCP endpoint."""
 
@@ -496,6 +517,9 @@ class VirtualMCPServerSpec(WireModel):
         default_factory=VaultSpec
     )
     audit: Annotated[AuditSpec, Field(description="Audit store, retention and failure policy.")] = Field(default_factory=AuditSpec)
+    limits: Annotated[
+        LimitsSpec | None, Field(description="Rate limits and quotas per user; ToolMappings add per-tool ones.")
+    ] = None
     auth: Annotated[
         ServerAuthSpec,
         Field(description="Interactive clients: people sign in with OpenID Connect (session tokens keep working)."),
@@ -533,6 +557,28 @@ class VirtualMCPServer(Model):
 # --- ToolMapping ------------------------------------------------------------------
 
 
+RULE_NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+
+
+class ArgumentRuleSpec(WireModel):
+    """A CEL expression over the call's `args` and the caller's `token` that must be true."""
+
+    name: Annotated[str, Field(min_length=1, max_length=63, pattern=RULE_NAME_PATTERN, description="Named in denials and in the audit log.")]
+    expression: Annotated[
+        str, Field(min_length=1, max_length=4096, description='CEL, e.g. args.to.all(a, a.endsWith("@acme.example")).')
+    ]
+    message: Annotated[
+        str | None, Field(max_length=512, description="What a denied agent is told (never the argument values).")
+    ] = None
+
+
+class RateLimitSpec(WireModel):
+    """At most `calls` per `per`, counted per user (fixed windows aligned to the clock)."""
+
+    calls: Annotated[int, Field(ge=1, le=10_000_000, description="Calls allowed in each window.")]
+    per: Annotated[Literal["minute", "hour", "day"], Field(description="The window.")]
+
+
 class ToolSelector(WireModel):
     """One upstream tool to expose."""
 
@@ -544,6 +590,24 @@ class ToolSelector(WireModel):
     description: Annotated[
         str | None, Field(max_length=8192, description="Replaces the upstream's description.")
     ] = None
+    read_only: Annotated[
+        bool | None,
+        Field(description="Whether read-only session tokens may see and call it (default: the upstream's readOnlyHint)."),
+    ] = None
+    rules: Annotated[
+        list[ArgumentRuleSpec],
+        Field(max_length=16, description="Argument rules, all of which must hold before the call is forwarded."),
+    ] = Field(default_factory=list)
+    limits: Annotated[
+        list[RateLimitSpec], Field(max_length=4, description="Per-user limits on calls of this tool.")
+    ] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _unique_rule_names(self) -> ToolSelector:
+        names = [r.name for r in self.rules]
+        if len(names) != len(set(names)):
+            raise ValueError("rule names must be unique within a tool")
+        return self
 
     @property
     def exposed_name(self) -> str:

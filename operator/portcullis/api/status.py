@@ -28,6 +28,7 @@ class Reason(StrEnum):
     CONNECTION_NOT_FOUND = "ConnectionNotFound"
     DUPLICATE_TOOL_NAME = "DuplicateToolName"
     INVALID_TOOL_NAME = "InvalidToolName"
+    INVALID_RULE = "InvalidRule"
     UNKNOWN_UPSTREAM_TOOL = "UnknownUpstreamTool"
     UNUSED = "Unused"
 

@@ -41,7 +41,7 @@ from portcullis.gateway.audit.store import AuditStoreError
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.credentials import VaultUnavailable
 from portcullis.gateway.oauth.flow import FlowError, Unavailable
-from portcullis.gateway.identity.tokens import SigningKeys, mint_token
+from portcullis.gateway.identity.tokens import ACCESS_LEVELS, SigningKeys, mint_token
 
 log = logging.getLogger("portcullis.admin")
 
@@ -83,6 +83,9 @@ def mint(gateway: Gateway, keys: SigningKeys, body: dict[str, Any]) -> dict[str,
             )
         scope = tuple(sorted(set(tools)))
     run = check.run_id(body.get("agentRunId"))
+    access = body.get("access")
+    if access is not None and access not in ACCESS_LEVELS:
+        raise check.bad("access", f"`access` is {', '.join(map(repr, ACCESS_LEVELS))} or absent (full access)")
     token, claims = mint_token(
         keys,
         issuer=gateway.config.server.issuer,
@@ -92,6 +95,7 @@ def mint(gateway: Gateway, keys: SigningKeys, body: dict[str, Any]) -> dict[str,
         ttl_seconds=ttl,
         tools=scope,
         agent_run_id=run,
+        access=access,
         after=gateway.revocations.revoked_at(user),
     )
     return {
@@ -102,6 +106,7 @@ def mint(gateway: Gateway, keys: SigningKeys, body: dict[str, Any]) -> dict[str,
         "expiresAt": claims.exp,
         "tools": list(claims.tools) if claims.tools is not None else None,
         "agentRunId": claims.agent_run_id,
+        "access": claims.access,
     }
 
 
@@ -131,6 +136,7 @@ def status(gateway: Gateway) -> dict[str, Any]:
             for listing in [gateway.catalog.listing(name)]
         },
         "audit": gateway.audit.status(),
+        "limits": gateway.policy.status(),
         # Each background loop (catalog refresher, change streams, cluster watches): failing
         # since when, with what (safe text), how many times in a row.
         "loops": gateway.background.status(),
@@ -196,7 +202,7 @@ def build_admin_app(
 
     async def tokens(request: Request) -> Response:
         await guarded(request, "mint")
-        body = await check.json_body(request, {"user", "ttl", "tools", "agentRunId"})
+        body = await check.json_body(request, {"user", "ttl", "tools", "agentRunId", "access"})
         user = check.user_id(body.get("user"))
         try:
             missing, unreadable = await gateway.missing_connections(user)

@@ -29,6 +29,7 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Final
 
+from portcullis.gateway.policy.pipeline import hidden_by
 from portcullis.gateway.core import INTERNAL_ERROR, INVALID_PARAMS, Gateway, RPCError
 from portcullis.gateway.relay import ANSWER_SECONDS
 from portcullis.gateway.session_ids import RELAY_PREFIX, SessionIds
@@ -140,7 +141,8 @@ class Bridge:
         except TokenError:
             raise RPCError(INVALID_PARAMS, "Invalid requestState: it was not issued by this server") from None
         waiting = self._waiting.get(state)
-        out_of_scope = claims.tools is not None and name not in claims.tools  # a narrower token of the same user
+        # A narrower token of the same user (scope, access level) cannot answer for a tool it may not use.
+        out_of_scope = hidden_by(claims, name, self.gateway.exposure) is not None
         if target.user != claims.sub or waiting is None or waiting.name != name or waiting.answer is None or out_of_scope:
             self.gateway.record_answer(claims, name, accepted=False)
             raise RPCError(INVALID_PARAMS, "Invalid requestState: no call of yours waits for it (it ended, or timed out)")

@@ -67,6 +67,8 @@ class Exposure:
     upstream_tool_count: int
     exposed_tokens: int
     upstream_tokens: int
+    read_only: frozenset[str] = frozenset()
+    """Exposed names a read-only token may use: the mapping's readOnly, else the upstream's readOnlyHint."""
 
     def scoped(self, allowed: Iterable[str] | None) -> tuple[dict[str, Any], ...]:
         if allowed is None:
@@ -119,6 +121,7 @@ class Catalog:
         by_name: dict[str, ExposedTool] = {}
         schemas: dict[str, dict[str, Any]] = {}
         missing: list[ExposedTool] = []
+        read_only: set[str] = set()
         for exposed in self._in_upstream_order(config):
             upstream = (self.listing(exposed.connection).tools or {}).get(exposed.upstream_name)
             if upstream is None:
@@ -130,6 +133,9 @@ class Catalog:
                 definition["description"] = exposed.description
             served.append(definition)
             by_name[exposed.name] = exposed
+            hint = (definition.get("annotations") or {}).get("readOnlyHint") if isinstance(definition.get("annotations"), dict) else None
+            if exposed.read_only if exposed.read_only is not None else hint is True:
+                read_only.add(exposed.name)
             schema = definition.get("inputSchema")
             if isinstance(schema, dict):
                 schemas[exposed.name] = schema
@@ -144,5 +150,6 @@ class Catalog:
             upstream_tool_count=len(upstream_defs),
             exposed_tokens=sum(estimate_tokens(t) for t in served),
             upstream_tokens=sum(estimate_tokens(t) for t in upstream_defs),
+            read_only=frozenset(read_only),
         )
 

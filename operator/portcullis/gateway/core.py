@@ -40,6 +40,7 @@ from portcullis.gateway.credentials import (
     UnreadableCredential,
 )
 from portcullis.gateway.loops import BackgroundTasks, Loop, StreamWatch
+from portcullis.gateway.policy import pipeline as policy
 from portcullis.gateway.identity.oidc import JTI_PREFIX as OIDC_JTI_PREFIX
 from portcullis.gateway.identity.oidc import OIDCVerifier
 from portcullis.gateway.identity.revocation import RevocationStore
@@ -121,6 +122,7 @@ class Gateway:
         self.audit = audit
         self.credentials = Credentials(lambda: self._config, vault, secrets)
         self.oidc = OIDCVerifier(lambda: self._config, secrets)
+        self.policy = policy.Policy(lambda: self._config, secrets)
         self.refresh_seconds = refresh_seconds
         self.catalog = Catalog()
         self._http: aiohttp.ClientSession | None = None
@@ -159,6 +161,7 @@ class Gateway:
             await self._http.close()
         await self.credentials.oauth.close()
         await self.oidc.close()
+        await self.policy.close()
         await self.audit.stop()
 
     @property
@@ -435,7 +438,7 @@ class Gateway:
         if exposure.missing:
             await self._fill_missing(claims, exposure)
             exposure = self._exposure
-        return exposure.scoped(claims.tools)
+        return policy.visible(claims, exposure)
 
     async def _fill_missing(self, claims: SessionClaims, exposure: Exposure, *, only: str | None = None) -> None:
         """List an upstream that refused an anonymous listing with this caller's credential.
@@ -474,9 +477,12 @@ class Gateway:
                     except CredentialError as exc:
                         return tool_error(await self._credential_refusal(record, exc, claims))
                     exposed = self._exposure.by_name.get(name)
-                if exposed is None or (claims.tools is not None and name not in claims.tools):
-                    record.deny(Reason.NOT_EXPOSED if exposed is None else Reason.OUTSIDE_TOKEN_SCOPE)
-                    raise unknown_tool(name)
+                decision = await self.policy.decide(claims, name, self._exposure, arguments)
+                if not decision.allowed or exposed is None:
+                    record.deny(decision.reason, detail=decision.rule)
+                    if decision.hidden:
+                        raise unknown_tool(name)
+                    return tool_error(decision.message or f"The call to {name!r} was refused ({decision.rule}).")
                 connection = exposed.connection
                 record.allow(connection)
             try:
@@ -515,12 +521,13 @@ class Gateway:
         """
         with self._request(claims, method, tool) as record:
             exposed = self._exposure.by_name.get(tool) if tool is not None else None
+            hidden = policy.hidden_by(claims, tool, self._exposure) if tool is not None else None
             if connection is None:
                 record.deny(Reason.UNKNOWN_TASK)
             elif exposed is None or exposed.connection != connection:
                 record.deny(Reason.NOT_EXPOSED)
-            elif claims.tools is not None and exposed.name not in claims.tools:
-                record.deny(Reason.OUTSIDE_TOKEN_SCOPE)
+            elif hidden is not None:
+                record.deny(hidden.reason, detail=hidden.rule)
             else:
                 return await self._forward(record, claims, connection, params)
             raise RPCError(INVALID_PARAMS, "Failed to retrieve task: Task not found")

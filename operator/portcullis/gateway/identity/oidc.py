@@ -224,18 +224,8 @@ class OIDCVerifier:
 
     async def _post(self, url: str, form: dict[str, str], client_id: str, secret: str) -> dict[str, Any]:
         headers = {"authorization": basic_auth(client_id, secret)}
-        try:
-            async with self._session().post(url, data=form, headers=headers) as response:
-                raw = await response.content.read(MAX_DOCUMENT_BYTES + 1)
-                if response.status != 200 or len(raw) > MAX_DOCUMENT_BYTES:
-                    raise ProviderUnavailable(f"introspection answered HTTP {response.status}")
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"introspection failed ({type(exc).__name__})") from None
-        try:
-            body = json.loads(raw)
-        except ValueError:
-            raise ProviderUnavailable("introspection answered no JSON") from None
-        if not isinstance(body, dict):
+        body = await self._json(self._session().post(url, data=form, headers=headers), "introspection", missing_ok=False)
+        if body is None:
             raise ProviderUnavailable("introspection answered no JSON object")
         return body
 
@@ -302,19 +292,24 @@ class OIDCVerifier:
         return self._http
 
     async def _document(self, url: str, *, missing_ok: bool) -> dict[str, Any] | None:
+        return await self._json(self._session().get(url), url, missing_ok=missing_ok)
+
+    async def _json(self, request: Any, what: str, *, missing_ok: bool) -> dict[str, Any] | None:
+        """The JSON object a provider answered (None: a client error with `missing_ok`, or not an
+        object); `ProviderUnavailable` for anything unusable. Bounded to `MAX_DOCUMENT_BYTES`."""
         try:
-            async with self._session().get(url) as response:
+            async with request as response:
                 if missing_ok and 400 <= response.status < 500:
                     return None
                 raw = await response.content.read(MAX_DOCUMENT_BYTES + 1)
                 if response.status != 200 or len(raw) > MAX_DOCUMENT_BYTES:
-                    raise ProviderUnavailable(f"{url} answered HTTP {response.status}")
+                    raise ProviderUnavailable(f"{what} answered HTTP {response.status}")
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise ProviderUnavailable(f"cannot read {url} ({type(exc).__name__})") from None
+            raise ProviderUnavailable(f"cannot read {what} ({type(exc).__name__})") from None
         try:
             body = json.loads(raw)
         except ValueError:
-            raise ProviderUnavailable(f"{url} is not JSON") from None
+            raise ProviderUnavailable(f"{what} is not JSON") from None
         return body if isinstance(body, dict) else None
 
 

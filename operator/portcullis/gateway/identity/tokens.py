@@ -26,7 +26,7 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import jwt
 from cryptography.hazmat.primitives import serialization
@@ -36,6 +36,9 @@ from portcullis.vault.local import create_private_file_once, make_private_dir
 
 ALGORITHM = "EdDSA"
 _REQUIRED = ["iss", "aud", "sub", "exp", "iat", "jti"]
+READ_ONLY: Final = "read-only"
+ACCESS_LEVELS: Final = (READ_ONLY,)
+"""Values of the optional `access` claim; absent means full access within the token's scope."""
 _SAFE_NAME = re.compile(r"[a-z0-9]([-a-z0-9.]{0,251}[a-z0-9])?")
 
 
@@ -144,6 +147,8 @@ class SessionClaims:
     tools: tuple[str, ...] | None = None
     agent_run_id: str | None = None
     """Set by the application at minting, so the calls of one agent run group together in the audit log."""
+    access: str | None = None
+    """`read-only`: the token sees and calls only read-only tools (policy/pipeline.py); None: full."""
 
 
 class TokenError(Exception):
@@ -168,6 +173,7 @@ def mint_token(
     ttl_seconds: int,
     tools: tuple[str, ...] | None = None,
     agent_run_id: str | None = None,
+    access: str | None = None,
     now: float | None = None,
     after: float | None = None,
 ) -> tuple[str, SessionClaims]:
@@ -185,7 +191,7 @@ def mint_token(
         iss=issuer, aud=audience, sub=user, tenant=tenant, iat=iat, exp=int(iat) + ttl_seconds,
         # Hex, not base64url: a jti is typed on command lines, and one starting with "-" reads as a flag.
         jti=secrets.token_hex(16), tools=tuple(tools) if tools is not None else None,
-        agent_run_id=agent_run_id,
+        agent_run_id=agent_run_id, access=access,
     )
     payload: dict[str, Any] = {
         "iss": claims.iss, "aud": claims.aud, "sub": claims.sub, "tenant": claims.tenant,
@@ -195,6 +201,8 @@ def mint_token(
         payload["tools"] = list(claims.tools)
     if claims.agent_run_id is not None:
         payload["agent_run_id"] = claims.agent_run_id
+    if claims.access is not None:
+        payload["access"] = claims.access
     key = keys.current
     token = jwt.encode(payload, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid})
     return token, claims
@@ -278,13 +286,15 @@ def _claims(payload: Mapping[str, Any]) -> SessionClaims:
     iat = payload["iat"]
     if not isinstance(payload["exp"], int) or isinstance(iat, bool) or not isinstance(iat, (int, float)):
         raise TokenError("malformed")
-    run = payload.get("agent_run_id")
+    run, access = payload.get("agent_run_id"), payload.get("access")
     if run is not None and not isinstance(run, str):
         raise TokenError("malformed")
+    if access is not None and access not in ACCESS_LEVELS:
+        raise TokenError("unknown access level")  # fail closed: a level this gateway does not know grants nothing
     return SessionClaims(
         iss=payload["iss"], aud=payload["aud"], sub=payload["sub"], tenant=tenant,
         exp=payload["exp"], iat=payload["iat"], jti=payload["jti"],
-        tools=tuple(tools) if tools is not None else None, agent_run_id=run,
+        tools=tuple(tools) if tools is not None else None, agent_run_id=run, access=access,
     )
 
 
