@@ -303,6 +303,7 @@ def _add_mapping(mapping: ToolMapping, draft: _Draft) -> None:
             read_only=tool.read_only,
             rules=tuple(tool.rules),
             limits=tuple(tool.limits),
+            approval=tool.approval,
         )
     for prompt in mapping.spec.prompts:
         draft.prompts[prompt.exposed_name] = ExposedPrompt(

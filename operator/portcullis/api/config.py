@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from portcullis.api.resources import ArgumentRuleSpec, CredentialSpec, Model, RateLimitSpec, SecretKeyReference
+from portcullis.api.resources import ApprovalSpec, ArgumentRuleSpec, CredentialSpec, Model, RateLimitSpec, SecretKeyReference
 
 CONFIG_VERSION: Literal[1] = 1
 
@@ -76,6 +76,7 @@ class ExposedTool(Model):
     read_only: bool | None = Field(default=None, description="The mapping's readOnly; None: the upstream's readOnlyHint decides.")
     rules: tuple[ArgumentRuleSpec, ...] = ()
     limits: tuple[RateLimitSpec, ...] = ()
+    approval: ApprovalSpec | None = None
 
 
 class LimitsConfig(Model):

@@ -579,6 +579,18 @@ class RateLimitSpec(WireModel):
     per: Annotated[Literal["minute", "hour", "day"], Field(description="The window.")]
 
 
+class ApprovalSpec(WireModel):
+    """Each call needs a person's approval of its exact arguments (admin API: /v1/approvals)."""
+
+    expires_seconds: Annotated[
+        int, Field(ge=60, le=7 * 86_400, description="How long a request for approval, and an approval, stay valid.")
+    ] = 3600
+    wait_seconds: Annotated[
+        int,
+        Field(ge=0, le=600, description="How long a call waits for the decision before answering 'pending approval' (0: at once)."),
+    ] = 0
+
+
 class ToolSelector(WireModel):
     """One upstream tool to expose."""
 
@@ -601,6 +613,9 @@ class ToolSelector(WireModel):
     limits: Annotated[
         list[RateLimitSpec], Field(max_length=4, description="Per-user limits on calls of this tool.")
     ] = Field(default_factory=list)
+    approval: Annotated[
+        ApprovalSpec | None, Field(description="Require a person's approval of each call's exact arguments.")
+    ] = None
 
     @model_validator(mode="after")
     def _unique_rule_names(self) -> ToolSelector:

@@ -12,6 +12,8 @@ SubjectAccessReview for the verb `mint` in a cluster.
     DELETE /v1/users/{user}/connections/{connection}    forget it (cuts access at the next call)
     POST   /v1/users/{user}/connections/{connection}/authorize
                                                         a connect link for an OAuth connection (oauth/flow.py)
+    GET    /v1/approvals                                calls waiting for a person's approval (tool, arguments)
+    POST   /v1/approvals/{id}                           approve or deny one ({"decision": "approve" | "deny"})
     GET    /v1/status                                   tool counts, schema tokens, readiness, audit queue
     GET    /v1/audit                                    query the audit log (filters, cursor paging)
     GET    /v1/audit/verify                             verify the hash chains of a time range
@@ -286,6 +288,30 @@ def build_admin_app(
             status_code=201,
         )
 
+    async def approvals_list(request: Request) -> Response:
+        await guarded(request, "approve")
+        store = await gateway.policy.approvals()
+        return JSONResponse({"approvals": [a.to_dict() for a in await store.pending()], "shared": gateway.policy.status()["shared"]})
+
+    async def approval_decide(request: Request) -> Response:
+        approver = await guarded(request, "approve")
+        approval_id = request.path_params["approval"]
+        body = await check.json_body(request, {"decision"})
+        decision = body.get("decision")
+        if decision not in ("approve", "deny"):
+            raise check.bad("decision", "`decision` is \"approve\" or \"deny\"")
+        store = await gateway.policy.approvals()
+        decided = await store.decide(approval_id, decision == "approve", approver)
+        if decided is None:
+            known = await store.get(approval_id)
+            if known is None:
+                where = "" if gateway.policy.status()["shared"] else " on this replica (spec.limits.store: replica keeps approvals per replica)"
+                raise AdminError(404, "not_found", f"no approval {approval_id!r}{where}")
+            state = "expired" if known.state == "pending" else known.state
+            raise AdminError(409, "already_decided", f"approval {approval_id!r} is {state}; nothing to decide")
+        log.info("approval %s of %s for a user %s by %s", decided.id, decided.tool, decided.state, approver)
+        return JSONResponse(decided.to_dict())
+
     async def audit_query(request: Request) -> Response:
         await guarded(request, "audit")
         query = audit_query_from(request.query_params, server=gateway.audit.server)
@@ -321,6 +347,8 @@ def build_admin_app(
             Route("/v1/users/{user}/connections/{connection}", answered(credential), methods=["PUT", "DELETE"]),
             Route("/v1/users/{user}/connections/{connection}/authorize", answered(authorize), methods=["POST"]),
             *(connect_routes(gateway.credentials.oauth) if with_callback else ()),
+            Route("/v1/approvals", answered(approvals_list), methods=["GET"]),
+            Route("/v1/approvals/{approval}", answered(approval_decide), methods=["POST"]),
             Route("/v1/status", answered(get_status), methods=["GET"]),
             Route("/v1/audit", answered(audit_query), methods=["GET"]),
             Route("/v1/audit/verify", answered(audit_verify), methods=["GET"]),

@@ -485,6 +485,8 @@ class Gateway:
                     return tool_error(decision.message or f"The call to {name!r} was refused ({decision.rule}).")
                 connection = exposed.connection
                 record.allow(connection)
+                if decision.rule is not None:
+                    record.detail = decision.rule  # e.g. who approved the call, and when
             try:
                 with tracing.span("credential"):
                     credential = await self.credentials.headers(claims.sub, connection)
@@ -778,6 +780,12 @@ class Gateway:
         relayed = relay_result(result)
         record.result(relayed, "ok")
         return relayed
+
+    def asks_mid_call(self, tool: str) -> bool:
+        """May a call of `tool` ask its agent something before it ends? Its upstream asks the session
+        protocol's way, or the call needs a person's approval (policy/approvals.py)."""
+        exposed = self._exposure.by_name.get(tool)
+        return self.speaks_session_protocol(tool) or (exposed is not None and exposed.approval is not None)
 
     def speaks_session_protocol(self, tool: str) -> bool:
         """Is the exposed `tool`'s upstream known to ask mid-call the session protocol's way? (bridge.py)"""

@@ -167,11 +167,11 @@ def _announce_list_changes(result: dict[str, Any]) -> None:
 
 def _bridged(ctx: Any, params: types.CallToolRequestParams, gateway: Gateway) -> bool:
     """Does this first call go through the bridge: a 2026-07-28 agent that can be asked things,
-    calling a tool whose upstream asks mid-call (the session protocol)?"""
+    calling a tool whose upstream asks mid-call (the session protocol) or that needs an approval?"""
     if ctx.protocol_version not in MODERN_PROTOCOL_VERSIONS or params.request_state is not None:
         return False
     capabilities = (params.meta or {}).get(CLIENT_CAPABILITIES_META_KEY)
-    return can_be_asked(capabilities) and gateway.speaks_session_protocol(params.name)
+    return can_be_asked(capabilities) and gateway.asks_mid_call(params.name)
 
 
 def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None, bridge: Bridge | None = None) -> Server[Any]:

@@ -87,8 +87,8 @@ class FastToolCall:
         if name in self._tools_with_param_headers():
             await self.fallback(scope, _replay(body, receive), send)  # Mcp-Param-* validation is the SDK's
             return
-        if self.gateway.speaks_session_protocol(name) and can_be_asked((params.get("_meta") or {}).get(CLIENT_CAPABILITIES_META_KEY)):
-            await self.fallback(scope, _replay(body, receive), send)  # its upstream may ask it something: bridge.py
+        if self.gateway.asks_mid_call(name) and can_be_asked((params.get("_meta") or {}).get(CLIENT_CAPABILITIES_META_KEY)):
+            await self.fallback(scope, _replay(body, receive), send)  # it may be asked something: bridge.py
             return
         self.served += 1
         await self._answer(request["id"], claims, name, params, send)

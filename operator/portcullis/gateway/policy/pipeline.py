@@ -1,6 +1,6 @@
 """The authorize step: every decision about whether a call may go ahead, in one place.
 
-    allowlist -> token scope -> access level -> argument rules -> rate limits
+    allowlist -> token scope -> access level -> argument rules -> rate limits -> approval
 
 Each step answers allow, or deny with a reason (an audit `Reason`), the rule that decided and
 what the agent is told. The first three decide what a token may *see* as well: a tool they
@@ -13,6 +13,8 @@ The hot path of a call with no rules and no limits is three dictionary and set l
 
 from __future__ import annotations
 
+import asyncio
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -25,11 +27,14 @@ from portcullis.gateway.audit.events import Reason
 from portcullis.gateway.catalog import Exposure
 from portcullis.gateway.identity.tokens import READ_ONLY, SessionClaims
 from portcullis.expressions import ArgumentRule, CompiledRule, RuleEvaluationError, compile_rule
+from portcullis.gateway.policy import approvals
+from portcullis.gateway.upstream import AgentError, NotRelayable, call_events, may_ask
 from portcullis.gateway.policy.limits import Limit, Limiter, LimitsUnavailable, MemoryLimiter, PostgresLimiter, key_for
 
 log = logging.getLogger("portcullis.policy")
 
 WINDOWS = {"minute": 60, "hour": 3600, "day": 86_400}
+APPROVAL_POLL_SECONDS = 0.25
 SecretResolver = Callable[[str, SecretKeyReference], Awaitable[str | None]]
 
 
@@ -78,6 +83,8 @@ class Policy:
         self._config = config
         self._secrets = secrets
         self._limiter: Limiter | None = None
+        self._approvals: approvals.ApprovalStore | None = None
+        self._approvals_for: tuple[str, SecretKeyReference | None] | None = None
         self._rule_cache: dict[tuple[str, tuple[ArgumentRuleSpec, ...]], tuple[CompiledRule, ...]] = {}
         self._limiter_for: tuple[str, SecretKeyReference | None] | None = None
 
@@ -94,8 +101,98 @@ class Policy:
                 return denied
         config = self._config()
         if exposed.limits or config.limits.per_user:
-            return await self._limits(config, claims, exposed)
+            limited = await self._limits(config, claims, exposed)
+            if not limited.allowed:
+                return limited
+        if exposed.approval is not None:
+            try:
+                return await self._approval(claims, exposed, arguments)
+            except Exception as exc:  # the store failed: no approval can be checked, so the call is not made
+                log.warning("approvals cannot be checked: %s", type(exc).__name__)
+                return Decision(Reason.APPROVAL_PENDING, "approval store unavailable",
+                                f"The gateway cannot check approvals for {exposed.name!r} right now, so the call was not made. Try again shortly.")
         return ALLOWED
+
+    # --- approvals -----------------------------------------------------------------------
+
+    async def _approval(self, claims: SessionClaims, exposed: ExposedTool, arguments: Mapping[str, Any] | None) -> Decision:
+        spec = exposed.approval
+        assert spec is not None
+        store = await self.approvals()
+        wanted = approvals.digest(exposed.name, arguments)
+        approval = await store.open_for(claims.sub, exposed.name, wanted, dict(arguments or {}), spec.expires_seconds)
+        if approval.state == "pending":
+            approval = await self._ask_at_the_client(claims, exposed.name, arguments, approval, store)
+        deadline = time.monotonic() + spec.wait_seconds
+        while approval.state == "pending" and time.monotonic() < deadline:
+            await asyncio.sleep(APPROVAL_POLL_SECONDS)  # a person decides through the admin API
+            approval = await store.get(approval.id) or approval
+        if approval.state == "approved":
+            used = await store.consume(approval.id)
+            if used is not None:
+                when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(used.decided_at or time.time()))
+                return Decision(Reason.ALLOWLISTED, f"approval {used.id} by {used.decided_by} at {when}")
+        if approval.state == "denied":
+            return Decision(Reason.APPROVAL_DENIED, f"approval {approval.id} denied by {approval.decided_by}",
+                            f"A person denied this call of {exposed.name!r} (approval {approval.id}). Do not retry it unchanged.")
+        until = time.strftime("%H:%M:%S UTC", time.gmtime(approval.expires_at))
+        return Decision(
+            Reason.APPROVAL_PENDING, f"approval {approval.id}",
+            f"This call of {exposed.name!r} needs a person's approval: approval {approval.id} is pending. Once it is "
+            f"approved, make the same call again with the same arguments; it lets exactly one such call through, until {until}.",
+        )
+
+    async def _ask_at_the_client(
+        self, claims: SessionClaims, tool: str, arguments: Mapping[str, Any] | None, approval: approvals.Approval,
+        store: approvals.ApprovalStore,
+    ) -> approvals.Approval:
+        """An interactive agent's person is asked directly (MCP elicitation: a 2026-07-28 agent gets
+        `input_required`, a 2025-11-25 session agent an `elicitation/create` request); others wait
+        for the admin API. The answer decides this one approval."""
+        events = call_events.get()
+        if events is None or not may_ask(events.capabilities, "elicitation/create"):
+            return approval
+        shown = json.dumps(dict(arguments or {}), indent=2, ensure_ascii=False)
+        question = {
+            "mode": "form",
+            "message": f"Approve this call of {tool}?\n\n{shown[:4000]}",
+            "requestedSchema": {
+                "type": "object",
+                "properties": {"approve": {"type": "boolean", "title": f"Approve {tool} with exactly these arguments"}},
+                "required": ["approve"],
+            },
+        }
+        try:
+            answer = await events.ask("elicitation/create", question)
+        except (NotRelayable, AgentError) as exc:
+            log.info("approval %s could not be asked at the client (%s): it waits for the admin API", approval.id, type(exc).__name__)
+            return approval
+        action, content = answer.get("action"), answer.get("content")
+        if action == "cancel" or action not in ("accept", "decline"):
+            return approval  # dismissed: still pending, for the admin API or a later call
+        approve = action == "accept" and isinstance(content, dict) and content.get("approve") is True
+        decided = await store.decide(approval.id, approve, f"{claims.sub} (at the client)")
+        return decided or await store.get(approval.id) or approval
+
+    async def approvals(self) -> approvals.ApprovalStore:
+        """Where approvals are kept: the same store as the limits (shared PostgreSQL, or this replica)."""
+        limits = self._config().limits
+        wanted = (limits.store, limits.postgres_url)
+        if self._approvals is not None and self._approvals_for == wanted:
+            return self._approvals
+        if self._approvals is not None:
+            await self._approvals.close()
+        if limits.store == "postgres" and limits.postgres_url is not None:
+            ref = limits.postgres_url
+            dsn = await self._secrets(self._config().server.namespace, ref) if self._secrets else None
+            if dsn is None:
+                raise LimitsUnavailable(f"the PostgreSQL URL (Secret {ref.name}, key {ref.key}) cannot be read")
+            config = self._config()
+            self._approvals = approvals.PostgresApprovals(dsn, f"{config.server.namespace}/{config.server.name}")
+        else:
+            self._approvals = approvals.MemoryApprovals()
+        self._approvals_for = wanted
+        return self._approvals
 
     # --- argument rules ------------------------------------------------------------------
 
@@ -184,6 +281,8 @@ class Policy:
     async def close(self) -> None:
         if self._limiter is not None:
             await self._limiter.close()
+        if self._approvals is not None:
+            await self._approvals.close()
 
 
 def _describe(spec: RateLimitSpec, scope: str, tool: str) -> str:
