@@ -38,9 +38,10 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
-import cel
+if TYPE_CHECKING:
+    import cel
 
 MAX_EXPRESSION_LENGTH: Final = 4096
 MAX_DEPTH: Final = 64
@@ -132,6 +133,10 @@ def compile_rule(rule: ArgumentRule) -> CompiledRule:
         )
     if rule.message is not None and not isinstance(rule.message, str):
         raise RuleError(f"rule {rule.name!r}: the message must be a string")
+    # Imported on first use, not with this module: cel brings its command-line tool's libraries
+    # (about 300 modules), and a gateway without rules should not carry them in its heap.
+    import cel
+
     try:
         program = cel.compile(rule.expression)
     except Exception as exc:

@@ -468,8 +468,8 @@ class Gateway:
             record.arguments(arguments)
             with tracing.span("authorize"):
                 exposed = self._exposure.by_name.get(name)
-                allowlisted = next((t for t in self._config.tools if t.name == name), None)
-                if exposed is None and allowlisted is not None:
+                allowlisted = None if exposed is not None else next((t for t in self._config.tools if t.name == name), None)
+                if allowlisted is not None:
                     # Allowlisted but not listed yet (upstream down at start, or refused anonymous listing).
                     in_scope = claims.tools is None or name in claims.tools
                     try:
@@ -477,7 +477,9 @@ class Gateway:
                     except CredentialError as exc:
                         return tool_error(await self._credential_refusal(record, exc, claims))
                     exposed = self._exposure.by_name.get(name)
-                decision = await self.policy.decide(claims, name, self._exposure, arguments)
+                decision = policy.hidden_by(claims, name, self._exposure) or policy.ALLOWED
+                if decision.allowed and exposed is not None and policy.has_terms(exposed, self._config):
+                    decision = await self.policy.decide(claims, name, self._exposure, arguments)  # rules, limits, approval
                 if not decision.allowed or exposed is None:
                     record.deny(decision.reason, detail=decision.rule)
                     if decision.hidden:
@@ -551,21 +553,33 @@ class Gateway:
         self, user: str, connection: str, method: str, params: dict[str, Any], credential: Mapping[str, str] | None
     ) -> dict[str, Any]:
         upstream = self._upstreams[connection]
-        return await self._renewing(user, connection, credential, lambda c: upstream.request(method, params, credential=c))
+        try:  # the hot path: one request, nothing wrapped around it
+            return await upstream.request(method, params, credential=credential)
+        except UpstreamError as exc:
+            if exc.status != 401:
+                raise
+            return await self._renewed(user, connection, credential, exc, lambda c: upstream.request(method, params, credential=c))
 
     async def _renewing(
         self, user: str, connection: str, credential: Mapping[str, str] | None, send: Callable[[Mapping[str, str] | None], Awaitable[R]]
     ) -> R:
-        """`send` with `credential`; an upstream 401 to a renewable credential (OAuth) gets one retry
-        with a refreshed token, and a second 401 drops the grant (`Reconnect`)."""
+        """`send` with `credential`, renewed once on an upstream 401 (`_renewed`)."""
         try:
             return await send(credential)
         except UpstreamError as exc:
             if exc.status != 401:
                 raise
-            retry = await self.credentials.rejected(user, connection, credential)
-            if retry is None:
-                raise
+            return await self._renewed(user, connection, credential, exc, send)
+
+    async def _renewed(
+        self, user: str, connection: str, credential: Mapping[str, str] | None, refused: UpstreamError,
+        send: Callable[[Mapping[str, str] | None], Awaitable[R]],
+    ) -> R:
+        """The upstream answered 401: a renewable credential (OAuth) gets one refresh and one retry,
+        and a second 401 drops the grant (`Reconnect`); any other credential's 401 stands."""
+        retry = await self.credentials.rejected(user, connection, credential)
+        if retry is None:
+            raise refused
         try:
             return await send(retry)
         except UpstreamError as exc:

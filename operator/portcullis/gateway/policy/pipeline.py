@@ -68,6 +68,12 @@ def hidden_by(claims: SessionClaims, name: str, exposure: Exposure) -> Decision 
     return None
 
 
+def has_terms(exposed: ExposedTool, config: GatewayConfig) -> bool:
+    """Does a call of `exposed` have steps past visibility (rules, limits, approval)? When not,
+    `hidden_by` alone decides it, and the call path skips `Policy.decide` (the hot path)."""
+    return bool(exposed.rules or exposed.limits or exposed.approval is not None or config.limits.per_user)
+
+
 def visible(claims: SessionClaims, exposure: Exposure) -> tuple[dict[str, Any], ...]:
     """The tool definitions this token may see, in the served order."""
     tools = exposure.scoped(claims.tools)
