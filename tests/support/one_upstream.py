@@ -60,12 +60,28 @@ def manifests(url: str, tools: Iterable[str], *, prompts: Iterable[str] = (), **
     ]
 
 
-def mint(gw: LocalGateway, state_dir: Path, user: str) -> str:
+def mint(gw: LocalGateway | str, state_dir: Path, user: str, **body: Any) -> str:
+    """A session token for `user` from the gateway's (or that admin URL's) admin API; `body` adds
+    fields of the mint request (`tools`, `access`, ...)."""
+    admin_url = gw if isinstance(gw, str) else gw.admin_url
     answer = httpx2.post(
-        gw.admin_url + "/v1/tokens", json={"user": user}, headers={"Authorization": f"Bearer {admin_secret(state_dir)}"}, timeout=10
+        admin_url + "/v1/tokens", json={"user": user, **body}, headers={"Authorization": f"Bearer {admin_secret(state_dir)}"}, timeout=10
     )
     answer.raise_for_status()
     return str(answer.json()["token"])
+
+
+@contextmanager
+def sample_inbox() -> Iterator[tuple[str, Any]]:
+    """The sample inbox (examples/inbox, an MCP SDK server whose tools carry mixed annotations) on
+    loopback: its MCP URL, and its record of every tools/call it received."""
+    from portcullis.demo import load_inbox
+    from tests.support.servers import serve_asgi
+
+    module = load_inbox()
+    record = module.CallRecord()
+    with serve_asgi(module.build_app(record=record)) as upstream:
+        yield upstream.url(), record
 
 
 @contextmanager

@@ -18,12 +18,11 @@ import pytest
 import yaml
 from mcp.shared.exceptions import MCPError
 
-from portcullis.demo import load_inbox
 from portcullis.gateway.audit import MemoryAuditSink
 from portcullis.gateway.local import admin_secret
 from portcullis.serve import LocalGateway, local_gateway
 from tests.support.agent import MODES, Mode, agent
-from tests.support.servers import serve_asgi
+from tests.support.one_upstream import mint, sample_inbox
 
 NS = "acme"
 TOOLS = [
@@ -44,20 +43,15 @@ class Stack:
     audit: MemoryAuditSink
 
     def mint(self, **body: Any) -> str:
-        answer = httpx2.post(self.gw.admin_url + "/v1/tokens", json={"user": "ada", **body},
-                             headers={"Authorization": f"Bearer {admin_secret(self.state)}"}, timeout=10)
-        assert answer.status_code == 201, answer.text
-        return str(answer.json()["token"])
+        return mint(self.gw, self.state, "ada", **body)
 
 
 @pytest.fixture
 def stack(tmp_path: Path) -> Iterator[Stack]:
-    inbox = load_inbox()
-    record = inbox.CallRecord()
-    with serve_asgi(inbox.build_app(record=record)) as upstream:
+    with sample_inbox() as (url, record):
         docs = [
             {"apiVersion": "portcullis.dev/v1alpha1", "kind": "MCPConnection", "metadata": {"name": "inbox", "namespace": NS},
-             "spec": {"url": upstream.url()}},
+             "spec": {"url": url}},
             {"apiVersion": "portcullis.dev/v1alpha1", "kind": "VirtualMCPServer", "metadata": {"name": "s", "namespace": NS}},
             {"apiVersion": "portcullis.dev/v1alpha1", "kind": "ToolMapping", "metadata": {"name": "m", "namespace": NS},
              "spec": {"serverRef": {"name": "s"}, "connectionRef": {"name": "inbox"}, "tools": TOOLS}},

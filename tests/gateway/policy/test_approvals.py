@@ -16,13 +16,13 @@ import httpx2
 import pytest
 import yaml
 
-from portcullis.demo import load_inbox
 from portcullis.gateway.audit import MemoryAuditSink
 from portcullis.gateway.local import admin_secret
 from portcullis.gateway.policy.approvals import MemoryApprovals, digest
 from portcullis.serve import LocalGateway, local_gateway
 from tests.support.agent import MODES, Mode, agent, result_text
-from tests.support.servers import portcullis_serve, serve_asgi
+from tests.support.one_upstream import mint, sample_inbox
+from tests.support.servers import portcullis_serve
 
 NS = "acme"
 MAIL = {"to": ["bob@acme.example"], "subject": "quarterly numbers", "body": "attached"}
@@ -50,12 +50,10 @@ class Stack:
 
 
 def make_stack(tmp_path: Path, approval: dict[str, Any]) -> Iterator[Stack]:
-    module = load_inbox()
-    record = module.CallRecord()
-    with serve_asgi(module.build_app(record=record)) as upstream:
+    with sample_inbox() as (url, record):
         docs = [
             {"apiVersion": "portcullis.dev/v1alpha1", "kind": "MCPConnection", "metadata": {"name": "inbox", "namespace": NS},
-             "spec": {"url": upstream.url()}},
+             "spec": {"url": url}},
             {"apiVersion": "portcullis.dev/v1alpha1", "kind": "VirtualMCPServer", "metadata": {"name": "s", "namespace": NS}},
             {"apiVersion": "portcullis.dev/v1alpha1", "kind": "ToolMapping", "metadata": {"name": "m", "namespace": NS},
              "spec": {"serverRef": {"name": "s"}, "connectionRef": {"name": "inbox"},
@@ -66,9 +64,7 @@ def make_stack(tmp_path: Path, approval: dict[str, Any]) -> Iterator[Stack]:
         audit = MemoryAuditSink()
         state = tmp_path / "state"
         with local_gateway([path], state_dir=state, port=0, admin_port=0, audit=audit) as gw:
-            minted = httpx2.post(gw.admin_url + "/v1/tokens", json={"user": "ada"},
-                                 headers={"Authorization": f"Bearer {admin_secret(state)}"}, timeout=10)
-            yield Stack(gw, state, record, audit, str(minted.json()["token"]))
+            yield Stack(gw, state, record, audit, mint(gw, state, "ada"))
 
 
 @pytest.fixture
@@ -182,13 +178,11 @@ def test_the_digest_binds_tool_and_arguments_canonically() -> None:
 
 def test_two_replicas_share_approvals_in_postgres(tmp_path: Path, database: str) -> None:
     """Asked on one replica, approved through the other's admin port, used on either, once."""
-    module = load_inbox()
-    record = module.CallRecord()
-    with serve_asgi(module.build_app(record=record)) as upstream:
+    with sample_inbox() as (url, record):
         docs = [
             {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "policy-db", "namespace": NS}, "stringData": {"url": database}},
             {"apiVersion": "portcullis.dev/v1alpha1", "kind": "MCPConnection", "metadata": {"name": "inbox", "namespace": NS},
-             "spec": {"url": upstream.url()}},
+             "spec": {"url": url}},
             {"apiVersion": "portcullis.dev/v1alpha1", "kind": "VirtualMCPServer", "metadata": {"name": "s", "namespace": NS},
              "spec": {"limits": {"store": "postgres", "postgres": {"urlSecretRef": {"name": "policy-db", "key": "url"}}}}},
             {"apiVersion": "portcullis.dev/v1alpha1", "kind": "ToolMapping", "metadata": {"name": "m", "namespace": NS},
@@ -199,7 +193,7 @@ def test_two_replicas_share_approvals_in_postgres(tmp_path: Path, database: str)
         state = tmp_path / "state"
         with portcullis_serve(path, state_dir=state) as one, portcullis_serve(path, state_dir=state) as two:
             headers = {"Authorization": f"Bearer {admin_secret(state)}"}
-            tokens = [httpx2.post(p.admin + "/v1/tokens", json={"user": "ada"}, headers=headers, timeout=10).json()["token"] for p in (one, two)]
+            tokens = [mint(p.admin, state, "ada") for p in (one, two)]
 
             def send(url: str, token: str) -> tuple[bool, str]:
                 async def run() -> tuple[bool, str]:

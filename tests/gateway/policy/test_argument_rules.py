@@ -11,17 +11,14 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-import httpx2
 import pytest
 import yaml
 
 from portcullis.compile import CompileError
-from portcullis.demo import load_inbox
 from portcullis.gateway.audit import MemoryAuditSink
-from portcullis.gateway.local import admin_secret
 from portcullis.serve import LocalGateway, local_gateway
 from tests.support.agent import MODES, Mode, agent, result_text
-from tests.support.servers import serve_asgi
+from tests.support.one_upstream import mint, sample_inbox
 
 NS = "acme"
 RULES = [
@@ -44,16 +41,12 @@ def manifests(upstream: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]
 
 @pytest.fixture
 def gateway(tmp_path: Path) -> Iterator[tuple[LocalGateway, Any, MemoryAuditSink, str]]:
-    module = load_inbox()
-    record = module.CallRecord()
-    with serve_asgi(module.build_app(record=record)) as upstream:
+    with sample_inbox() as (url, record):
         path = tmp_path / "m.yaml"
-        path.write_text(yaml.safe_dump_all(manifests(upstream.url(), RULES)))
+        path.write_text(yaml.safe_dump_all(manifests(url, RULES)))
         audit = MemoryAuditSink()
         with local_gateway([path], state_dir=tmp_path / "s", port=0, admin_port=0, audit=audit) as gw:
-            answer = httpx2.post(gw.admin_url + "/v1/tokens", json={"user": "ada@acme.example"},
-                                 headers={"Authorization": f"Bearer {admin_secret(tmp_path / 's')}"}, timeout=10)
-            yield gw, record, audit, str(answer.json()["token"])
+            yield gw, record, audit, mint(gw, tmp_path / "s", "ada@acme.example")
 
 
 def send(gw: LocalGateway, token: str, mode: Mode, arguments: dict[str, Any]) -> tuple[bool, str]:

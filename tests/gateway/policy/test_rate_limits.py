@@ -15,13 +15,12 @@ import httpx2
 import pytest
 import yaml
 
-from portcullis.demo import load_inbox
 from portcullis.gateway.audit import MemoryAuditSink
-from portcullis.gateway.local import admin_secret
 from portcullis.serve import local_gateway
 from tests.support.agent import agent, result_text
 from tests.support.postgres import postgres_server
-from tests.support.servers import portcullis_serve, serve_asgi
+from tests.support.one_upstream import mint, sample_inbox
+from tests.support.servers import portcullis_serve
 
 NS = "acme"
 
@@ -46,12 +45,6 @@ def manifests(upstream: str, *, tool_limit: int, server_limit: int | None = None
     ]
 
 
-def mint(admin_url: str, state: Path, user: str) -> str:
-    answer = httpx2.post(admin_url + "/v1/tokens", json={"user": user}, headers={"Authorization": f"Bearer {admin_secret(state)}"}, timeout=10)
-    assert answer.status_code == 201, answer.text
-    return str(answer.json()["token"])
-
-
 async def calls(url: str, token: str, tool: str, count: int) -> list[str]:
     arguments = {"mail_id": "m-001"} if tool == "get_mail" else {}
     async with agent(url, token, "2026-07-28") as client:
@@ -64,10 +57,8 @@ async def calls(url: str, token: str, tool: str, count: int) -> list[str]:
 
 @pytest.fixture
 def inbox() -> Iterator[tuple[str, Any]]:
-    module = load_inbox()
-    record = module.CallRecord()
-    with serve_asgi(module.build_app(record=record)) as upstream:
-        yield upstream.url(), record
+    with sample_inbox() as upstream:
+        yield upstream
 
 
 def test_a_tool_limit_and_a_server_quota_per_user(tmp_path: Path, inbox: tuple[str, Any]) -> None:
@@ -76,7 +67,7 @@ def test_a_tool_limit_and_a_server_quota_per_user(tmp_path: Path, inbox: tuple[s
     path.write_text(yaml.safe_dump_all(manifests(url, tool_limit=3, server_limit=5)))
     audit = MemoryAuditSink()
     with local_gateway([path], state_dir=tmp_path / "s", port=0, admin_port=0, audit=audit) as gw:
-        ada, grace = (mint(gw.admin_url, tmp_path / "s", user) for user in ("ada", "grace"))
+        ada, grace = (mint(gw, tmp_path / "s", user) for user in ("ada", "grace"))
         assert anyio.run(calls, gw.url, ada, "get_mail", 4) == ["ok", "ok", "ok", "limited"]
         # The server's quota counts every tool: 3 used, 2 left.
         assert anyio.run(calls, gw.url, ada, "list_labels", 3) == ["ok", "ok", "limited"]
@@ -96,7 +87,7 @@ def test_the_refusal_says_when_to_retry(tmp_path: Path, inbox: tuple[str, Any]) 
     path = tmp_path / "m.yaml"
     path.write_text(yaml.safe_dump_all(manifests(url, tool_limit=1)))
     with local_gateway([path], state_dir=tmp_path / "s", port=0, admin_port=0, audit=MemoryAuditSink()) as gw:
-        token = mint(gw.admin_url, tmp_path / "s", "ada")
+        token = mint(gw, tmp_path / "s", "ada")
 
         async def run() -> str:
             async with agent(gw.url, token, "legacy") as client:

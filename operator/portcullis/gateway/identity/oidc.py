@@ -48,7 +48,7 @@ import jwt
 
 from portcullis.api.config import GatewayConfig, OIDCConfig
 from portcullis.api.resources import SecretKeyReference
-from portcullis.gateway.identity.tokens import SessionClaims, TokenError, unverified_header
+from portcullis.gateway.identity.tokens import SessionClaims, TokenError, jwt_refusals, unverified_header
 from portcullis.gateway.oauth.server import basic_auth, well_known
 
 ALGORITHMS = ("RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA")
@@ -128,7 +128,7 @@ class OIDCVerifier:
             raise TokenError("unsupported algorithm")
         kid = header.get("kid")
         key = await self._key(oidc, kid if isinstance(kid, str) else None)
-        try:
+        with jwt_refusals(wrong_audience="wrong audience: this token was issued for another resource"):
             payload = jwt.decode(
                 token,
                 key,
@@ -138,18 +138,6 @@ class OIDCVerifier:
                 leeway=oidc.clock_skew_seconds,
                 options={"require": ["exp", "iss", "aud"]},
             )
-        except jwt.ExpiredSignatureError:
-            raise TokenError("expired") from None
-        except jwt.InvalidAudienceError:
-            raise TokenError("wrong audience: this token was issued for another resource") from None
-        except jwt.InvalidIssuerError:
-            raise TokenError("wrong issuer") from None
-        except jwt.ImmatureSignatureError:
-            raise TokenError("not yet valid") from None
-        except jwt.InvalidSignatureError:
-            raise TokenError("bad signature") from None
-        except jwt.InvalidTokenError:
-            raise TokenError("malformed") from None
         claims = self._claims(oidc, payload, token)
         if len(self._verified) >= _VERIFIED_CACHE_SIZE:
             self._verified.clear()

@@ -17,6 +17,7 @@ Errors carry a short reason and never the token.
 from __future__ import annotations
 
 import base64
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -24,7 +25,7 @@ import json
 import re
 import secrets
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any, Final
 
@@ -232,7 +233,7 @@ class TokenVerifier:
         public = self._keys().public_keys.get(kid) if isinstance(kid, str) else None
         if public is None:
             raise TokenError("unknown key")
-        try:
+        with jwt_refusals():
             payload = jwt.decode(
                 token,
                 public,
@@ -242,23 +243,30 @@ class TokenVerifier:
                 leeway=self._leeway,
                 options={"require": _REQUIRED, "strict_aud": True},
             )
-        except jwt.ExpiredSignatureError:
-            raise TokenError("expired") from None
-        except jwt.InvalidAudienceError:
-            raise TokenError("wrong audience") from None
-        except jwt.InvalidIssuerError:
-            raise TokenError("wrong issuer") from None
-        except jwt.ImmatureSignatureError:
-            raise TokenError("not yet valid") from None
-        except jwt.MissingRequiredClaimError:
-            raise TokenError("missing claim") from None
-        except jwt.InvalidSignatureError:
-            raise TokenError("bad signature") from None
-        except jwt.InvalidAlgorithmError:
-            raise TokenError("unsupported algorithm") from None
-        except jwt.InvalidTokenError:
-            raise TokenError("malformed") from None
         return _claims(payload)
+
+
+@contextlib.contextmanager
+def jwt_refusals(wrong_audience: str = "wrong audience") -> Iterator[None]:
+    """PyJWT's refusals as `TokenError`s with short, safe reasons (session and OIDC tokens alike)."""
+    try:
+        yield
+    except jwt.ExpiredSignatureError:
+        raise TokenError("expired") from None
+    except jwt.InvalidAudienceError:
+        raise TokenError(wrong_audience) from None
+    except jwt.InvalidIssuerError:
+        raise TokenError("wrong issuer") from None
+    except jwt.ImmatureSignatureError:
+        raise TokenError("not yet valid") from None
+    except jwt.MissingRequiredClaimError:
+        raise TokenError("missing claim") from None
+    except jwt.InvalidSignatureError:
+        raise TokenError("bad signature") from None
+    except jwt.InvalidAlgorithmError:
+        raise TokenError("unsupported algorithm") from None
+    except jwt.InvalidTokenError:
+        raise TokenError("malformed") from None
 
 
 def unverified_header(token: str) -> dict[str, Any]:
