@@ -589,6 +589,14 @@ class ApprovalSpec(WireModel):
         int,
         Field(ge=0, le=600, description="How long a call waits for the decision before answering 'pending approval' (0: at once)."),
     ] = 0
+    webhook: Annotated[
+        str | None,
+        Field(
+            max_length=2048,
+            pattern=r"^https?://",
+            description="Told of each new request for approval (a JSON POST: id, server, user, tool, expiresAt; no arguments).",
+        ),
+    ] = None
 
 
 class ToolSelector(WireModel):

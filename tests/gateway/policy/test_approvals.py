@@ -22,7 +22,7 @@ from portcullis.gateway.policy.approvals import MemoryApprovals, digest
 from portcullis.serve import LocalGateway, local_gateway
 from tests.support.agent import MODES, Mode, agent, result_text
 from tests.support.one_upstream import mint, sample_inbox
-from tests.support.servers import portcullis_serve
+from tests.support.servers import portcullis_serve, serve_asgi
 
 NS = "acme"
 MAIL = {"to": ["bob@acme.example"], "subject": "quarterly numbers", "body": "attached"}
@@ -251,3 +251,31 @@ def test_an_interactive_agents_person_approves_through_elicitation(stack: Stack,
         assert failed and pending_id(text)  # dismissed: left for the admin API
         assert stack.admin("GET", "/v1/approvals").json()["approvals"][0]["state"] == "pending"
         assert stack.record.tools() == []
+
+
+def test_a_webhook_is_told_of_each_new_request_without_the_arguments(tmp_path: Path) -> None:
+    from starlette.applications import Starlette
+    from starlette.requests import Request
+    from starlette.responses import Response
+    from starlette.routing import Route
+
+    told: list[dict[str, Any]] = []
+
+    async def hook(request: Request) -> Response:
+        told.append(await request.json())
+        return Response(status_code=204)
+
+    with serve_asgi(Starlette(routes=[Route("/approvals", hook, methods=["POST"])])) as receiver:
+        for stack in make_stack(tmp_path, {"webhook": receiver.url("/approvals")}):
+            approval = pending_id(stack.send()[1])
+            assert pending_id(stack.send()[1]) == approval  # asked again: no second notice
+
+            async def until_told() -> None:
+                with anyio.fail_after(10):
+                    while not told:
+                        await anyio.sleep(0.05)
+
+            anyio.run(until_told)
+    (notice,) = told
+    assert notice["id"] == approval and notice["tool"] == "send_mail" and notice["user"] == "ada" and notice["server"] == "acme/s"
+    assert "arguments" not in notice and "quarterly" not in str(notice)

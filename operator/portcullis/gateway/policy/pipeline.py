@@ -21,6 +21,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import aiohttp
+
 from portcullis.api.config import ExposedTool, GatewayConfig
 from portcullis.api.resources import ArgumentRuleSpec, RateLimitSpec, SecretKeyReference
 from portcullis.gateway.audit.events import Reason
@@ -35,6 +37,7 @@ log = logging.getLogger("portcullis.policy")
 
 WINDOWS = {"minute": 60, "hour": 3600, "day": 86_400}
 APPROVAL_POLL_SECONDS = 0.25
+WEBHOOK_SECONDS = 5.0
 SecretResolver = Callable[[str, SecretKeyReference], Awaitable[str | None]]
 
 
@@ -90,6 +93,8 @@ class Policy:
         self._secrets = secrets
         self._limiter: Limiter | None = None
         self._approvals: approvals.ApprovalStore | None = None
+        self._http: aiohttp.ClientSession | None = None
+        self._webhooks: set[asyncio.Task[None]] = set()
         self._approvals_for: tuple[str, SecretKeyReference | None] | None = None
         self._rule_cache: dict[tuple[str, tuple[ArgumentRuleSpec, ...]], tuple[CompiledRule, ...]] = {}
         self._limiter_for: tuple[str, SecretKeyReference | None] | None = None
@@ -126,7 +131,10 @@ class Policy:
         assert spec is not None
         store = await self.approvals()
         wanted = approvals.digest(exposed.name, arguments)
+        asked_at = time.time()
         approval = await store.open_for(claims.sub, exposed.name, wanted, dict(arguments or {}), spec.expires_seconds)
+        if spec.webhook is not None and approval.state == "pending" and approval.created_at >= asked_at:
+            self._tell(spec.webhook, approval)
         if approval.state == "pending":
             approval = await self._ask_at_the_client(claims, exposed.name, arguments, approval, store)
         deadline = time.monotonic() + spec.wait_seconds
@@ -147,6 +155,28 @@ class Policy:
             f"This call of {exposed.name!r} needs a person's approval: approval {approval.id} is pending. Once it is "
             f"approved, make the same call again with the same arguments; it lets exactly one such call through, until {until}.",
         )
+
+    def _tell(self, webhook: str, approval: approvals.Approval) -> None:
+        """POST a new request for approval to the webhook, beside the call (never holding it up)."""
+        config = self._config()
+        body = {
+            "kind": "portcullis.approval/v1", "id": approval.id, "server": f"{config.server.namespace}/{config.server.name}",
+            "user": approval.user, "tool": approval.tool, "createdAt": int(approval.created_at), "expiresAt": int(approval.expires_at),
+        }
+
+        async def post() -> None:
+            if self._http is None or self._http.closed:
+                self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=WEBHOOK_SECONDS))
+            try:
+                async with self._http.post(webhook, json=body) as response:
+                    if response.status >= 300:
+                        log.warning("approval webhook answered HTTP %s for approval %s", response.status, approval.id)
+            except (aiohttp.ClientError, TimeoutError) as exc:
+                log.warning("approval webhook failed for approval %s: %s", approval.id, type(exc).__name__)
+
+        task = asyncio.get_running_loop().create_task(post(), name=f"approval-webhook/{approval.id}")
+        self._webhooks.add(task)
+        task.add_done_callback(self._webhooks.discard)
 
     async def _ask_at_the_client(
         self, claims: SessionClaims, tool: str, arguments: Mapping[str, Any] | None, approval: approvals.Approval,
@@ -188,6 +218,10 @@ class Policy:
             return self._approvals
         if self._approvals is not None:
             await self._approvals.close()
+        for task in list(self._webhooks):
+            task.cancel()
+        if self._http is not None:
+            await self._http.close()
         if limits.store == "postgres" and limits.postgres_url is not None:
             ref = limits.postgres_url
             dsn = await self._secrets(self._config().server.namespace, ref) if self._secrets else None
@@ -289,6 +323,10 @@ class Policy:
             await self._limiter.close()
         if self._approvals is not None:
             await self._approvals.close()
+        for task in list(self._webhooks):
+            task.cancel()
+        if self._http is not None:
+            await self._http.close()
 
 
 def _describe(spec: RateLimitSpec, scope: str, tool: str) -> str:
