@@ -218,16 +218,9 @@ class Policy:
             return self._approvals
         if self._approvals is not None:
             await self._approvals.close()
-        for task in list(self._webhooks):
-            task.cancel()
-        if self._http is not None:
-            await self._http.close()
         if limits.store == "postgres" and limits.postgres_url is not None:
-            ref = limits.postgres_url
-            dsn = await self._secrets(self._config().server.namespace, ref) if self._secrets else None
-            if dsn is None:
-                raise LimitsUnavailable(f"the PostgreSQL URL (Secret {ref.name}, key {ref.key}) cannot be read")
             config = self._config()
+            dsn = await self._postgres_dsn(limits.postgres_url)
             self._approvals = approvals.PostgresApprovals(dsn, f"{config.server.namespace}/{config.server.name}")
         else:
             self._approvals = approvals.MemoryApprovals()
@@ -299,15 +292,18 @@ class Policy:
         if self._limiter is not None:
             await self._limiter.close()
         if limits.store == "postgres" and limits.postgres_url is not None:
-            ref = limits.postgres_url
-            dsn = await self._secrets(self._config().server.namespace, ref) if self._secrets else None
-            if dsn is None:
-                raise LimitsUnavailable(f"the PostgreSQL URL (Secret {ref.name}, key {ref.key}) cannot be read")
-            self._limiter = PostgresLimiter(dsn)
+            self._limiter = PostgresLimiter(await self._postgres_dsn(limits.postgres_url))
         else:
             self._limiter = MemoryLimiter()
         self._limiter_for = wanted
         return self._limiter
+
+    async def _postgres_dsn(self, ref: SecretKeyReference) -> str:
+        """The policy store's PostgreSQL URL, read from its Secret (never logged)."""
+        dsn = await self._secrets(self._config().server.namespace, ref) if self._secrets else None
+        if dsn is None:
+            raise LimitsUnavailable(f"the PostgreSQL URL (Secret {ref.name}, key {ref.key}) cannot be read")
+        return dsn
 
     def status(self) -> dict[str, Any]:
         limits = self._config().limits
