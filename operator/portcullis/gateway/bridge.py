@@ -29,8 +29,8 @@ import logging
 from dataclasses import dataclass, field
 from typing import Any, Final
 
-from portcullis.gateway.policy.pipeline import hidden_by
 from portcullis.gateway.core import INTERNAL_ERROR, INVALID_PARAMS, Gateway, RPCError
+from portcullis.gateway.policy.pipeline import hidden_by
 from portcullis.gateway.relay import ANSWER_SECONDS
 from portcullis.gateway.session_ids import RELAY_PREFIX, SessionIds
 from portcullis.gateway.identity.tokens import SessionClaims, TokenError

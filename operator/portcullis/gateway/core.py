@@ -400,7 +400,8 @@ class Gateway:
 
         Raises `Unauthenticated` (401) or `Forbidden` (403: authentic, but lacking a required
         scope or group); a provider that cannot be read raises `ProviderUnavailable` (503)."""
-        if token and self.oidc.accepts(token):
+        # A session token this replica verified before skips the OIDC look at its payload.
+        if token and token not in self._verified and self.oidc.accepts(token):
             try:
                 claims = await self.oidc.verify(token)
             except TokenError as exc:
@@ -479,7 +480,7 @@ class Gateway:
                     exposed = self._exposure.by_name.get(name)
                 decision = policy.hidden_by(claims, name, self._exposure) or policy.ALLOWED
                 if decision.allowed and exposed is not None and policy.has_terms(exposed, self._config):
-                    decision = await self.policy.decide(claims, name, self._exposure, arguments)  # rules, limits, approval
+                    decision = await self.policy.decide(claims, exposed, arguments)  # rules, limits, approval
                 if not decision.allowed or exposed is None:
                     record.deny(decision.reason, detail=decision.rule)
                     if decision.hidden:
@@ -761,10 +762,16 @@ class Gateway:
     async def _upstream_items(
         self, claims: SessionClaims, connection: str, method: str, key: str, id_key: str
     ) -> dict[str, dict[str, Any]]:
+        upstream = self._upstreams[connection]
+
+        def listed(c: Mapping[str, str] | None) -> Awaitable[list[dict[str, Any]]]:
+            return upstream.list_all(method, key, credential=c)
+
         try:
             credential = await self.credentials.headers_or_none(claims.sub, connection)
-            items = await self._upstreams[connection].list_all(method, key, credential=credential)
-        except (UpstreamError, UpstreamRPCError) as exc:
+            # A 401 to this user's OAuth token renews it once, as for calls and tool listings.
+            items = await self._renewing(claims.sub, connection, credential, listed)
+        except (UpstreamError, UpstreamRPCError, CredentialError) as exc:
             log.warning("%s on %s failed: %s", method, connection, exc)
             return {}
         return {str(i.get(id_key)): i for i in items if isinstance(i, dict)}

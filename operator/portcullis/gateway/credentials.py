@@ -157,15 +157,17 @@ class Credentials:
         missing, unreadable = [], []
         for connection in config.user_connections():
             try:
-                if config.connections[connection].credential.source == "oauth":
-                    connected = await self._oauth(self.oauth.connected(user, connection), connection)
-                else:
-                    connected = await self._user_secret(config.tenant, user, connection) is not None
-                if not connected:
+                if not await self._connected(config, user, connection):
                     missing.append(connection)
             except UnreadableCredential:
                 unreadable.append(connection)
         return missing, unreadable
+
+    async def _connected(self, config: GatewayConfig, user: str, connection: str) -> bool:
+        """Has `user` a usable entry for `connection`: a static secret, or an OAuth grant not lost?"""
+        if config.connections[connection].credential.source == "oauth":
+            return await self._oauth(self.oauth.connected(user, connection), connection)
+        return await self._user_secret(config.tenant, user, connection) is not None
 
     async def describe(self, user: str) -> list[dict[str, Any]]:
         """Per connection this server needs of `user`: connected or not, how, and (OAuth) scopes and
@@ -179,7 +181,7 @@ class Credentials:
                 if source == "oauth":
                     entry.update(await self._oauth(self.oauth.describe(user, connection), connection))
                 else:
-                    entry["connected"] = await self._user_secret(config.tenant, user, connection) is not None
+                    entry["connected"] = await self._connected(config, user, connection)
             except UnreadableCredential:
                 entry.update(connected=False, unreadable=True)
             described.append(entry)

@@ -40,6 +40,7 @@ from collections.abc import Iterator
 from typing import Any, Final
 
 from portcullis.gateway.core import INVALID_PARAMS, Gateway, RPCError
+from portcullis.gateway.policy.pipeline import hidden_by
 from portcullis.gateway.session_ids import SessionIds, TaskRef
 from portcullis.gateway.identity.tokens import SessionClaims, TokenError
 from portcullis.gateway.upstream import NotRelayable, call_events
@@ -153,7 +154,7 @@ class Tasks:
             if len(capable) != 1:
                 continue
             names = [e.name for e in exposure.by_name.values() if e.connection == connection and e.upstream_name == capable[0]]
-            if len(names) == 1 and (claims.tools is None or names[0] in claims.tools):
+            if len(names) == 1 and hidden_by(claims, names[0], exposure) is None:  # scope and access level alike
                 pairs.append((names[0], connection))
         return pairs
 

@@ -99,13 +99,9 @@ class Policy:
         self._rule_cache: dict[tuple[str, tuple[ArgumentRuleSpec, ...]], tuple[CompiledRule, ...]] = {}
         self._limiter_for: tuple[str, SecretKeyReference | None] | None = None
 
-    async def decide(
-        self, claims: SessionClaims, name: str, exposure: Exposure, arguments: Mapping[str, Any] | None
-    ) -> Decision:
-        hidden = hidden_by(claims, name, exposure)
-        if hidden is not None:
-            return hidden
-        exposed = exposure.by_name[name]
+    async def decide(self, claims: SessionClaims, exposed: ExposedTool, arguments: Mapping[str, Any] | None) -> Decision:
+        """The steps past visibility (argument rules, limits, approval) for a call `hidden_by` let
+        through, of a tool that `has_terms`."""
         if exposed.rules:
             denied = self._rules(claims, exposed, arguments)
             if denied is not None:
