@@ -55,6 +55,13 @@ class KubeError(Exception):
         self.message = message
 
 
+class WatchGone(KubeError):
+    """The watch's resourceVersion is too old (410 Gone): list again, then watch from the list's version."""
+
+    def __init__(self) -> None:
+        super().__init__(410, "Gone", "the watch's resourceVersion is no longer available; list again")
+
+
 class _TokenFile:
     """A token file read again only when its (mtime, size, inode) changes: one stat per request."""
 
@@ -269,6 +276,7 @@ class KubeClient:
         observer: WatchObserver | None = None,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
         clock: Callable[[], float] = time.monotonic,
+        raise_gone: bool = False,
     ) -> AsyncIterator[tuple[str, JSONObject]]:
         """Events of the collection at ``path`` (which may carry a fieldSelector), forever.
 
@@ -278,6 +286,10 @@ class KubeClient:
         jittered pause that doubles, up to ``max_backoff``, for as long as that goes on: a
         server or proxy that closes every stream at once is not hammered. 401/403/404 are
         raised, since retrying cannot fix them. ``observer`` is told how each stream goes.
+
+        With ``raise_gone``, 410 Gone raises `WatchGone` instead of restarting without a version:
+        a consumer that mirrors a whole collection must list again, since a restart replays only
+        what exists and so never tells it what was deleted in between.
         """
         rv = resource_version
         backoff = 0.0
@@ -290,11 +302,14 @@ class KubeClient:
             timeout = aiohttp.ClientTimeout(total=None, sock_connect=30, sock_read=timeout_seconds + 30)
             opened_at: float | None = None
             failure: str | None = None
+            gone = False
             try:
                 async with self._client().get(
                     url.with_query(params), headers=self._headers(), timeout=timeout
                 ) as resp:
                     if resp.status == 410:
+                        if raise_gone:
+                            raise WatchGone()
                         rv = None  # our version is too old: start over, which replays what exists
                     elif resp.status >= 400:
                         error = _error(resp.status, await resp.read())
@@ -313,6 +328,7 @@ class KubeClient:
                             if kind == "ERROR":
                                 if obj.get("code") == 410:
                                     rv = None
+                                    gone = raise_gone
                                 else:
                                     failure = f"watch error: {obj.get('message', '')}"
                                 break
@@ -326,6 +342,8 @@ class KubeClient:
                 failure = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
             if observer is not None and (opened_at is not None or failure is not None):
                 observer.ended(failure)
+            if gone:
+                raise WatchGone()
             if opened_at is not None and clock() - opened_at >= stable_after:
                 backoff = 0.0  # it served: pacing starts over
                 if failure is None:

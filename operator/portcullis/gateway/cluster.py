@@ -8,9 +8,16 @@ Everything comes from the Kubernetes API, read with the pod's ServiceAccount:
 - the signing keys from Secret `<server>-signing-keys`, watched the same way, so
   a rotation reaches every replica without rolling the pods;
 - revocations from ConfigMap `<server>-revocations`, watched by every replica;
-- user credentials from the vault namespace, read at call time.
+- user credentials from the vault namespace, read at call time from a copy that one
+  label-selected watch keeps current (`KubernetesVault.watch`), so a call costs the API
+  server nothing; a deleted credential is refused once the watch delivers the deletion;
+- the Secrets that `secretRef`s name (`source: shared` credentials, OAuth client secrets,
+  store URLs), each from a copy kept by a watch of that one Secret (`SharedSecrets`), started
+  at its first read.
 
-Nothing is mounted, so nothing goes stale between kubelet syncs.
+Nothing is mounted, so nothing goes stale between kubelet syncs. How the copies fall back to
+direct reads (before their first list, after `STALE_AFTER` seconds without a watch stream,
+right after this replica's own writes) is in `portcullis.vault.mirror`.
 """
 
 from __future__ import annotations
@@ -35,13 +42,14 @@ from portcullis.gateway.audit.keys import KubernetesAuditKeys
 from portcullis.gateway.audit.trail import AuditTrail, store_for
 from portcullis.gateway.core import Gateway
 from portcullis.gateway.endpoint import build_app
-from portcullis.gateway.loops import Loop, StreamWatch
+from portcullis.gateway.loops import BackgroundTasks, Loop, StreamWatch
 from portcullis.gateway.oauth.pages import build_connect_app
 from portcullis.gateway.identity.revocation import KubernetesRevocations
 from portcullis.gateway.runtime import Listener, Servers, bind, new_event_loop, with_lifespan
 from portcullis.gateway.identity.tokens import SigningKeys, TokenVerifier
 from portcullis.kube import KubeClient
 from portcullis.vault.kubernetes import KubernetesVault
+from portcullis.vault.mirror import MISS, SecretMirror
 
 log = logging.getLogger("portcullis.gateway")
 
@@ -102,6 +110,42 @@ async def watch_object(
         stream.abandon()
 
 
+class SharedSecrets:
+    """Secrets named by `secretRef`s, read from a watch-fed copy of each once the gateway has started.
+
+    The first read of a Secret GETs it and starts a watch of that one Secret (a fieldSelector on
+    its name: what the gateway's Role allows); later reads use the copy, with the fallbacks of
+    `SecretMirror`. A config names a handful of them; past `MAX_WATCHED`, reads GET directly.
+    """
+
+    MAX_WATCHED = 64
+
+    def __init__(self, client: KubeClient) -> None:
+        self._client = client
+        self._mirrors: dict[tuple[str, str], SecretMirror] = {}
+        self._tasks: BackgroundTasks | None = None
+
+    def start(self, tasks: BackgroundTasks) -> None:
+        """Watch from now on, as `tasks`' loops (reported in /v1/status, stopped with the gateway)."""
+        self._tasks = tasks
+
+    def _mirror(self, namespace: str, name: str) -> SecretMirror | None:
+        mirror = self._mirrors.get((namespace, name))
+        if mirror is None and self._tasks is not None and len(self._mirrors) < self.MAX_WATCHED:
+            mirror = self._mirrors[(namespace, name)] = SecretMirror(self._client, namespace, name=name)
+            watched = mirror
+            self._tasks.run(f"secret-watch/{namespace}/{name}", lambda loop: watched.run(loop, StreamWatch(loop)))
+        return mirror
+
+    async def read(self, namespace: str, ref: SecretKeyReference) -> str | None:
+        mirror = self._mirror(namespace, ref.name)
+        secret = MISS if mirror is None else mirror.lookup(ref.name)
+        if secret is MISS:
+            secret = await self._client.get(f"/api/v1/namespaces/{namespace}/secrets/{ref.name}")
+        value = ((secret or {}).get("data") or {}).get(ref.key)
+        return base64.b64decode(value).decode() if value else None
+
+
 async def build(
     client: KubeClient,
     server: str,
@@ -117,10 +161,8 @@ async def build(
     config = config_from(await _wait_for(client, f"{base}/configmaps/{server}-config", "the config ConfigMap"))
     keys = [keys_from(await _wait_for(client, f"{base}/secrets/{server}-signing-keys", "the signing-key Secret"))]
 
-    async def shared_secret(ns: str, ref: SecretKeyReference) -> str | None:
-        secret = await client.get(f"/api/v1/namespaces/{ns}/secrets/{ref.name}")
-        value = ((secret or {}).get("data") or {}).get(ref.key)
-        return base64.b64decode(value).decode() if value else None
+    shared = SharedSecrets(client)
+    shared_secret = shared.read
 
     revocations = KubernetesRevocations(client, namespace, f"{server}-revocations")
     state = state_dir or Path(os.environ.get("PORTCULLIS_STATE_DIR", "/var/lib/portcullis"))
@@ -141,10 +183,11 @@ async def build(
         # The default writer id starts with the host name, which in a pod is the pod's name:
         # an auditor can tell which replica wrote what.
     )
+    vault = KubernetesVault(client, config.vault_namespace, key_secret=config.vault_key_secret)
     gateway = Gateway(
         config,
         verifier=TokenVerifier(lambda: keys[0], issuer=config.server.issuer, audience=config.server.url),
-        vault=KubernetesVault(client, config.vault_namespace, key_secret=config.vault_key_secret),
+        vault=vault,
         revocations=revocations,
         audit=trail,
         secrets=shared_secret,
@@ -175,6 +218,9 @@ async def build(
         )
         loops.run("keys-watch", lambda loop: watch_object(client, f"{base}/secrets", f"{server}-signing-keys", on_keys, loop))
         loops.run("revocations-watch", revocations.run, gates_readiness=True)
+        # Not a readiness gate: until it has listed, and whenever it is stale, reads GET directly.
+        loops.run("vault-watch", lambda loop: vault.watch(loop, StreamWatch(loop)))
+        shared.start(loops)
 
     async def stop() -> None:
         await gateway.stop()  # cancels and awaits the watches with its other tasks, raising none of their failures

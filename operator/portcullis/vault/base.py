@@ -1,9 +1,19 @@
 """The one small interface every credential store satisfies, and an in-memory store for tests.
 
-A store holds sealed values only; it unseals at call time on every ``get`` so a credential's
-plaintext lives no longer than the call that uses it. ``get`` returns None when the user has
+A store holds sealed values; ``get`` returns a credential in plaintext, None when the user has
 not connected the connection, and raises ``SealError`` when a stored value does not open (a
 moved or altered value is an incident, not an absence).
+
+Opened credentials are kept in memory (`Plaintexts`), each only as long as the sealed value it
+was opened from is unchanged: every ``get`` still reads the sealed value from its source (the
+file, the watch-fed copy of the Secret, the dict) and compares it with the one it opened last
+time; equal, the plaintext is returned without unsealing again; any difference, a delete, or a
+different tenant key drops the entry and opens afresh. So a changed credential is served new at
+the next ``get``, and a deleted one is refused as soon as the store sees the deletion. Unsealing
+(AES-256-GCM) once per change instead of once per call takes most of the store's cost off the
+call path. The cache is bounded (`PLAINTEXT_ENTRIES`); a plaintext is dropped from it at the
+latest when it is the oldest entry of a full cache. docs/security.md says what that means for
+a process memory dump.
 
 ``exclusive`` is the one coordination a store offers: while it is held for (tenant, user,
 connection), no other holder in any process or replica sharing the store gets it. OAuth grants
@@ -11,7 +21,6 @@ need it: refresh tokens rotate, so two replicas refreshing one grant at once wou
 same refresh token twice, and the authorization server refuses the second (or revokes both).
 A holder that dies keeps it at most ``LOCK_HOLD_SECONDS``.
 """
-
 from __future__ import annotations
 
 import asyncio
@@ -53,6 +62,8 @@ LOCK_WAIT_SECONDS = 15.0
 LOCK_HOLD_SECONDS = 30.0
 """How long a holder that never lets go (a killed replica) keeps the lock."""
 LOCK_POLL_SECONDS = 0.05
+PLAINTEXT_ENTRIES = 10_000
+"""How many opened credentials a store keeps at most (the oldest goes first)."""
 
 
 class LockTimeout(Exception):
@@ -91,6 +102,58 @@ class KeyedLocks:
                 del self._locks[key]
 
 
+Where = tuple[str, str, str]
+"""(tenant, user, connection)."""
+
+
+class Plaintexts:
+    """Opened credentials, each valid only while the sealed value and the key it came from are unchanged.
+
+    ``opened(where, key, sealed)`` answers the plaintext kept for exactly this sealed value under
+    exactly this key, or None (then the caller unseals and calls ``keep``). Nothing is kept for a
+    value that did not open. The bound evicts the oldest entry; the sealed values are compared
+    whole, so any change of the stored bytes (a new nonce on every seal) is a miss.
+    """
+
+    def __init__(self, capacity: int = PLAINTEXT_ENTRIES) -> None:
+        self._capacity = capacity
+        self._entries: dict[Where, tuple[bytes, str, str]] = {}
+
+    def opened(self, where: Where, key: bytes, sealed: str) -> str | None:
+        entry = self._entries.get(where)
+        if entry is None:
+            return None
+        if entry[1] == sealed and entry[0] == key:
+            return entry[2]
+        del self._entries[where]  # changed (or a new key): the old plaintext goes at once
+        return None
+
+    def keep(self, where: Where, key: bytes, sealed: str, plaintext: str) -> None:
+        entries = self._entries
+        entries.pop(where, None)
+        while len(entries) >= self._capacity:
+            del entries[next(iter(entries))]  # the oldest (dicts keep insertion order)
+        entries[where] = (key, sealed, plaintext)
+
+    def forget(self, where: Where) -> None:
+        self._entries.pop(where, None)
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def open(self, where: Where, key: bytes, sealed: str) -> str:
+        """The plaintext of `sealed`, unsealed only if it is not the value opened last time."""
+        plaintext = self.opened(where, key, sealed)
+        if plaintext is None:
+            tenant, user, connection = where
+            plaintext = unseal(key, sealed, tenant=tenant, user=user, connection=connection)
+            self.keep(where, key, sealed, plaintext)
+        return plaintext
+
+
 class MemoryVault:
     """A process-local store for tests; it still seals, so tests exercise the real sealing."""
 
@@ -99,6 +162,7 @@ class MemoryVault:
         self._keys: dict[str, bytes] = {}
         # tenant -> user -> connection -> sealed
         self._sealed: dict[str, dict[str, dict[str, str]]] = {}
+        self._plain = Plaintexts()
 
     def _key(self, tenant: str) -> bytes:
         return self._keys.setdefault(tenant, new_key())
@@ -106,8 +170,9 @@ class MemoryVault:
     async def get(self, tenant: str, user: str, connection: str) -> str | None:
         sealed = self._sealed.get(tenant, {}).get(user, {}).get(connection)
         if sealed is None:
+            self._plain.forget((tenant, user, connection))
             return None
-        return unseal(self._key(tenant), sealed, tenant=tenant, user=user, connection=connection)
+        return self._plain.open((tenant, user, connection), self._key(tenant), sealed)
 
     async def put(self, tenant: str, user: str, connection: str, secret: str) -> None:
         sealed = seal(self._key(tenant), secret, tenant=tenant, user=user, connection=connection)
@@ -115,6 +180,7 @@ class MemoryVault:
 
     async def delete(self, tenant: str, user: str, connection: str) -> bool:
         per_user = self._sealed.get(tenant, {}).get(user, {})
+        self._plain.forget((tenant, user, connection))
         return per_user.pop(connection, None) is not None
 
     async def connections_of(self, tenant: str, user: str) -> list[str]:

@@ -17,6 +17,11 @@ concurrent reader sees the old value or the new one. ``exclusive`` is an ``flock
 directory take turns; the kernel drops the lock of a process that dies. The tenant key is created with a
 link-based exclusive create, so two processes starting at once agree on one key. File I/O is
 done inline: reads of a few hundred bytes from local disk cost less than a thread hop.
+
+Every ``get`` stats the credential's file, so a deleted or replaced credential is seen at the
+very next call, by this process and by any other sharing the directory. The file's sealed text
+is re-read only when (inode, mtime_ns, size) changed, and unsealed only when that text differs
+from the one opened last time (`Plaintexts`): an unchanged credential costs one ``stat``.
 """
 
 from __future__ import annotations
@@ -35,8 +40,8 @@ from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 
-from portcullis.vault.base import LOCK_POLL_SECONDS, LOCK_WAIT_SECONDS, KeyedLocks, LockTimeout
-from portcullis.vault.sealing import KEY_BYTES, new_key, seal, unseal
+from portcullis.vault.base import LOCK_POLL_SECONDS, LOCK_WAIT_SECONDS, KeyedLocks, LockTimeout, Plaintexts
+from portcullis.vault.sealing import KEY_BYTES, new_key, seal
 
 _SAFE_TENANT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,252}")
 # Kubernetes object names (DNS-1123 subdomain), which is what connection names are.
@@ -108,9 +113,11 @@ class LocalVault:
     def __init__(self, state_dir: Path) -> None:
         self._root = Path(state_dir) / "vault"
         # Tenant keys are cached once read: they never change in place, and re-reading one per
-        # call would double the file I/O on the hot path. Plaintext credentials are not cached.
+        # call would double the file I/O on the hot path. Plaintexts are kept only while the
+        # sealed text they were opened from is what the file holds (see the module docstring).
         self._keys: dict[str, bytes] = {}
         self._sealed: dict[Path, tuple[tuple[int, int, int], str]] = {}
+        self._plain = Plaintexts()
         self._locks = KeyedLocks()
 
     def _tenant_dir(self, tenant: str) -> Path:
@@ -124,9 +131,8 @@ class LocalVault:
     def _read_sealed(self, path: Path) -> str:
         """The sealed text of one credential file, re-read only when the file changed.
 
-        Only ciphertext is kept, never a plaintext: every `get` still stats the file (so a
-        deleted or replaced credential is seen at the very next call) and unseals it.
-        Skipping the unchanged read takes most of the vault's cost off each call.
+        Every `get` still stats the file, so a deleted or replaced credential is seen at the
+        very next call; skipping the unchanged read saves an open and a read per call.
         """
         st = os.stat(path)
         stamp = (st.st_ino, st.st_mtime_ns, st.st_size)
@@ -168,12 +174,13 @@ class LocalVault:
             sealed = self._read_sealed(path)
         except FileNotFoundError:
             self._sealed.pop(path, None)
+            self._plain.forget((tenant, user, connection))
             return None
         key = self._key(tenant, create=False)
         if key is None:
             # A credential without its tenant key can never open; say so rather than "absent".
             raise ValueError(f"tenant key for {tenant!r} is missing; stored credentials cannot be opened")
-        return unseal(key, sealed, tenant=tenant, user=user, connection=connection)
+        return self._plain.open((tenant, user, connection), key, sealed)
 
     async def put(self, tenant: str, user: str, connection: str, secret: str) -> None:
         path = self._path(tenant, user, connection)
@@ -183,6 +190,7 @@ class LocalVault:
         write_private_file(path, sealed.encode("ascii") + b"\n")
 
     async def delete(self, tenant: str, user: str, connection: str) -> bool:
+        self._plain.forget((tenant, user, connection))
         try:
             os.unlink(self._path(tenant, user, connection))
         except FileNotFoundError:

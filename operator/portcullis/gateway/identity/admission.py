@@ -12,20 +12,80 @@ One protocol, ``AdminAuth.authorize(bearer_token, action) -> identity | None``, 
 - Locally, ``SecretAdminAuth``: one shared client secret, compared in constant time.
 
 Failures of the review calls propagate (the admin API answers 5xx); a denial is ``None``.
+
+Answers the API server gave are kept for a short time (`ReviewCache`), so a caller minting
+in a loop costs the control plane one pair of reviews per ``ALLOWED_TTL`` seconds, not a pair
+per request: a TokenReview that authenticated, and a SubjectAccessReview that allowed, are
+reused for ``ALLOWED_TTL`` (10 s). Refusals are not kept (``DENIED_TTL`` = 0): a token that
+did not authenticate, or an identity RBAC did not allow, is asked about again at its next
+request, so a permission granted takes effect at once. What this costs: a token revoked (its
+ServiceAccount or Secret deleted, or simply expired) and a permission withdrawn keep working
+for at most ``ALLOWED_TTL`` seconds on each replica that saw them allowed. Tokens are keyed by
+an HMAC under a random per-process key, never by the token itself, so the cache holds nothing
+that could be presented to this gateway or to the API server. Each cache is bounded
+(``REVIEW_ENTRIES``, the oldest entry goes first), and errors are never kept.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
+import json
+import os
 import re
-from collections.abc import Mapping, Sequence
-from typing import Any, Protocol
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeVar
 
 from portcullis.kube import KubeClient
 
 GROUP = "portcullis.dev"
 RESOURCE = "virtualmcpservers"
 _VERB = re.compile(r"[a-z][a-z-]{0,62}")
+ALLOWED_TTL = 10.0
+"""Seconds an authenticated TokenReview and an allowing SubjectAccessReview are reused."""
+DENIED_TTL = 0.0
+"""Seconds a refusal is reused: not at all."""
+REVIEW_ENTRIES = 1024
+
+K = TypeVar("K")
+V = TypeVar("V")
+Reviewed = tuple[str, list[str], str | None, dict[str, Any]]
+"""(username, groups, uid, extra) as a TokenReview vouched for them."""
+
+
+class ReviewCache(Generic[K, V]):
+    """Answers kept until their time is up; bounded, the oldest entry evicted first."""
+
+    def __init__(self, *, capacity: int = REVIEW_ENTRIES, clock: Callable[[], float] = time.monotonic) -> None:
+        self._capacity = capacity
+        self._clock = clock
+        self._entries: dict[K, tuple[float, V]] = {}
+
+    def get(self, key: K) -> tuple[bool, V | None]:
+        """(found, answer)."""
+        entry = self._entries.get(key)
+        if entry is None:
+            return False, None
+        if self._clock() >= entry[0]:
+            del self._entries[key]
+            return False, None
+        return True, entry[1]
+
+    def put(self, key: K, value: V, ttl: float) -> None:
+        if ttl <= 0:
+            return
+        entries = self._entries
+        entries.pop(key, None)
+        while len(entries) >= self._capacity:
+            del entries[next(iter(entries))]
+        entries[key] = (self._clock() + ttl, value)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def keys(self) -> list[K]:
+        return list(self._entries)
 
 
 class AdminAuth(Protocol):
@@ -37,13 +97,40 @@ class AdminAuth(Protocol):
 class KubernetesAdminAuth:
     """TokenReview for identity, SubjectAccessReview for permission."""
 
-    def __init__(self, client: KubeClient, *, namespace: str | None = None, server: str | None = None) -> None:
+    def __init__(
+        self,
+        client: KubeClient,
+        *,
+        namespace: str | None = None,
+        server: str | None = None,
+        allowed_ttl: float = ALLOWED_TTL,
+        denied_ttl: float = DENIED_TTL,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         # namespace/server name the VirtualMCPServer that ``authorize`` asks about.
         self._client = client
         self._namespace = namespace
         self._server = server
+        self._allowed_ttl = allowed_ttl
+        self._denied_ttl = denied_ttl
+        self._token_key = os.urandom(32)
+        """Keys the token cache: an HMAC of the token, so no token (nor a plain hash of one) is kept."""
+        self.tokens: ReviewCache[bytes, Reviewed | None] = ReviewCache(clock=clock)
+        self.access: ReviewCache[str, bool] = ReviewCache(clock=clock)
 
-    async def _review(self, bearer_token: str) -> tuple[str, list[str], str | None, dict[str, Any]] | None:
+    def _token_id(self, bearer_token: str) -> bytes:
+        return hmac.new(self._token_key, bearer_token.encode("utf-8"), hashlib.sha256).digest()
+
+    async def _review(self, bearer_token: str) -> Reviewed | None:
+        key = self._token_id(bearer_token)
+        found, reviewed = self.tokens.get(key)
+        if found:
+            return reviewed
+        reviewed = await self._ask_token_review(bearer_token)
+        self.tokens.put(key, reviewed, self._denied_ttl if reviewed is None else self._allowed_ttl)
+        return reviewed
+
+    async def _ask_token_review(self, bearer_token: str) -> Reviewed | None:
         body = {
             "apiVersion": "authentication.k8s.io/v1",
             "kind": "TokenReview",
@@ -90,10 +177,16 @@ class KubernetesAdminAuth:
             spec["uid"] = uid
         if extra:
             spec["extra"] = dict(extra)
+        key = json.dumps(spec, sort_keys=True, separators=(",", ":"))  # who, what, where: no token in it
+        found, allowed = self.access.get(key)
+        if found:
+            return bool(allowed)
         body = {"apiVersion": "authorization.k8s.io/v1", "kind": "SubjectAccessReview", "spec": spec}
         result = await self._client.post("/apis/authorization.k8s.io/v1/subjectaccessreviews", body)
         status = result.get("status") or {}
-        return status.get("allowed") is True and status.get("denied") is not True
+        allowed = status.get("allowed") is True and status.get("denied") is not True
+        self.access.put(key, allowed, self._allowed_ttl if allowed else self._denied_ttl)
+        return allowed
 
     async def may_mint(self, username: str, groups: Sequence[str], namespace: str, server: str) -> bool:
         return await self.may(username, groups, "mint", namespace, server)
