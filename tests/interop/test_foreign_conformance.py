@@ -18,8 +18,8 @@ everything server speaks only the session protocol, so at `--requirements
 Three exception lists: STATELESS_EXCEPTIONS (imported from the fixture's
 comparison: what a session-less gateway cannot pass by construction; such a case
 asserts it still does not), NOT_COMPARABLE (scenarios that pass directly only
-because of how the everything server answers a tool it does not have; each case
-asserts that is still so), and FOREIGN_GAPS (strict xfails with the observed
+because of how the everything server answers a tool or a resource it does not
+have; each case asserts that is still so), and FOREIGN_GAPS (strict xfails with the observed
 failure; a fix turns one into an XPASS failure until the entry is removed).
 """
 
@@ -67,10 +67,18 @@ _ACCIDENTAL = (
     "answers a tool outside its allowlist with the JSON-RPC error 'Unknown tool: {tool}' (the spec's protocol "
     "error for an unknown tool), so there is nothing of the upstream's to compare"
 )
+_UNKNOWN_RESOURCE = (
+    "passes directly only by accident: the everything server accepts a subscription to any URI, the suite's "
+    "test://watched-resource (which it does not have) included; the gateway answers a resource outside its allowlist "
+    "as resources/read does, 'Resource not found' (a hidden resource looks like a missing one), so there is nothing "
+    "of the upstream's to compare (the subscription itself is compared in test_foreign_servers.py)"
+)
 NOT_COMPARABLE: dict[tuple[str, str], tuple[str, str]] = {
     # (era, scenario): (reason, what the gateway's failure says)
     (SESSION_ERA, "tools-call-simple-text"): (_ACCIDENTAL.format(tool="test_simple_text"), "Unknown tool: test_simple_text"),
     (SESSION_ERA, "tools-call-error"): (_ACCIDENTAL.format(tool="test_error_handling"), "Unknown tool: test_error_handling"),
+    (SESSION_ERA, "resources-subscribe"): (_UNKNOWN_RESOURCE, "Resource not found: test://watched-resource"),
+    (SESSION_ERA, "resources-unsubscribe"): (_UNKNOWN_RESOURCE, "Resource not found: test://watched-resource"),
 }
 
 

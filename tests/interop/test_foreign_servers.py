@@ -28,7 +28,9 @@ KNOWN_GAPS lists the comparisons that fail today, each with the observed
 difference. They are strict xfails: a fix in the gateway turns its entry into an
 XPASS failure until the entry is removed. NOT_APPLICABLE lists the cases where
 the upstream itself has nothing to compare in that era; each still checks,
-directly, that this is so, then skips with its reason.
+directly, that this is so, then skips with its reason. The session-only features
+(SESSION_ONLY: log levels, resource subscriptions, ending a session) are not
+applicable at 2026-07-28, which has no such requests.
 
 Missing npm packages (`npm ci`) or fastmcp (`pip install -e '.[test]'`) skip the
 cases of that upstream and say why.
@@ -39,6 +41,7 @@ from __future__ import annotations
 import base64
 import re
 import uuid
+import warnings
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, ExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -49,7 +52,7 @@ import mcp_types as types
 import pytest
 from mcp import Client
 from mcp.client.streamable_http import streamable_http_client
-from mcp.shared.exceptions import MCPError
+from mcp.shared.exceptions import MCPDeprecationWarning, MCPError
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.subscriptions import event_to_notification
 
@@ -77,7 +80,10 @@ UPSTREAMS = ("everything", "fastmcp")
 FEATURES = (
     "tools-list", "prompts", "resources", "resource-templates", "completion", "tool-call", "progress",
     "logging", "cancellation", "pagination", "list-changed", "elicitation", "sampling", "long-call",
+    "set-level", "subscribe", "session-delete",
 )  # fmt: skip
+SESSION_ONLY = ("set-level", "subscribe", "session-delete")
+"""Features of the session protocol that 2026-07-28 removed: a 2026-07-28 client has nothing to ask."""
 
 SIDE_SECONDS = 14.0  # one side of one case, connection included
 REQUEST_SECONDS = 10.0  # each request of the SDK client
@@ -90,19 +96,10 @@ _FM = "fastmcp"
 _S, _M = SESSION_ERA, MODERN_ERA
 
 KNOWN_GAPS: dict[tuple[str, str, str], str] = {
-    (_EV, _S, "logging"): (
-        "after toggle-simulated-logging, directly 1 notifications/message arrives within 3 s (on the session's GET "
-        "stream); through the gateway 0"
-    ),
     (_EV, _M, "logging"): (
-        "after toggle-simulated-logging, directly 1 notifications/message arrives within 3 s (on the session's GET "
-        "stream); through the gateway 0, though the 2026-07-28 agent opts in with logLevel debug"
-    ),
-    (_EV, _S, "list-changed"): (
-        "after gzip-file-as-resource, directly notifications/resources/list_changed arrives on the session's GET "
-        "stream; through the gateway nothing within 3 s: the upstream announces it on the calling agent's own "
-        "upstream session, whose GET stream the gateway does not hold (a 2026-07-28 agent is told, on "
-        "subscriptions/listen, through the shared session)"
+        "after toggle-simulated-logging, directly (the client falls back to a session) 1 notifications/message "
+        "arrives within 3 s on the session's GET stream; through the gateway 0: a 2026-07-28 agent has no stream "
+        "for messages outside a request (its era has no sessions, and logs only within a request that opts in)"
     ),
 }
 
@@ -126,6 +123,12 @@ NOT_APPLICABLE: dict[tuple[str, str, str], str] = {
         "announces no list change to compare"
     ),
 }
+for _upstream in UPSTREAMS:
+    for _feature in SESSION_ONLY:
+        NOT_APPLICABLE[(_upstream, _M, _feature)] = (
+            "2026-07-28 has no logging/setLevel, resources/subscribe or session to end (SEP-2577, SEP-2575): "
+            "a 2026-07-28 client of the gateway has nothing to ask"
+        )
 # What the direct side of each NOT_APPLICABLE case (sampling aside) must still show for its reason to hold.
 NOT_APPLICABLE_DIRECTLY: dict[tuple[str, str, str], Any] = {
     (_FM, _M, "list-changed"): {"error": "MCPError: Method not found"},
@@ -222,8 +225,14 @@ class Observer:
 
     logs: list[dict[str, Any]] = field(default_factory=list)
     notifications: list[str] = field(default_factory=list)
+    updated: list[str] = field(default_factory=list)
+    """The URI of each `notifications/resources/updated`."""
     sampling: list[dict[str, Any]] = field(default_factory=list)
     elicitation: list[dict[str, Any]] = field(default_factory=list)
+    session_id: str | None = None
+    """The session id the server gave this client (the `Mcp-Session-Id` of its answers)."""
+    http: Any = None
+    url: str = ""
     _arrived: anyio.Event = field(default_factory=anyio.Event)
 
     def poke(self) -> None:
@@ -244,6 +253,8 @@ class Observer:
         method = getattr(message, "method", None)
         if isinstance(method, str) and method.startswith("notifications/") and method != "notifications/message":
             self.notifications.append(method)
+            if method == "notifications/resources/updated":
+                self.updated.append(str(getattr(getattr(message, "params", None), "uri", None)))
             self.poke()
 
     async def on_sampling(self, context: Any, params: types.CreateMessageRequestParams) -> types.CreateMessageResult:
@@ -290,8 +301,14 @@ def answer_form(schema: dict[str, Any]) -> dict[str, Any]:
 
 @asynccontextmanager
 async def connect(url: str, mode: str, headers: dict[str, str]) -> AsyncIterator[tuple[Client, Observer]]:
-    observer = Observer()
+    observer = Observer(url=url)
     http = create_mcp_http_client(headers=headers)
+
+    async def remember_session(response: Any) -> None:
+        observer.session_id = response.headers.get("mcp-session-id") or observer.session_id
+
+    http.event_hooks = {**http.event_hooks, "response": [*http.event_hooks.get("response", []), remember_session]}
+    observer.http = http
     async with http:
         client = Client(
             streamable_http_client(url, http_client=http),
@@ -608,6 +625,94 @@ async def sampling(up: Upstream, client: Client, observer: Observer, __: str) ->
     return {"sampling requests": observer.sampling, "result": result}
 
 
+_LEVELS = ("debug", "info", "notice", "warning", "error", "critical", "alert", "emergency")
+
+
+async def session_request(call: Callable[..., Awaitable[Any]], *args: Any) -> Any:
+    """A session-protocol request the SDK marks deprecated (2026-07-28 removed it): asked on purpose here."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", MCPDeprecationWarning)
+        return await call(*args)
+
+
+async def first_resource(client: Client) -> str:
+    return str((await collect(client.list_resources, "resources"))[0]["uri"])
+
+
+async def set_level(up: Upstream, client: Client, observer: Observer, __: str) -> Any:
+    """The level a client sets applies to what its session is then sent, whichever stream carries it."""
+    if up.name == _FM:  # chatty logs info, warning and error during the call
+        await session_request(client.set_logging_level, "warning")
+        at_warning = wire(await client.call_tool("chatty", {}))
+        await session_request(client.set_logging_level, "debug")
+        at_debug = wire(await client.call_tool("chatty", {}))
+        await observer.wait_for(lambda: len(observer.logs) >= 5)
+        return {"at warning": at_warning, "at debug": at_debug, "logs": observer.logs}
+    # The everything server acknowledges (un)subscriptions with an info log on the session's GET stream,
+    # and toggle-simulated-logging sends one line at once, at a random level. At "error" the
+    # acknowledgement is not sent; back at "info" the next one is, after anything sent before it.
+    uri = await first_resource(client)
+    await session_request(client.set_logging_level, "error")
+    await session_request(client.subscribe_resource, uri)
+    started = wire(await client.call_tool("toggle-simulated-logging", {}))
+    stopped = wire(await client.call_tool("toggle-simulated-logging", {}))
+    await session_request(client.set_logging_level, "info")
+    await session_request(client.unsubscribe_resource, uri)
+    told = await observer.wait_for(lambda: any("Unsubscribe" in str(log.get("data")) for log in observer.logs))
+    marker = next((i for i, log in enumerate(observer.logs) if "Unsubscribe" in str(log.get("data"))), len(observer.logs))
+    below = [log for log in observer.logs[:marker] if _LEVELS.index(str(log.get("level"))) < _LEVELS.index("error")]
+    return {"started": started, "stopped": stopped, "sent below error while at error": below,
+            "the acknowledgement at info arrived": told, "it": observer.logs[marker : marker + 1]}  # fmt: skip
+
+
+async def subscribe(up: Upstream, client: Client, observer: Observer, __: str) -> Any:
+    """A subscribed resource's updates reach the client; unsubscribing is acknowledged."""
+    uri = await first_resource(client)
+    try:
+        subscribed = wire(await session_request(client.subscribe_resource, uri))
+    except MCPError as exc:  # FastMCP 4.2 has no subscriptions: what it answers is compared
+        return {"subscribe": [exc.error.code, exc.error.message, exc.error.data]}
+    mark = len(observer.updated)
+    started = wire(await client.call_tool("toggle-subscriber-updates", {}))  # sends the first update at once
+    told = await observer.wait_for(lambda: uri in observer.updated[mark:])
+    stopped = wire(await client.call_tool("toggle-subscriber-updates", {}))
+    unsubscribed = wire(await session_request(client.unsubscribe_resource, uri))
+    await observer.wait_for(lambda: any("Unsubscribe" in str(log.get("data")) for log in observer.logs))
+    return {"subscribe": subscribed, "started": started, f"told {uri} was updated": told, "stopped": stopped,
+            "unsubscribe": unsubscribed, "acknowledged": [log["data"] for log in observer.logs]}  # fmt: skip
+
+
+async def upstream_session(up: Upstream, client: Client) -> str:
+    """The upstream's session this client's requests go on (directly: its own; through the gateway: its agent session's)."""
+    if up.name == _FM:
+        return str(wire(await client.call_tool("which_session", {}))["content"][0]["text"])
+    assert up.everything is not None
+    mark = len(up.everything.observed)
+    await client.call_tool("echo", {"message": "whose session?"})
+    return str([o for o in up.everything.observed[mark:] if o["method"] == "tools/call"][-1]["session"])
+
+
+async def probe(url: str, session_id: str) -> int:
+    """What the upstream answers a ping on `session_id`, asked directly."""
+    body = {"jsonrpc": "2.0", "id": 1, "method": "ping"}
+    headers = {"Accept": "application/json, text/event-stream", "Mcp-Session-Id": session_id, "MCP-Protocol-Version": SESSION_ERA}
+    async with create_mcp_http_client() as http:
+        async with http.stream("POST", url, json=body, headers=headers) as response:
+            return response.status_code
+
+
+async def session_delete(up: Upstream, client: Client, observer: Observer, __: str) -> Any:
+    """DELETE ends the session: the upstream's session the client's requests went on is gone."""
+    session = await upstream_session(up, client)
+    before = await probe(up.url, session)
+    assert observer.session_id is not None
+    deleted = await observer.http.delete(
+        observer.url, headers={"Mcp-Session-Id": observer.session_id, "MCP-Protocol-Version": client.protocol_version}
+    )
+    after = await probe(up.url, session)
+    return {"upstream session answers a ping": before, "DELETE": deleted.status_code, "then the upstream session answers": after}
+
+
 FEATURE_STEPS: dict[str, Feature] = {
     "tools-list": tools_list,
     "prompts": prompts,
@@ -623,6 +728,9 @@ FEATURE_STEPS: dict[str, Feature] = {
     "elicitation": elicitation,
     "sampling": sampling,
     "long-call": long_call,
+    "set-level": set_level,
+    "subscribe": subscribe,
+    "session-delete": session_delete,
 }
 
 

@@ -90,6 +90,12 @@ async def outcome(tag: str, wait_seconds: float = 0) -> str:
     return OUTCOMES.get(tag, "unknown")
 
 
+@mcp.tool
+def which_session(ctx: Context) -> str:
+    """The id of the session this call came in on (the fidelity tests ask the upstream about it directly)."""
+    return ctx.session_id
+
+
 @dataclass
 class Contact:
     name: str

@@ -666,6 +666,24 @@ class Gateway:
                 raise RPCError(INVALID_PARAMS, f"Resource not found: {uri}", {"uri": uri})
             return await self._forward(record, claims, connection, {"uri": uri})
 
+    async def resource_subscription(self, claims: SessionClaims, method: str, uri: str) -> dict[str, Any]:
+        """`resources/subscribe` or `resources/unsubscribe` of a session-era agent (upstream_sessions.py):
+        for an exposed resource only, refused like `resources/read` otherwise."""
+        with self._request(claims, method, uri) as record:
+            connection = self._resource_connection(uri)
+            if connection is None:
+                record.deny(Reason.NOT_EXPOSED)
+                raise RPCError(INVALID_PARAMS, f"Resource not found: {uri}", {"uri": uri})
+            return await self._forward(record, claims, connection, {"uri": uri})
+
+    def resource_connection(self, uri: str) -> str | None:
+        """The connection serving exposed `uri`, or None (what an upstream's resource notice may name)."""
+        return self._resource_connection(uri)
+
+    def upstream(self, connection: str) -> UpstreamClient | None:
+        """The pooled client of `connection`, where agents' own upstream sessions are opened (upstream_sessions.py)."""
+        return self._upstreams.get(connection)
+
     async def complete(
         self,
         claims: SessionClaims,

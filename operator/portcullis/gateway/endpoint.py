@@ -53,7 +53,7 @@ from portcullis.gateway.fastpath import FastToolCall, is_candidate, replay
 from portcullis.gateway.bridge import Bridge
 from portcullis.gateway.inflight import InFlight
 from portcullis.gateway.session_ids import SessionIds
-from portcullis.gateway.sessions import AgentSessions, current_session, header
+from portcullis.gateway.sessions import AgentSessions, announce_session_features, current_session, header
 from portcullis.gateway.tasks import TASK_METHODS, TASKS_CAPABILITY, Tasks
 from portcullis.gateway.upstream import NotRelayable, call_events, can_be_asked
 from portcullis.gateway.identity.oidc import Forbidden
@@ -256,6 +256,8 @@ def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None, bridge:
         result = await call_next(ctx)
         if ctx.method in ("initialize", "server/discover") and isinstance(result, dict):
             _announce_list_changes(result)
+        if ctx.method == "initialize" and isinstance(result, dict) and _session_era(ctx):
+            announce_session_features(result)  # logging/setLevel, resources/subscribe: sessions.py
         if ctx.method == "initialize" and isinstance(result, dict) and result.get("protocolVersion") == TASKS_VERSION:
             capabilities = result.get("capabilities")
             if isinstance(capabilities, dict):

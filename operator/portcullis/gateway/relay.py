@@ -15,6 +15,10 @@ the answer knows where it goes:
   user is refused (403) wherever it lands; one for a request nobody waits for any
   more (the call ended) is accepted and dropped, as the protocol allows.
 
+The same holds for what an upstream asks outside any call, on the GET stream of
+the agent's upstream session (upstream_sessions.py): it is written on the
+agent's own GET stream, and the replica holding that stream waits.
+
 Replicas reach each other on the MCP port, so in a cluster pods must be able to
 reach each other's pod IP there (the chart's NetworkPolicy allows it).
 """

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Awaitable, Callable
 from typing import Any, Final
 
 from starlette.types import Send
@@ -74,7 +75,9 @@ class _Stream:
         self._relay = relay
         self._user = claims.sub
         self.capabilities = session.capabilities
-        self.log_level: str | None = "debug"  # the session era sends every level (logging/setLevel is not kept)
+        # Towards a 2026-07-28 upstream every level is asked for: a session-protocol upstream filters by the
+        # level the agent set on its session (upstream_sessions.py), which no replica keeps for the other era.
+        self.log_level: str | None = "debug"
         self.era = "session"
         self.agent_session: str | None = session.id
         self._progress_token = progress_token
@@ -161,6 +164,25 @@ class SessionToolCall:
             if isinstance(result.get("requestState"), str):
                 relay["requestState"] = result["requestState"]
         return _error(request_id, INTERNAL_ERROR, f"The tool {name!r} asked for input more than {MAX_ROUNDS} times.")
+
+
+async def answer_on_stream(
+    send: Send, relay: Relay, claims: SessionClaims, session: AgentSession, request_id: Any,
+    work: Callable[[], Awaitable[dict[str, Any]]],
+) -> None:
+    """A session's request other than a call, served here (`logging/setLevel`, `resources/subscribe`:
+    sessions.py): what the upstream sends meanwhile is relayed as during a call, then the answer."""
+    stream = _Stream(send, relay, claims, session, None)
+    reset = call_events.set(stream)
+    try:
+        try:
+            answer: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "result": await work()}
+        except RPCError as exc:
+            answer = {"jsonrpc": "2.0", "id": request_id, "error": exc.to_dict()}
+    finally:
+        call_events.reset(reset)
+    await stream.write(answer)
+    await stream.end()
 
 
 def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:

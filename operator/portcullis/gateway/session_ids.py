@@ -18,19 +18,32 @@ with it, retired keys included), with a `typ` of its own and an audience that
 no session token has, so none can pass for another or for a session token.
 They are signed, not encrypted: what they carry is the client's own
 declaration and the address of a replica, and they travel only between the
-client and the gateway.
+client and the gateway. The one exception is what a session id says about the
+upstream sessions opened for it (upstream_sessions.py): the upstreams' session
+ids are the upstreams' secrets, not the agent's, so they ride inside the signed
+session id encrypted (`UpstreamSessionSeal`), under a key every replica derives
+from the same signing key set, bound to the tenant, the server and the user.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import hashlib
 import json
+import os
 import secrets
+import struct
 import time
 from collections.abc import Callable
 from typing import Any, Final
 
 import jwt
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from portcullis.gateway.identity.tokens import ALGORITHM, SigningKeys, TokenError, unverified_header
 
@@ -40,6 +53,9 @@ TASK_TYP: Final = "portcullis-task+jwt"
 RELAY_PREFIX: Final = "portcullis-relay:"
 """The start of every JSON-RPC id the gateway gives a relayed request, so an answer is recognised at once."""
 MAX_CAPABILITIES_BYTES: Final = 8192
+MAX_UPSTREAM_SESSIONS_BYTES: Final = 1024
+"""The most a session id carries of upstream sessions (before sealing: some 1.9 KB in the header at most)."""
+MAX_UPSTREAM_SESSION_ID: Final = 256
 # A session outlives no token that could use it; a relayed request waits at most this long for its answer.
 SESSION_SECONDS: Final = 7 * 24 * 3600
 RELAY_SECONDS: Final = 3600
@@ -55,6 +71,8 @@ class AgentSession:
     user: str
     protocol_version: str
     capabilities: dict[str, Any]
+    sealed: str | None = None
+    """The upstream sessions opened for it at `initialize`, sealed (`UpstreamSessionSeal`), if any."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,22 +114,30 @@ class SessionIds:
     def _task_aud(self) -> str:
         return self._audience() + "#task"
 
-    def issue_session(self, user: str, protocol_version: str, capabilities: dict[str, Any]) -> str | None:
-        """A session id, or None when the capabilities are too large to carry (the session is then served without one)."""
-        if len(json.dumps(capabilities, separators=(",", ":"))) > MAX_CAPABILITIES_BYTES:
+    def issue_session(
+        self, user: str, protocol_version: str, capabilities: dict[str, Any], sealed: str | None = None
+    ) -> str | None:
+        """A session id, or None when the capabilities are too large to carry (the session is then served without one).
+
+        `sealed`: the upstream sessions opened for it (`UpstreamSessionSeal.seal`), carried as they are."""
+        if not carries(capabilities):
             return None
         now = int(time.time())
-        return self._sign(
-            {"aud": self._session_aud, "sub": user, "pv": protocol_version, "caps": capabilities, "iat": now, "exp": now + SESSION_SECONDS},
-            SESSION_TYP,
-        )
+        payload: dict[str, Any] = {
+            "aud": self._session_aud, "sub": user, "pv": protocol_version, "caps": capabilities, "iat": now, "exp": now + SESSION_SECONDS,
+        }
+        if sealed is not None:
+            payload["up"] = sealed
+        return self._sign(payload, SESSION_TYP)
 
     def open_session(self, session_id: str) -> AgentSession:
         payload = self._open(session_id, SESSION_TYP, self._session_aud)
-        user, version, caps = payload.get("sub"), payload.get("pv"), payload.get("caps")
+        user, version, caps, sealed = payload.get("sub"), payload.get("pv"), payload.get("caps"), payload.get("up")
         if not isinstance(user, str) or not isinstance(version, str) or not isinstance(caps, dict):
             raise TokenError("malformed")
-        return AgentSession(session_id, user, version, caps)
+        if sealed is not None and not isinstance(sealed, str):
+            raise TokenError("malformed")
+        return AgentSession(session_id, user, version, caps, sealed)
 
     def relay_id(self, replica: str, user: str) -> str:
         now = int(time.time())
@@ -172,3 +198,110 @@ class SessionIds:
 
     def _current(self) -> SigningKeys:
         return self._keys()
+
+
+def carries(capabilities: dict[str, Any]) -> bool:
+    """Are these declared capabilities small enough for a session id to carry?"""
+    return len(json.dumps(capabilities, separators=(",", ":"))) <= MAX_CAPABILITIES_BYTES
+
+
+@dataclasses.dataclass(frozen=True)
+class UpstreamSession:
+    """One upstream session opened for an agent session: on which connection, at which URL."""
+
+    connection: str
+    session_id: str
+    url: str
+
+
+_SEAL_DOMAIN: Final = b"portcullis.upstream-sessions.v1\x00"
+_NONCE_BYTES: Final = 12
+_URL_DIGEST_CHARS: Final = 16
+
+
+class UpstreamSessionSeal:
+    """The upstream sessions of one agent session, encrypted for the gateway's replicas only.
+
+    AES-256-GCM, under a key derived with HKDF-SHA256 from the private bytes of the current
+    token signing key (each replica holds the same key set, so each derives the same key; the
+    derivation's label keeps it apart from the signature's use of those bytes). The sealed form
+    is `<kid>.<base64url(nonce || ciphertext || tag)>`: the kid names the signing key, so a
+    session sealed before a rotation opens until that key is pruned. The associated data binds
+    the tenant, the server (its URL) and the user, each length-prefixed; and the sealed text
+    rides in the signed session id, so it cannot be moved to another session either. Each
+    upstream session is kept with a digest of its connection's URL: a connection re-pointed at
+    another upstream never receives the first one's session id.
+    """
+
+    def __init__(self, keys: Callable[[], SigningKeys], audience: Callable[[], str], tenant: Callable[[], str]):
+        self._keys = keys
+        self._audience = audience
+        self._tenant = tenant
+        self._derived: dict[tuple[str, str], AESGCM] = {}
+
+    def seal(self, user: str, sessions: list[UpstreamSession]) -> tuple[str | None, list[UpstreamSession]]:
+        """(the sealed text or None, the sessions it carries): those past `MAX_UPSTREAM_SESSIONS_BYTES` are left out."""
+        carried = [s for s in sessions if _carriable(s.session_id)]
+        while carried:
+            plain = json.dumps([[s.connection, s.session_id, url_digest(s.url)] for s in carried], separators=(",", ":")).encode()
+            if len(plain) <= MAX_UPSTREAM_SESSIONS_BYTES:
+                break
+            carried.pop()
+        if not carried:
+            return None, []
+        key = self._keys().current
+        nonce = os.urandom(_NONCE_BYTES)
+        body = self._cipher(key.kid).encrypt(nonce, plain, self._bound(user))
+        return f"{key.kid}.{base64.urlsafe_b64encode(nonce + body).decode('ascii').rstrip('=')}", carried
+
+    def open(self, user: str, sealed: str) -> list[tuple[str, str, str]]:
+        """(connection, upstream session id, URL digest) of each session carried; TokenError if it does not open here."""
+        kid, _, text = sealed.partition(".")
+        try:
+            raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        except (binascii.Error, ValueError):
+            raise TokenError("malformed") from None
+        if len(raw) < _NONCE_BYTES + 16:
+            raise TokenError("malformed")
+        try:
+            plain = self._cipher(kid).decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], self._bound(user))
+            entries = json.loads(plain)
+        except InvalidTag:
+            raise TokenError("does not open") from None
+        except ValueError:
+            raise TokenError("malformed") from None
+        if not isinstance(entries, list) or not all(
+            isinstance(e, list) and len(e) == 3 and all(isinstance(p, str) for p in e) for e in entries
+        ):
+            raise TokenError("malformed")
+        return [(str(c), str(i), str(u)) for c, i, u in entries]
+
+    def _bound(self, user: str) -> bytes:
+        out = bytearray(_SEAL_DOMAIN)
+        for part in (self._tenant(), self._audience(), user):
+            raw = part.encode("utf-8")
+            out += struct.pack(">I", len(raw)) + raw
+        return bytes(out)
+
+    def _cipher(self, kid: str) -> AESGCM:
+        audience = self._audience()
+        cipher = self._derived.get((kid, audience))
+        if cipher is None:
+            key = next((k for k in self._keys().keys if k.kid == kid), None)
+            if key is None:
+                raise TokenError("unknown key")
+            seed = key.private_key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+            derived = HKDF(algorithm=hashes.SHA256(), length=32, salt=_SEAL_DOMAIN, info=audience.encode("utf-8")).derive(seed)
+            if len(self._derived) > 64:  # a handful of keys and one audience in practice
+                self._derived.clear()
+            cipher = self._derived[(kid, audience)] = AESGCM(derived)
+        return cipher
+
+
+def url_digest(url: str) -> str:
+    return hashlib.sha256(url.encode("utf-8")).hexdigest()[:_URL_DIGEST_CHARS]
+
+
+def _carriable(session_id: str) -> bool:
+    """A session id as the transport allows it (visible ASCII), and of a sane length."""
+    return 0 < len(session_id) <= MAX_UPSTREAM_SESSION_ID and all(0x21 <= ord(c) <= 0x7E for c in session_id)

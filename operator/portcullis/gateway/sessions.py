@@ -12,10 +12,17 @@ for session-era requests only:
   (session_calls.py), the agent's answers to those questions (relay.py), and
   the session's standalone GET stream, which carries list-change notices.
 
+The session's upstream sessions are opened at `initialize` and ride in its id,
+sealed, so that they are the same on every replica (upstream_sessions.py). So
+this layer also serves `logging/setLevel` and `resources/subscribe` /
+`unsubscribe` (on those upstream sessions), holds their GET streams beside the
+agent's, and answers DELETE by ending them. The gateway's own session id is not
+revoked by DELETE (that would take state): it stays valid until it expires, and
+a session with no upstream session to end is answered 405, as the protocol
+allows a server that does not let clients end sessions.
+
 A request without a session id is served as before, statelessly; 2026-07-28
-requests never come here. Sessions are not deleted: an id stays valid until
-it expires, whoever sends DELETE (answered 405, as the protocol allows a
-server that does not let clients end sessions).
+requests never come here.
 """
 
 from __future__ import annotations
@@ -29,13 +36,15 @@ from typing import Any, Final
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from portcullis.gateway.core import Gateway
+from portcullis.gateway.core import INVALID_PARAMS, Gateway, RPCError
 from portcullis.gateway.inflight import InFlight
 from portcullis.gateway.relay import Relay
 from portcullis.gateway.fastpath import replay
-from portcullis.gateway.session_calls import SSE_HEADERS, SessionToolCall, plain_call, wants_relay
-from portcullis.gateway.session_ids import RELAY_PREFIX, AgentSession, SessionIds
+from portcullis.gateway.session_calls import SSE_HEADERS, SessionToolCall, answer_on_stream, plain_call, wants_relay
+from portcullis.gateway.session_ids import RELAY_PREFIX, AgentSession, SessionIds, UpstreamSession, carries
 from portcullis.gateway.identity.tokens import SessionClaims, TokenError
+from portcullis.gateway.upstream import agent_upstreams
+from portcullis.gateway.upstream_sessions import LOG_LEVELS, UpstreamSessions
 
 log = logging.getLogger("portcullis.gateway")
 
@@ -45,9 +54,11 @@ current_session: contextvars.ContextVar[AgentSession | None] = contextvars.Conte
 SESSION_HEADER: Final = b"mcp-session-id"
 MAX_STREAMS: Final = 10_000
 """Standalone GET streams open at once on one replica; more are refused with 503."""
-_STREAM_QUEUE: Final = 16  # notices waiting for a slow stream; more are dropped (they are level triggers)
+_STREAM_QUEUE: Final = 64  # messages waiting for a slow stream; more notices are dropped (level triggers), relayed ones wait
 _KEEPALIVE_SECONDS: Final = 25.0
 _MODERN: Final = b"2026-07-28"
+SESSION_METHODS: Final = frozenset({"logging/setLevel", "resources/subscribe", "resources/unsubscribe"})
+"""Requests that change a session after it opened: served here, on the session's upstream sessions."""
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -62,6 +73,8 @@ class AgentSessions:
         self.relay = Relay(self.ids, lambda: gateway.http)
         self.relay.replica_url = replica_url
         self.calls = SessionToolCall(gateway, self.relay, inflight)
+        self.upstreams = UpstreamSessions(gateway, self.relay)
+        self.gateway = gateway
         self.max_body_bytes = max_body_bytes
         self._streams: set[asyncio.Queue[str]] = set()
         gateway.on_tools_changed(lambda: self._notice("notifications/tools/list_changed"))
@@ -93,7 +106,7 @@ class AgentSessions:
         for name, value in scope["headers"]:
             if name == b"mcp-protocol-version" and value == _MODERN:
                 return False
-        return scope["method"] in ("POST", "GET")
+        return scope["method"] in ("POST", "GET", "DELETE")
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send, claims: SessionClaims, app: ASGIApp) -> None:
         session: AgentSession | None = None
@@ -107,11 +120,30 @@ class AgentSessions:
             if session.user != claims.sub:
                 await _error(403, "This session was opened by another user: start a session of your own")(scope, receive, send)
                 return
+        carried = self.upstreams.carried(session) if session is not None else {}
+        reset = agent_upstreams.set(carried)
+        try:
+            await self._serve(scope, receive, send, claims, app, session, carried)
+        finally:
+            agent_upstreams.reset(reset)
+
+    async def _serve(
+        self, scope: Scope, receive: Receive, send: Send, claims: SessionClaims, app: ASGIApp,
+        session: AgentSession | None, carried: dict[str, str],
+    ) -> None:
+        if scope["method"] == "DELETE":
+            if session is None or not carried:
+                await app(scope, receive, send)  # nothing to end: the SDK's answer (405)
+            else:
+                status = await self.upstreams.end(claims, carried)
+                await send({"type": "http.response.start", "status": status, "headers": []})
+                await send({"type": "http.response.body", "body": b""})
+            return
         if scope["method"] == "GET":
             if session is None:
                 await app(scope, receive, send)
             else:
-                await self._standalone_stream(receive, send)
+                await self._standalone_stream(receive, send, claims, session, carried)
             return
         body, complete = await _read_upto(receive, self.max_body_bytes)
         receive = replay({"type": "http.request", "body": body, "more_body": not complete}, receive)
@@ -124,29 +156,54 @@ class AgentSessions:
             assert session is not None
             await self.calls(send, claims, session, request)
             return
+        if complete and session is not None and (request := _session_request(body)) is not None:
+            await answer_on_stream(send, self.relay, claims, session, request["id"], lambda: self._change(claims, carried, request))
+            return
+        opening: _Opening | None = None
         if complete and session is None and b'"initialize"' in body:
             message = _json(body)
             if isinstance(message, dict) and message.get("method") == "initialize":
-                send = self._issuing(send, claims, message.get("params"))
+                send, opening = self._issuing(send, claims, message.get("params"))
         reset = current_session.set(session)
         try:
             await app(scope, receive, send)
         finally:
             current_session.reset(reset)
+            if opening is not None:
+                opening.abandon()
 
-    def _issuing(self, send: Send, claims: SessionClaims, params: Any) -> Send:
-        """`send`, adding a session id to a successful `initialize` answer."""
+    def _issuing(self, send: Send, claims: SessionClaims, params: Any) -> tuple[Send, _Opening | None]:
+        """`send`, adding a session id to a successful `initialize` answer; and the opening of its upstream
+        sessions, which runs beside the SDK's answer and is awaited before its headers go out."""
         params = params if isinstance(params, dict) else {}
         capabilities = params.get("capabilities") if isinstance(params.get("capabilities"), dict) else {}
         version = params.get("protocolVersion") if isinstance(params.get("protocolVersion"), str) else ""
-        session_id = self.ids.issue_session(claims.sub, version, capabilities)
+        opening = _Opening(self.upstreams, claims, capabilities) if carries(capabilities) else None
 
         async def issuing(message: Message) -> None:
-            if message["type"] == "http.response.start" and message.get("status") == 200 and session_id is not None:
-                message = {**message, "headers": [*message.get("headers", []), (SESSION_HEADER, session_id.encode())]}
+            if message["type"] == "http.response.start":
+                opened = await opening.claim() if opening is not None else []
+                if message.get("status") == 200:
+                    sealed = self.upstreams.sealed(claims.sub, opened)
+                    session_id = self.ids.issue_session(claims.sub, version, capabilities, sealed)
+                    if session_id is not None:
+                        message = {**message, "headers": [*message.get("headers", []), (SESSION_HEADER, session_id.encode())]}
+                else:
+                    self.upstreams.discard(claims.sub, opened)
             await send(message)
 
-        return issuing
+        return issuing, opening
+
+    async def _change(self, claims: SessionClaims, carried: dict[str, str], request: dict[str, Any]) -> dict[str, Any]:
+        """`logging/setLevel`, `resources/subscribe` or `resources/unsubscribe`, on the session's upstream sessions."""
+        method, params = request["method"], request["params"]
+        if method == "logging/setLevel":
+            if params.get("level") not in LOG_LEVELS:
+                raise RPCError(INVALID_PARAMS, f"Invalid params: level must be one of {', '.join(LOG_LEVELS)}")
+            return await self.upstreams.set_level(claims, carried, params["level"])
+        if not isinstance(params.get("uri"), str):
+            raise RPCError(INVALID_PARAMS, "Invalid params: uri must be a string")
+        return await self.gateway.resource_subscription(claims, method, params["uri"])
 
     async def _answer(self, scope: Scope, receive: Receive, send: Send, claims: SessionClaims, message: dict[str, Any], body: bytes) -> None:
         status, where = self.relay.route(claims, message)
@@ -163,14 +220,17 @@ class AgentSessions:
     # --- the standalone stream -----------------------------------------------------------
 
     def _notice(self, method: str) -> None:
-        event = "event: message\ndata: " + json.dumps({"jsonrpc": "2.0", "method": method}) + "\n\n"
+        event = _event({"jsonrpc": "2.0", "method": method})
         for queue in self._streams:
             if queue.full():
                 continue  # a level trigger: one already waiting says the same
             queue.put_nowait(event)
 
-    async def _standalone_stream(self, receive: Receive, send: Send) -> None:
-        """The session's GET stream: the list changes this replica sees, until the client goes."""
+    async def _standalone_stream(
+        self, receive: Receive, send: Send, claims: SessionClaims, session: AgentSession, carried: dict[str, str]
+    ) -> None:
+        """The session's GET stream, until the client goes: the list changes this replica sees, and what
+        the session's upstream sessions send on theirs (upstream_sessions.py), held for as long."""
         if len(self._streams) >= MAX_STREAMS:
             await send({"type": "http.response.start", "status": 503, "headers": [(b"retry-after", b"5")]})
             await send({"type": "http.response.body", "body": b""})
@@ -178,7 +238,20 @@ class AgentSessions:
         queue: asyncio.Queue[str] = asyncio.Queue(_STREAM_QUEUE)
         self._streams.add(queue)
         gone = asyncio.ensure_future(_disconnected(receive))
+        following: asyncio.Future[None] | None = None
         try:
+            if carried:
+                # Open once the upstream streams are (or failed to, within their connections' timeouts):
+                # what the agent then asks, through any replica, is told on this stream.
+                ready = asyncio.Event()
+
+                async def write(message: dict[str, Any]) -> None:
+                    await queue.put(_event(message))
+
+                following = asyncio.ensure_future(self.upstreams.follow(claims, session, carried, write, ready.set))
+                opened = asyncio.ensure_future(ready.wait())
+                await asyncio.wait({opened, gone, following}, timeout=self._opening_seconds(carried), return_when=asyncio.FIRST_COMPLETED)
+                opened.cancel()
             await send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
             await send({"type": "http.response.body", "body": b": open\n\n", "more_body": True})
             while not gone.done():
@@ -195,6 +268,64 @@ class AgentSessions:
         finally:
             self._streams.discard(queue)
             gone.cancel()
+            if following is not None:
+                following.cancel()  # closes the upstream streams
+                await asyncio.wait({following}, timeout=1.0)
+
+    def _opening_seconds(self, carried: dict[str, str]) -> float:
+        timeouts = [c.timeout_seconds for name in carried if (c := self.gateway.config.connections.get(name)) is not None]
+        return float(max(timeouts, default=5))
+
+
+def announce_session_features(result: dict[str, Any]) -> None:
+    """What a session adds to the gateway's capabilities (session-era `initialize`): log levels and
+    resource subscriptions, served on the session's upstream sessions (upstream_sessions.py)."""
+    capabilities = result.get("capabilities")
+    if isinstance(capabilities, dict):
+        capabilities.setdefault("logging", {})
+        if isinstance(capabilities.get("resources"), dict):
+            capabilities["resources"] = {**capabilities["resources"], "subscribe": True}
+
+
+def _session_request(body: bytes) -> dict[str, Any] | None:
+    """The request, if `body` is one well-formed `SESSION_METHODS` request; None leaves it to the SDK."""
+    if not any(m.encode() in body for m in SESSION_METHODS):
+        return None
+    request = _json(body)
+    if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or request.get("method") not in SESSION_METHODS:
+        return None
+    request_id, params = request.get("id"), request.get("params")
+    if isinstance(request_id, bool) or not isinstance(request_id, (int, str)) or not isinstance(params, dict):
+        return None
+    return request
+
+
+class _Opening:
+    """The upstream sessions one `initialize` opens beside the SDK's answer, until a session id carries them."""
+
+    def __init__(self, upstreams: UpstreamSessions, claims: SessionClaims, capabilities: dict[str, Any]):
+        self._upstreams = upstreams
+        self._user = claims.sub
+        self._task = asyncio.ensure_future(upstreams.open(claims, capabilities))
+        self._claimed = False
+
+    async def claim(self) -> list[UpstreamSession]:
+        """What was opened: from here on the caller carries it or ends it."""
+        self._claimed = True
+        return await self._task
+
+    def abandon(self) -> None:
+        """The answer went out without claiming it (the SDK failed): end what was opened."""
+        if self._claimed:
+            return
+        if not self._task.done():
+            self._task.cancel()
+        elif not self._task.cancelled() and self._task.exception() is None:
+            self._upstreams.discard(self._user, self._task.result())
+
+
+def _event(message: dict[str, Any]) -> str:
+    return "event: message\ndata: " + json.dumps(message, separators=(",", ":")) + "\n\n"
 
 
 async def _disconnected(receive: Receive) -> None:

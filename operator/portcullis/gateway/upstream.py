@@ -278,6 +278,12 @@ class _LegacySession:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+agent_upstreams: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("portcullis_agent_upstreams", default={})
+"""Connection name -> the upstream session opened for the current agent session at its `initialize`,
+the same on every replica (carried sealed in the agent's session id: upstream_sessions.py). Read
+by `_legacy` only for requests whose `CallEvents` name that agent session."""
+
+
 class _Slots:
     """At most `maxConnections` requests of one connection on the wire at once (per replica).
 
@@ -570,11 +576,17 @@ class UpstreamClient:
         self, method: str, params: dict[str, Any], credential: Mapping[str, str] | None
     ) -> dict[str, Any]:
         events = call_events.get()
+        pinned: str | None = None
         if events is not None and events.agent_session is not None and method not in _LISTINGS:
-            # A session-era agent's own session has its own upstream session (per replica), declaring
-            # what the agent declared: what the upstream keeps per session stays that agent's.
+            # A session-era agent's own session has its own upstream session, declaring what the agent
+            # declared: what the upstream keeps per session (a log level, subscriptions) stays that
+            # agent's. Opened at the agent's `initialize` and the same on every replica when it could
+            # be (`agent_upstreams`, seeded here on first use); else opened here, for this replica only.
             capabilities = events.capabilities
             key = _session_key(credential, capabilities, events.agent_session)
+            pinned = agent_upstreams.get().get(self.name)
+            if pinned is not None and key not in self._sessions and key not in self._opening:
+                self._sessions[key] = _LegacySession(pinned)
         else:
             # The shared session: the catalog's listings (whoever's call set them off: the catalog
             # is every agent's) and change stream, and agents with no session of their own. It
@@ -601,7 +613,11 @@ class UpstreamClient:
             except UpstreamError as exc:
                 # 404 on a session means the upstream forgot it (restart, idle expiry): open a new one once.
                 if attempt == 1 and exc.status == 404 and session.session_id:
-                    self._sessions.pop(key, None)
+                    if self._sessions.get(key) is session:  # not one a concurrent request reopened already
+                        del self._sessions[key]
+                    if session.session_id == pinned:
+                        log.info("upstream %r forgot an agent's session: that agent continues on a new session of this "
+                                 "replica's, without the level, subscriptions and stream it had", self.name)
                     continue
                 raise
         raise AssertionError("unreachable")
@@ -647,6 +663,12 @@ class UpstreamClient:
     ) -> _LegacySession:
         if len(self._sessions) >= _MAX_LEGACY_SESSIONS:
             self._sessions.pop(next(iter(self._sessions)))
+        session = await self._handshake(credential, capabilities)
+        self._sessions[key] = session
+        return session
+
+    async def _handshake(self, credential: Mapping[str, str] | None, capabilities: Mapping[str, Any]) -> _LegacySession:
+        """`initialize` and `notifications/initialized`: a new upstream session, kept by nobody yet."""
         headers = {"accept": _ACCEPT, "content-type": "application/json"}
         if credential:
             headers.update(credential)
@@ -670,9 +692,87 @@ class UpstreamClient:
         if session_id:
             headers[SESSION_HEADER] = session_id
         await self._notify({"jsonrpc": "2.0", "method": "notifications/initialized"}, headers)
-        session = _LegacySession(session_id)
-        self._sessions[key] = session
-        return session
+        return _LegacySession(session_id)
+
+    # --- an agent's own upstream sessions, the same on every replica (upstream_sessions.py) ---
+
+    async def open_session(self, credential: Mapping[str, str] | None, capabilities: Mapping[str, Any]) -> str | None:
+        """A new upstream session for one agent session, declaring what that agent declared.
+
+        Its id, or None when this upstream keeps no session: a 2026-07-28 upstream that refuses the
+        session protocol, or one that answers `initialize` without an id. Not kept here: the id travels
+        sealed in the agent's session id, and each replica seeds it on first use (`_legacy`).
+        """
+        era = self._era or await self._discover(credential)
+        if era == "modern" and self._sessions_refused:
+            return None
+        try:
+            session = await self._handshake(credential, capabilities)
+        except NoSessions:
+            if era != "modern":
+                raise
+            self._sessions_refused = True
+            log.info("upstream %r refuses sessions: session-era agents are served on 2026-07-28", self.name)
+            return None
+        return session.session_id
+
+    async def end_session(self, session_id: str, credential: Mapping[str, str] | None) -> int:
+        """DELETE one upstream session (the agent ended its own): the upstream's HTTP status."""
+        for key, session in list(self._sessions.items()):  # this replica's seed of it, if any
+            if session.session_id == session_id:
+                del self._sessions[key]
+        headers = {MCP_PROTOCOL_VERSION_HEADER: LEGACY_VERSION, SESSION_HEADER: session_id, **(credential or {})}
+        try:
+            async with self._slots.hold(), _Deadline(self.config), self._http.delete(
+                self.config.url, headers=headers, timeout=self._timeout
+            ) as response:
+                await _read_body(response, _Budget(response, self.config))
+                return response.status
+        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
+            raise UpstreamError(self.name, f"ending a session failed ({type(exc).__name__})", transport=True) from None
+
+    async def session_messages(
+        self, session_id: str, credential: Mapping[str, str] | None, opened: Callable[[], None]
+    ) -> AsyncIterator[dict[str, Any]]:
+        """What the upstream sends on one session's standalone GET stream, message by message, until it ends.
+
+        `opened` is called once the stream is open. List changes go to `on_change`, as on any other
+        stream, and are not yielded. Raises `NoChangeStream` when the upstream has no such stream
+        (405), `UpstreamError` with its status otherwise (404: the session is forgotten; 409: another
+        stream of the session is open). Only connecting is bounded: the stream is idle by nature.
+        """
+        headers = {"accept": "text/event-stream", MCP_PROTOCOL_VERSION_HEADER: LEGACY_VERSION, SESSION_HEADER: session_id,
+                   **(credential or {})}
+        try:
+            async with self._http.get(self.config.url, headers=headers, timeout=self._stream_timeout()) as response:
+                if response.status == 405:
+                    raise NoChangeStream(self.name, "offers no session stream (HTTP 405)")
+                if not response.headers.get("content-type", "").startswith("text/event-stream"):
+                    raise UpstreamError(self.name, f"HTTP {response.status}: no session stream", status=response.status)
+                opened()
+                async for message in _sse_messages(response, _Budget(response, self.config), per_event=True):
+                    method = message.get("method")
+                    if method in _CHANGE_METHODS and "id" not in message:
+                        if self._on_change is not None:
+                            self._on_change(str(method))
+                    else:
+                        yield message
+        except asyncio.TimeoutError:
+            raise UpstreamError(self.name, f"no session stream within {self.config.timeout_seconds}s", transport=True) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamError(self.name, f"session stream dropped ({type(exc).__name__})", transport=True) from None
+        except (ValueError, HttpProcessingError):  # a line over aiohttp's line limit (LineTooLong, see `_sse_lines`)
+            raise UpstreamError(self.name, "sent a session-stream line longer than the gateway reads") from None
+
+    async def answer_on_session(self, session_id: str, credential: Mapping[str, str] | None, reply: dict[str, Any]) -> None:
+        """POST the answer to a request the upstream sent on a session's GET stream."""
+        headers = {"accept": _ACCEPT, "content-type": "application/json", MCP_PROTOCOL_VERSION_HEADER: LEGACY_VERSION,
+                   SESSION_HEADER: session_id, **(credential or {})}
+        try:
+            async with asyncio.timeout(self.config.timeout_seconds):
+                await self._send_answer(reply, headers)
+        except TimeoutError:
+            raise UpstreamError(self.name, "answering its request timed out", transport=True) from None
 
     # --- the wire ------------------------------------------------------------------
 
