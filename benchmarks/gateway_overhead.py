@@ -50,7 +50,13 @@ from benchmarks import load, stack  # noqa: E402
 
 TOOL = "echo"
 ARGUMENTS = {"text": "hello from the benchmark"}
-CONCURRENCY = (1, 8, 64)
+CONCURRENCY = (1, 8, 64, 256)
+SDK_MODES = ("2026-07-28", "legacy")
+"""The MCP SDK `Client` modes measured: the 2026-07-28 wire, and the session protocol (2025-11-25) that
+mcp 1.x clients (LangChain's adapters, the OpenAI Agents SDK) speak."""
+CREDENTIAL_CONCURRENCY = (8, 64)
+SEQUENTIAL_WARMUP = 50
+SDK_WARMUP = 20
 
 
 @dataclass
@@ -59,6 +65,8 @@ class Settings:
     reps: int = 3
     sequential_calls: int = 2000  # pairs per repetition
     sdk_calls: int = 300  # pairs per repetition
+    sdk_upstream: bool = True  # also measure against an MCP SDK `MCPServer` upstream
+    credentials: bool = True  # also compare `source: user` with `source: none`
     sequential_seconds: float = 8.0  # cap per repetition, for a slow gateway
     sessions: int = 1000
     generator: str = "auto"  # auto | wrk | python
@@ -107,8 +115,11 @@ class Report:
     load: list[dict[str, Any]] = field(default_factory=list)
     sequential: list[dict[str, float]] = field(default_factory=list)
     sequential_failures: int = 0
-    sdk: list[dict[str, float]] = field(default_factory=list)
+    sdk: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per (repetition, SDK mode, upstream): the pair summary, plus `mode`, `upstream` and the
+    gateway's CPU per call over that repetition."""
     sdk_failures: int = 0
+    credentials: list[dict[str, Any]] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
     upstream_calls: dict[str, int] = field(default_factory=dict)
     gateway_cpu_us_per_call: list[float] = field(default_factory=list)
@@ -207,19 +218,30 @@ def measure_load(direct: load.Target, through: load.Target, gw: stack.Gateway, s
                     + (f"  e.g. {result.failure_samples[0]}" if result.failure_samples else ""))
 
 
-def measure_sequential(direct: load.Target, through: load.Target, s: Settings, report: Report, log: Callable[[str], None]) -> None:
+def measure_sequential(direct: load.Target, through: load.Target, gw: stack.Gateway, s: Settings, report: Report,
+                       log: Callable[[str], None]) -> None:
     for rep in range(s.reps):
-        paired = load.sequential_pairs(direct, through, s.sequential_calls, max_seconds=s.sequential_seconds)
+        cpu_before = load.cpu_seconds(gw.pid)
+        paired = load.sequential_pairs(direct, through, s.sequential_calls, max_seconds=s.sequential_seconds,
+                                       warmup=SEQUENTIAL_WARMUP)
         summary = paired.summary()
+        gateway_calls = len(paired.gateway_ms) + SEQUENTIAL_WARMUP
+        summary["gateway_cpu_us_per_call"] = (load.cpu_seconds(gw.pid) - cpu_before) / gateway_calls * 1e6
         report.sequential.append(summary)
         report.sequential_failures += paired.failures
         summary["pairs"] = len(paired.direct_ms)
         log(f"  rep {rep + 1}/{s.reps} {len(paired.direct_ms)} pairs: direct p50 {summary['direct_p50_ms']:.3f} ms, gateway p50 {summary['gateway_p50_ms']:.3f} ms, "
             f"added p50 {summary['added_p50_ms']:.3f} ms, p99 {summary['added_p99_ms']:.3f} ms, "
-            f"paired median {summary['paired_median_ms']:.3f} ms, failures {paired.failures}")
+            f"paired median {summary['paired_median_ms']:.3f} ms, gateway CPU {summary['gateway_cpu_us_per_call']:.0f} µs/call, "
+            f"failures {paired.failures}")
 
 
-def measure_sdk(direct_url: str, gw: stack.Gateway, s: Settings, report: Report, log: Callable[[str], None]) -> None:
+def measure_sdk(direct_url: str, gw: stack.Gateway, mode: str, upstream: str, s: Settings, report: Report,
+                log: Callable[[str], None]) -> None:
+    """Interleaved `call_tool` pairs with the MCP SDK `Client` in `mode`, directly and through `gw`.
+
+    The gateway's CPU per call is its CPU over the repetition divided by the calls it served
+    (the direct half never reaches it)."""
     import anyio
     import httpx2
     from mcp import Client
@@ -229,16 +251,17 @@ def measure_sdk(direct_url: str, gw: stack.Gateway, s: Settings, report: Report,
         async with (
             httpx2.AsyncClient(timeout=30) as d_http,
             httpx2.AsyncClient(headers={"Authorization": f"Bearer {gw.token}"}, timeout=30) as g_http,
-            Client(streamable_http_client(direct_url, http_client=d_http), mode="2026-07-28") as d_client,
-            Client(streamable_http_client(gw.url, http_client=g_http), mode="2026-07-28") as g_client,
+            Client(streamable_http_client(direct_url, http_client=d_http), mode=mode) as d_client,
+            Client(streamable_http_client(gw.url, http_client=g_http), mode=mode) as g_client,
         ):
             for rep in range(s.reps):
                 d_ms: list[float] = []
                 g_ms: list[float] = []
                 failures = 0
-                warmup = 20
+                gateway_calls = 0
                 deadline = time.monotonic() + s.sequential_seconds
-                for i in range(warmup + s.sdk_calls):
+                cpu_before = load.cpu_seconds(gw.pid)
+                for i in range(SDK_WARMUP + s.sdk_calls):
                     if d_ms and time.monotonic() > deadline:
                         break
                     pair: dict[str, float] = {}
@@ -249,17 +272,44 @@ def measure_sdk(direct_url: str, gw: stack.Gateway, s: Settings, report: Report,
                         pair[side] = (time.perf_counter_ns() - started) / 1e6
                         if result.is_error:
                             failures += 1
-                    if i >= warmup:
+                    gateway_calls += 1
+                    if i >= SDK_WARMUP:
                         d_ms.append(pair["d"])
                         g_ms.append(pair["g"])
-                summary = load.Paired(d_ms, g_ms, failures).summary()
-                summary["pairs"] = len(d_ms)
+                cpu = load.cpu_seconds(gw.pid) - cpu_before
+                summary: dict[str, Any] = {**load.Paired(d_ms, g_ms, failures).summary(), "pairs": len(d_ms),
+                                           "mode": mode, "upstream": upstream,
+                                           "gateway_cpu_us_per_call": cpu / gateway_calls * 1e6}
                 report.sdk.append(summary)
                 report.sdk_failures += failures
-                log(f"  rep {rep + 1}/{s.reps} SDK direct p50 {summary['direct_p50_ms']:.3f} ms, gateway p50 "
-                    f"{summary['gateway_p50_ms']:.3f} ms, added p50 {summary['added_p50_ms']:.3f} ms, failures {failures}")
+                log(f"  rep {rep + 1}/{s.reps} SDK {mode} -> {upstream}: direct p50 {summary['direct_p50_ms']:.3f} ms, gateway p50 "
+                    f"{summary['gateway_p50_ms']:.3f} ms, added p50 {summary['added_p50_ms']:.3f} ms, gateway CPU "
+                    f"{summary['gateway_cpu_us_per_call']:.0f} µs/call, failures {failures}")
 
     anyio.run(main)
+
+
+def measure_credentials(with_user: stack.Gateway, with_none: stack.Gateway, s: Settings, wrk: str | None, where: Placement,
+                        report: Report, log: Callable[[str], None]) -> None:
+    """The same load through two gateways in front of one upstream: per-user credentials vs `source: none`."""
+    targets = {"user": (with_user, load.tool_call(with_user.url, TOOL, ARGUMENTS, token=with_user.token)),
+               "none": (with_none, load.tool_call(with_none.url, TOOL, ARGUMENTS, token=with_none.token))}
+    for _, target in targets.values():
+        run_load(target, 8, Settings(seconds=1.0, calls=200, generator=s.generator), wrk, where.client, [])
+    for rep in range(s.reps):
+        for connections in CREDENTIAL_CONCURRENCY:
+            order = ("user", "none") if rep % 2 == 0 else ("none", "user")
+            for source in order:
+                gw, target = targets[source]
+                cpu_before = load.cpu_seconds(gw.pid)
+                result = run_load(target, connections, s, wrk, where.client, [])
+                cpu = load.cpu_seconds(gw.pid) - cpu_before
+                row = {"rep": rep, "source": source, "connections": connections, "rps": result.rps, "p50_ms": result.p50_ms,
+                       "p99_ms": result.p99_ms, "failures": result.failures,
+                       "gateway_cpu_us_per_call": cpu / result.calls * 1e6 if result.calls else float("nan")}
+                report.credentials.append(row)
+                log(f"  rep {rep + 1}/{s.reps} c={connections:<3} source: {source:<4} {result.rps:9.0f} calls/s  "
+                    f"p50 {result.p50_ms:7.3f} ms  CPU {row['gateway_cpu_us_per_call']:.0f} µs/call  failures {result.failures}")
 
 
 def measure_memory(upstream_url: str, workdir: Path, s: Settings, where: Placement, report: Report, log: Callable[[str], None]) -> None:
@@ -355,8 +405,8 @@ def render(report: Report) -> str:
                + (f" ({s['calls']} calls each)" if s.get("calls") and s["generator_used"] == "python" else "") + ".\n")
 
     out.append("### Throughput and latency under concurrency\n")
-    out.append("| concurrency | direct calls/s | direct p50 ms | direct p99 ms | gateway calls/s | gateway p50 ms | gateway p99 ms | added p50 ms | added p99 ms | gateway CPU µs/call | failures (direct/gateway) |")
-    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
+    out.append("| concurrency | direct calls/s | direct p50 ms | direct p99 ms | gateway calls/s | gateway p50 ms | gateway p99 ms | gateway p99.9 ms | gateway p99/p50 | added p50 ms | added p99 ms | gateway CPU µs/call | failures (direct/gateway) |")
+    out.append("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for c in CONCURRENCY:
         d = [r for r in report.load if r["connections"] == c and r["side"] == "direct"]
         g = [r for r in report.load if r["connections"] == c and r["side"] == "gateway"]
@@ -364,31 +414,52 @@ def render(report: Report) -> str:
             continue
         dp50, dp99 = _median([r["p50_ms"] for r in d]), _median([r["p99_ms"] for r in d])
         gp50, gp99 = _median([r["p50_ms"] for r in g]), _median([r["p99_ms"] for r in g])
+        gp999 = _median([r.get("p999_ms", float("nan")) for r in g])
         cpu = _median([r.get("gateway_cpu_us_per_call", float("nan")) for r in g])
         out.append(f"| {c} | {_median([r['rps'] for r in d]):,.0f} | {dp50:.3f} | {dp99:.3f} | {_median([r['rps'] for r in g]):,.0f} | "
-                   f"{gp50:.3f} | {gp99:.3f} | {gp50 - dp50:.3f} | {gp99 - dp99:.3f} | {cpu:,.0f} | "
+                   f"{gp50:.3f} | {gp99:.3f} | {gp999:.3f} | {gp99 / gp50:.1f}x | {gp50 - dp50:.3f} | {gp99 - dp99:.3f} | {cpu:,.0f} | "
                    f"{sum(r['failures'] for r in d)}/{sum(r['failures'] for r in g)} |")
 
-    def latency_table(title: str, rows: list[dict[str, float]], failures: int, client: str) -> None:
-        if not rows:
-            return
-        pairs = "/".join(str(int(r["pairs"])) for r in rows)
-        out.append(f"\n### {title}\n")
-        out.append(f"{client}; {pairs} interleaved pairs per repetition "
-                   f"(direct and gateway alternate, order flipped every pair; at most {s['sequential_seconds']:g} s per repetition); "
-                   f"failures: {failures}.\n")
-        out.append("| | p50 ms | p99 ms |")
-        out.append("|---|---:|---:|")
-        for label, key in (("direct", "direct"), ("through gateway", "gateway")):
-            out.append(f"| {label} | {_median([r[key + '_p50_ms'] for r in rows]):.3f} | {_median([r[key + '_p99_ms'] for r in rows]):.3f} |")
-        out.append(f"| **added** (gateway − direct) | **{_median([r['added_p50_ms'] for r in rows]):.3f}** | "
-                   f"**{_median([r['added_p99_ms'] for r in rows]):.3f}** |")
-        out.append(f"| median of paired differences | {_median([r['paired_median_ms'] for r in rows]):.3f} | |")
+    rows: list[tuple[str, str, list[dict[str, Any]]]] = []
+    if report.sequential:
+        rows.append(("lean keep-alive socket → gateway → fast upstream", "2026-07-28", report.sequential))
+    for upstream, label in (("fast", "fast upstream"), ("sdk", "SDK `MCPServer` upstream")):
+        for mode in SDK_MODES:
+            picked = [r for r in report.sdk if r["mode"] == mode and r["upstream"] == upstream]
+            if picked:
+                era = "2026-07-28" if mode == "2026-07-28" else "2025-11-25 (session)"
+                rows.append((f"MCP SDK `Client` → gateway → {label}", era, picked))
+    if rows:
+        out.append("\n### Sequential latency, what each kind of client and upstream pays\n")
+        pairs = {label: "/".join(str(int(r["pairs"])) for r in picked) for label, _, picked in rows}
+        out.append("Interleaved pairs (direct and through the gateway alternate, order flipped every pair; at most "
+                   f"{s['sequential_seconds']:g} s per repetition): lean {pairs.get(rows[0][0], '-')} per repetition, "
+                   f"SDK {s['sdk_calls']} at most. The lean client is a raw keep-alive socket with a pre-built request "
+                   f"(TCP_NODELAY); the SDK client is mcp {m['versions']['mcp']} `Client.call_tool` over httpx2. "
+                   f"Gateway CPU per call: the gateway process's CPU over the repetition / the calls it served. "
+                   f"Failures: lean {report.sequential_failures}, SDK {report.sdk_failures}.\n")
+        out.append("| path | era | direct p50 ms | gateway p50 ms | **added p50 ms** | added p99 ms | paired median ms | gateway CPU µs/call |")
+        out.append("|---|---|---:|---:|---:|---:|---:|---:|")
+        for label, era, picked in rows:
+            out.append(f"| {label} | {era} | {_median([r['direct_p50_ms'] for r in picked]):.3f} | "
+                       f"{_median([r['gateway_p50_ms'] for r in picked]):.3f} | **{_median([r['added_p50_ms'] for r in picked]):.3f}** | "
+                       f"{_median([r['added_p99_ms'] for r in picked]):.3f} | {_median([r['paired_median_ms'] for r in picked]):.3f} | "
+                       f"{_median([r.get('gateway_cpu_us_per_call', float('nan')) for r in picked]):,.0f} |")
 
-    latency_table("Sequential latency, lean client", report.sequential, report.sequential_failures,
-                  "Raw keep-alive socket client (pre-built request, TCP_NODELAY)")
-    latency_table("Sequential latency, MCP SDK `Client` (mode=\"2026-07-28\")", report.sdk, report.sdk_failures,
-                  f"mcp {m['versions']['mcp']} `Client.call_tool` over httpx2")
+    if report.credentials:
+        out.append("\n### Per-user credentials vs `source: none`\n")
+        out.append("Two gateways in front of the same fast upstream, one resolving the user's sealed credential from the "
+                   "vault on every call (`source: user`), one with nothing to resolve (`source: none`); runs alternate.\n")
+        out.append("| concurrency | user calls/s | none calls/s | user CPU µs/call | none CPU µs/call | credential cost µs/call | calls/s ratio (user/none) |")
+        out.append("|---:|---:|---:|---:|---:|---:|---:|")
+        for c in CREDENTIAL_CONCURRENCY:
+            u = [r for r in report.credentials if r["connections"] == c and r["source"] == "user"]
+            n = [r for r in report.credentials if r["connections"] == c and r["source"] == "none"]
+            if not u or not n:
+                continue
+            ucpu, ncpu = _median([r["gateway_cpu_us_per_call"] for r in u]), _median([r["gateway_cpu_us_per_call"] for r in n])
+            urps, nrps = _median([r["rps"] for r in u]), _median([r["rps"] for r in n])
+            out.append(f"| {c} | {urps:,.0f} | {nrps:,.0f} | {ucpu:,.0f} | {ncpu:,.0f} | {ucpu - ncpu:,.0f} | {urps / nrps:.2f} |")
 
     mem = report.memory
     if mem:
@@ -447,12 +518,24 @@ def run(s: Settings, log: Callable[[str], None]) -> Report:
             log(f"load: {report.settings['generator_used']}, concurrency {CONCURRENCY}, {s.reps} repetition(s); {where.describe()}")
             measure_load(direct, through, gw, s, wrk, where, report, log)
             log(f"sequential (raw keep-alive client): {s.sequential_calls} pairs x {s.reps}")
-            measure_sequential(direct, through, s, report, log)
+            measure_sequential(direct, through, gw, s, report, log)
             if s.sdk:
-                log(f"sequential (MCP SDK Client, 2026-07-28): {s.sdk_calls} pairs x {s.reps}")
-                measure_sdk(upstream_url, gw, s, report, log)
+                for mode in SDK_MODES:
+                    log(f"sequential (MCP SDK Client, {mode}, fast upstream): {s.sdk_calls} pairs x {s.reps}")
+                    measure_sdk(upstream_url, gw, mode, "fast", s, report, log)
             stats_after = _upstream_stats(upstream_url)
             report.upstream_calls = {k: stats_after.get(k, 0) - stats_before.get(k, 0) for k in stats_after}
+            if s.credentials:
+                with stack.gateway(upstream_url, workdir / "none", where.gateway, credentials=False) as bare:
+                    log(f"credentials: source user vs none, concurrency {CREDENTIAL_CONCURRENCY}, {s.reps} repetition(s)")
+                    measure_credentials(gw, bare, s, wrk, where, report, log)
+        if s.sdk and s.sdk_upstream:
+            with stack.sdk_upstream(where.upstream) as (sdk_up, sdk_url), \
+                    stack.gateway(sdk_url, workdir / "sdk", where.gateway) as sdk_gw:
+                report.commands.append(" ".join(sdk_up.argv))
+                for mode in SDK_MODES:
+                    log(f"sequential (MCP SDK Client, {mode}, SDK upstream): {s.sdk_calls} pairs x {s.reps}")
+                    measure_sdk(sdk_url, sdk_gw, mode, "sdk", s, report, log)
         if s.memory:
             log(f"memory: {s.sessions} idle sessions on a fresh gateway")
             measure_memory(upstream_url, workdir, s, where, report, log)
@@ -468,7 +551,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sessions", type=int, help="idle sessions for the memory measurement")
     parser.add_argument("--generator", choices=("auto", "wrk", "python"), default="auto")
     parser.add_argument("--no-pin", action="store_true", help="do not pin processes to cores")
-    parser.add_argument("--no-sdk", action="store_true", help="skip the MCP SDK Client measurement")
+    parser.add_argument("--no-sdk", action="store_true", help="skip the MCP SDK Client measurements")
+    parser.add_argument("--no-sdk-upstream", action="store_true", help="skip the MCP SDK upstream rows")
+    parser.add_argument("--no-credentials", action="store_true", help="skip the source: user vs none comparison")
+    parser.add_argument("--concurrency", help="comma-separated connection counts for the load runs (default 1,8,64,256)")
     parser.add_argument("--no-memory", action="store_true", help="skip the idle-session memory measurement")
     parser.add_argument("--json", type=Path, help="also write every raw figure as JSON here")
     parser.add_argument("--gateway-executable", help="run this instead of `portcullis` (same CLI), e.g. another checkout's")
@@ -481,6 +567,11 @@ def main(argv: list[str] | None = None) -> int:
     s.pin = not args.no_pin
     s.sdk = not args.no_sdk
     s.memory = not args.no_memory
+    s.sdk_upstream = not args.no_sdk_upstream
+    s.credentials = not args.no_credentials
+    if args.concurrency:
+        global CONCURRENCY
+        CONCURRENCY = tuple(int(c) for c in args.concurrency.split(","))
     if args.reps is not None:
         s.reps = args.reps
     if args.seconds is not None:

@@ -57,11 +57,13 @@ from benchmarks.gateway_overhead import ARGUMENTS, TOOL, Placement, placement  #
 # (label, regex over "function (file:line)"); innermost match wins, so more specific stages
 # (nested inside others at run time) take their samples from the enclosing ones.
 STAGES: tuple[tuple[str, str], ...] = (
-    ("token: JWT verify (EdDSA signature, claims)", r"portcullis/gateway/tokens\.py"),
-    ("token: revocation check", r"portcullis/gateway/revocation\.py"),
-    ("credential: vault read + AES-GCM open", r"portcullis/vault/"),
-    ("audit: event + JSON line + metrics", r"portcullis/gateway/(audit|metrics)\.py|prometheus_client/"),
+    ("token: JWT verify (EdDSA signature, claims)", r"portcullis/gateway/identity/(tokens|oidc|admission)\.py"),
+    ("token: revocation check", r"portcullis/gateway/identity/revocation\.py"),
+    ("credential: vault read + AES-GCM open", r"portcullis/vault/|portcullis/gateway/credentials\.py"),
+    ("policy: allowlist, scope, rules, limits", r"portcullis/gateway/policy/"),
+    ("audit: event + store + metrics", r"portcullis/gateway/audit/|portcullis/gateway/metrics\.py|prometheus_client/|sqlite3"),
     ("upstream: aiohttp client request/response", r"portcullis/gateway/upstream\.py|aiohttp/|multidict/|yarl/"),
+    ("fast path: request checks, result shaping", r"portcullis/gateway/fastpath\.py"),
     ("relay: result -> CallToolResult model", r"relay_result|build_mcp_server\.<locals>\.call_tool"),
     ("gateway core: call_tool bookkeeping", r"portcullis/gateway/core\.py"),
     ("auth layer: BearerAuth (ASGI)", r"portcullis/gateway/endpoint\.py"),

@@ -225,6 +225,7 @@ class LoadResult:
     p50_ms: float
     p99_ms: float
     failure_samples: list[str] = field(default_factory=list)
+    p999_ms: float = float("nan")
 
     @property
     def rps(self) -> float:
@@ -265,9 +266,9 @@ function done(summary, latency, requests)
   end
   local e = summary.errors
   io.write(string.format("PORTCULLIS requests=%d duration_us=%d responses=%d failures=%d "
-    .. "connect=%d read=%d write=%d status=%d timeout=%d p50_us=%d p99_us=%d\\n",
+    .. "connect=%d read=%d write=%d status=%d timeout=%d p50_us=%d p99_us=%d p999_us=%d\\n",
     summary.requests, summary.duration, r, f, e.connect, e.read, e.write, e.status, e.timeout,
-    latency:percentile(50), latency:percentile(99)))
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
   if s ~= "" then io.write("PORTCULLIS sample " .. s .. "\\n") end
 end
 """
@@ -324,6 +325,7 @@ def wrk_load(
         p50_ms=numbers["p50_us"] / 1000,
         p99_ms=numbers["p99_us"] / 1000,
         failure_samples=samples,
+        p999_ms=numbers["p999_us"] / 1000,
     )
 
 
@@ -402,7 +404,7 @@ def python_load(
             conn.sock.close()
     ms = [v / 1e6 for v in latencies]
     return LoadResult("python", connections, elapsed, len(latencies), failures,
-                      percentile(ms, 50), percentile(ms, 99), samples)
+                      percentile(ms, 50), percentile(ms, 99), samples, percentile(ms, 99.9))
 
 
 # --- sequential latency ------------------------------------------------------------------------

@@ -40,7 +40,7 @@ metadata: {{name: {connection}, namespace: bench}}
 spec:
   url: {upstream_url}
   timeoutSeconds: 10
-  credential: {{source: user, header: Authorization, scheme: Bearer}}
+  credential: {credential}
 ---
 apiVersion: portcullis.dev/v1alpha1
 kind: VirtualMCPServer
@@ -124,6 +124,23 @@ def upstream(cores: Sequence[int] | None = None, *, uvloop: bool = True) -> Iter
             popen.stdout.close()
 
 
+@contextmanager
+def sdk_upstream(cores: Sequence[int] | None = None) -> Iterator[tuple[Process, str]]:
+    """The MCP SDK `MCPServer` upstream (sdk_upstream.py) in its own process; yields (process, URL)."""
+    argv = [*pin_prefix(cores), sys.executable, str(BENCH_DIR / "sdk_upstream.py"), "--port", "0"]
+    popen = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    process = Process(popen, argv)
+    try:
+        line = _read_line(popen, STARTUP_TIMEOUT)
+        if not line.startswith("ready "):
+            raise RuntimeError(f"SDK upstream did not start: {line!r}")
+        yield process, line.split()[1]
+    finally:
+        process.stop()
+        if popen.stdout is not None:
+            popen.stdout.close()
+
+
 GATEWAY_EXECUTABLE: str | None = None  # another `portcullis` to benchmark (the harness's --gateway-executable)
 
 
@@ -182,10 +199,16 @@ def _wait_ready(url: str, process: Process, log: Path) -> None:
     raise TimeoutError(f"gateway not ready within {STARTUP_TIMEOUT} s:\n{log.read_text()}")
 
 
-def manifests_text(upstream_url: str, *, audit: dict[str, Any] | None = None, extra: str = "") -> str:
+USER_CREDENTIAL = "{source: user, header: Authorization, scheme: Bearer}"
+NO_CREDENTIAL = "{source: none}"
+
+
+def manifests_text(upstream_url: str, *, audit: dict[str, Any] | None = None, extra: str = "", credentials: bool = True) -> str:
     """The benchmark's manifests; `audit` becomes the VirtualMCPServer's `spec.audit` (omitted: the
-    default, SQLite), `extra` is appended as more YAML documents (e.g. the `v1/Secret` a postgres store names)."""
-    text = MANIFESTS.format(connection=CONNECTION, upstream_url=upstream_url)
+    default, SQLite), `extra` is appended as more YAML documents (e.g. the `v1/Secret` a postgres store names).
+    `credentials` False makes the connection `source: none` (no per-user credential to resolve)."""
+    text = MANIFESTS.format(connection=CONNECTION, upstream_url=upstream_url,
+                            credential=USER_CREDENTIAL if credentials else NO_CREDENTIAL)
     if audit is not None:
         anchor = "  sessionTokens: {defaultTTL: 1h, maxTTL: 2h}\n"
         assert anchor in text
@@ -198,16 +221,17 @@ def manifests_text(upstream_url: str, *, audit: dict[str, Any] | None = None, ex
 @contextmanager
 def gateway(
     upstream_url: str, workdir: Path, cores: Sequence[int] | None = None, *,
-    audit: dict[str, Any] | None = None, extra_manifests: str = "",
+    audit: dict[str, Any] | None = None, extra_manifests: str = "", credentials: bool = True,
 ) -> Iterator[Gateway]:
     """`portcullis serve` in front of `upstream_url`, with a credential stored and a token minted.
 
     `audit` is `spec.audit` of the VirtualMCPServer (None: not set, so the default store, SQLite);
-    `extra_manifests` is more YAML placed beside the benchmark's manifests.
+    `extra_manifests` is more YAML placed beside the benchmark's manifests; `credentials` False
+    serves the connection with `source: none` (nothing stored, nothing resolved per call).
     """
     manifests = workdir / "manifests"
     manifests.mkdir(parents=True, exist_ok=True)
-    (manifests / "bench.yaml").write_text(manifests_text(upstream_url, audit=audit, extra=extra_manifests))
+    (manifests / "bench.yaml").write_text(manifests_text(upstream_url, audit=audit, extra=extra_manifests, credentials=credentials))
     state = workdir / "state"
     port, admin_port = free_port(), free_port()
     secret = secrets.token_urlsafe(24)
@@ -221,9 +245,10 @@ def gateway(
     try:
         base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
         _wait_ready(base + "/readyz", process, log)
-        status, answer = _http("PUT", f"{admin}/v1/users/{USER}/connections/{CONNECTION}", {"secret": UPSTREAM_SECRET}, secret)
-        if status >= 300:
-            raise RuntimeError(f"storing the benchmark credential failed: HTTP {status} {answer}")
+        if credentials:
+            status, answer = _http("PUT", f"{admin}/v1/users/{USER}/connections/{CONNECTION}", {"secret": UPSTREAM_SECRET}, secret)
+            if status >= 300:
+                raise RuntimeError(f"storing the benchmark credential failed: HTTP {status} {answer}")
         status, answer = _http("POST", f"{admin}/v1/tokens", {"user": USER, "ttl": "1h"}, secret)
         if status != 201:
             raise RuntimeError(f"minting the benchmark token failed: HTTP {status} {answer}")

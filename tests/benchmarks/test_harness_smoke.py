@@ -42,19 +42,28 @@ def test_harness_reports_figures_and_every_gateway_call_succeeds(tmp_path: Path)
     report = run_harness(tmp_path / "report.json")
 
     rows = report["load"]
-    assert {(r["side"], r["connections"]) for r in rows} == {(s, c) for s in ("direct", "gateway") for c in (1, 8, 64)}
+    assert {(r["side"], r["connections"]) for r in rows} == {(s, c) for s in ("direct", "gateway") for c in (1, 8, 64, 256)}
     for row in rows:
         assert row["generator"] == "python"
         assert row["failures"] == 0, row
         assert row["calls"] == CALLS, row
-        assert finite(row["rps"]) and finite(row["p50_ms"]) and finite(row["p99_ms"]), row
+        assert finite(row["rps"]) and finite(row["p50_ms"]) and finite(row["p99_ms"]) and finite(row["p999_ms"]), row
+        if row["side"] == "gateway":
+            assert finite(row["gateway_cpu_us_per_call"]), row
 
     for section, failures in (("sequential", "sequential_failures"), ("sdk", "sdk_failures")):
         assert report[failures] == 0
         assert report[section], section
         for summary in report[section]:
             assert summary["pairs"] > 0
-            assert all(math.isfinite(v) for v in summary.values()), summary
+            assert finite(summary["gateway_cpu_us_per_call"]), summary
+            assert all(math.isfinite(v) for v in summary.values() if isinstance(v, float)), summary
+    # The SDK client in both eras, against the fast upstream and an MCP SDK upstream.
+    assert {(r["mode"], r["upstream"]) for r in report["sdk"]} == {(m, u) for m in ("2026-07-28", "legacy") for u in ("fast", "sdk")}
+
+    # Per-user credentials against `source: none`, at each concurrency, with no failures.
+    assert {(r["source"], r["connections"]) for r in report["credentials"]} == {(s, c) for s in ("user", "none") for c in (8, 64)}
+    assert all(r["failures"] == 0 and finite(r["gateway_cpu_us_per_call"]) for r in report["credentials"])
 
     memory = report["memory"]
     assert memory["failures"] == 0, memory["failure_samples"]
