@@ -5,11 +5,13 @@ import os
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import anyio
 import pytest
 
 from portcullis.gateway.identity.revocation import (
+    FILE_RECHECK_SECONDS,
     FileRevocations,
     KubernetesRevocations,
     MemoryRevocations,
@@ -56,13 +58,44 @@ async def test_file_revocations(tmp_path: Path) -> None:
 async def test_a_file_revocation_by_another_process_is_seen(tmp_path: Path) -> None:
     path = tmp_path / "revocations.json"
     gateway, cli = FileRevocations(path), FileRevocations(path)
+
+    async def seen(claims: SessionClaims, revoked: bool) -> None:
+        # Another process's write is seen once the file is looked at again (FILE_RECHECK_SECONDS).
+        with anyio.fail_after(5):
+            while gateway.is_revoked(claims) is not revoked:
+                await anyio.sleep(0.01)
+
     assert not gateway.is_revoked(_claims("j1"))
     await cli.revoke_token("j1", NOW + 900)
-    assert gateway.is_revoked(_claims("j1"))
+    await seen(_claims("j1"), True)
     await cli.revoke_user("alice@example.com", NOW)
-    assert gateway.is_revoked(_claims("j9"))
+    await seen(_claims("j9"), True)
     os.unlink(path)
-    assert not gateway.is_revoked(_claims("j1"))
+    await seen(_claims("j1"), False)
+
+
+@pytest.mark.anyio
+async def test_the_revocation_file_is_not_looked_at_on_every_check(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "revocations.json"
+    gateway = FileRevocations(path)
+    await FileRevocations(path).revoke_token("j1", NOW + 900)
+    looked = 0
+    real_stat = os.stat
+
+    def counting_stat(*args: Any, **kwargs: Any) -> os.stat_result:
+        nonlocal looked
+        looked += 1
+        return real_stat(*args, **kwargs)
+
+    clock = [1000.0]
+    monkeypatch.setattr("portcullis.gateway.identity.revocation.time.monotonic", lambda: clock[0])
+    monkeypatch.setattr("portcullis.gateway.identity.revocation.os.stat", counting_stat)
+    assert all(gateway.is_revoked(_claims("j1")) for _ in range(1000))
+    assert looked == 1  # 1,000 checks within FILE_RECHECK_SECONDS: the file is looked at once
+    clock[0] += 2 * FILE_RECHECK_SECONDS
+    assert gateway.is_revoked(_claims("j1")) and looked == 2
+    await gateway.revoke_token("j2", NOW + 900)
+    assert gateway.is_revoked(_claims("j2"))  # its own revocation applies at once, whatever the clock
 
 
 @pytest.mark.anyio

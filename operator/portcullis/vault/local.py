@@ -117,6 +117,7 @@ class LocalVault:
         # sealed text they were opened from is what the file holds (see the module docstring).
         self._keys: dict[str, bytes] = {}
         self._sealed: dict[Path, tuple[tuple[int, int, int], str]] = {}
+        self._paths: dict[tuple[str, str, str], Path] = {}  # checked and joined once per credential
         self._plain = Plaintexts()
         self._locks = KeyedLocks()
 
@@ -125,8 +126,15 @@ class LocalVault:
         return self._root / tenant
 
     def _path(self, tenant: str, user: str, connection: str) -> Path:
-        _check_connection(connection)
-        return self._tenant_dir(tenant) / f"{_user_file_prefix(user)}{connection}{_SUFFIX}"
+        where = (tenant, user, connection)
+        path = self._paths.get(where)
+        if path is None:
+            _check_connection(connection)
+            path = self._tenant_dir(tenant) / f"{_user_file_prefix(user)}{connection}{_SUFFIX}"
+            if len(self._paths) >= 65_536:
+                self._paths.clear()
+            self._paths[where] = path
+        return path
 
     def _read_sealed(self, path: Path) -> str:
         """The sealed text of one credential file, re-read only when the file changed.

@@ -25,7 +25,6 @@ key can rewrite a whole chain consistently; periodic heads signed and exported e
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import hmac
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -62,7 +61,7 @@ class Anchor:
 
 def link_hash(chain_key: bytes, writer: str, seq: int, prev_hash: str, event: AuditEvent) -> str:
     material = canonical_json({"writer": writer, "seq": seq, "prev": prev_hash, "event": event.to_dict()})
-    return hmac.new(chain_key, material, hashlib.sha256).hexdigest()
+    return hmac.digest(chain_key, material, "sha256").hex()
 
 
 class ChainWriter:

@@ -73,8 +73,14 @@ NOT_EXPOSED_LABEL: Final = "(not exposed)"
 """The metric label for a denied name: agents choose those, so they must not become label values."""
 
 
+_last_second: list[Any] = [None, ""]  # (whole second, its formatted form): strftime runs per event otherwise
+
+
 def iso_time(epoch: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(epoch)) + f".{int(epoch * 1_000_000) % 1_000_000:06d}Z"
+    second = int(epoch // 1)
+    if _last_second[0] != second:
+        _last_second[:] = [second, time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(second))]
+    return f"{_last_second[1]}.{int(epoch * 1_000_000) % 1_000_000:06d}Z"
 
 
 @dataclass(frozen=True, slots=True)

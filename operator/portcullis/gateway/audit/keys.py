@@ -71,7 +71,7 @@ class AuditKey:
             data = canonical_json(value)
         except (TypeError, ValueError):  # not JSON (a NaN, say): digest its repr rather than fail the call
             data = repr(value).encode()
-        return "hmac-sha256:" + hmac.new(self._digest_key, data, hashlib.sha256).hexdigest()
+        return "hmac-sha256:" + hmac.digest(self._digest_key, data, "sha256").hex()
 
 
 class LocalAuditKeys:

@@ -8,7 +8,7 @@ resource URIs (unbounded through templates) are not a label at all.
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 from prometheus_client import Counter, Gauge, Histogram
 
@@ -81,6 +81,19 @@ AUDIT_DROPPED = Counter(
 AUDIT_PRUNED = Counter("portcullis_audit_pruned_events_total", "Audit events removed by retention.", ["server"])
 
 
+_children: dict[tuple[Any, ...], Any] = {}
+"""Labelled children already looked up: `labels()` validates and locks on every call, and this runs
+per request. Label values are bounded (see above), so this holds what the registry holds anyway."""
+
+
+def _child(metric: Any, *values: str) -> Any:
+    key = (metric, *values)
+    child = _children.get(key)
+    if child is None:
+        child = _children[key] = metric.labels(*values)
+    return child
+
+
 def observe(event: AuditEvent) -> None:
     """Count one recorded request."""
     server = event.server
@@ -88,20 +101,20 @@ def observe(event: AuditEvent) -> None:
         tool = event.tool or ""
     else:
         tool = NOT_EXPOSED_LABEL if event.reason == Reason.NOT_EXPOSED else ""
-    CALLS.labels(server, event.method, tool, event.decision, event.outcome).inc()
+    _child(CALLS, server, event.method, tool, event.decision, event.outcome).inc()
     if event.outcome == "unauthenticated":
-        AUTH_FAILURES.labels(server, event.reason).inc()
+        _child(AUTH_FAILURES, server, event.reason).inc()
     elif event.decision == "deny":
-        DENIALS.labels(server, event.reason).inc()
+        _child(DENIALS, server, event.reason).inc()
     else:
         seconds = event.latency_ms / 1000
-        CALL_DURATION.labels(server, event.method).observe(seconds)
+        _child(CALL_DURATION, server, event.method).observe(seconds)
         upstream = (event.upstream_ms or 0.0) / 1000
-        GATEWAY_DURATION.labels(server, event.method).observe(max(seconds - upstream, 0.0))
+        _child(GATEWAY_DURATION, server, event.method).observe(max(seconds - upstream, 0.0))
         if event.connection is not None and event.upstream_ms is not None:
-            UPSTREAM_DURATION.labels(server, event.connection).observe(upstream)
+            _child(UPSTREAM_DURATION, server, event.connection).observe(upstream)
         if event.outcome in ("upstream_error", "error") and event.connection is not None:
-            UPSTREAM_ERRORS.labels(server, event.connection, event.reason).inc()
+            _child(UPSTREAM_ERRORS, server, event.connection, event.reason).inc()
 
 
 def set_exposure(server: str, *, exposed: int, upstream: int, exposed_tokens: int, upstream_tokens: int) -> None:

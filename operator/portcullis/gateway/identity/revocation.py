@@ -29,7 +29,7 @@ import re
 import time
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 import anyio
 
@@ -109,6 +109,11 @@ class MemoryRevocations:
         return self._view.users.get(user)
 
 
+FILE_RECHECK_SECONDS: Final = 0.05
+"""How often the revocation file is looked at again: a revocation written by another local process
+(the CLI, another `serve`) applies within this; this process's own revocations apply at once."""
+
+
 class FileRevocations:
     """Revocations in a JSON file that several local processes share."""
 
@@ -116,8 +121,13 @@ class FileRevocations:
         self._path = Path(path)
         self._stamp: tuple[int, int, int] | None = None
         self._view = Revocations()
+        self._checked = float("-inf")  # monotonic time of the last stat
 
     def _refresh(self) -> Revocations:
+        now = time.monotonic()
+        if now - self._checked < FILE_RECHECK_SECONDS:
+            return self._view  # a stat per call cost more than the check it guards
+        self._checked = now
         try:
             st = os.stat(self._path)
         except FileNotFoundError:
@@ -157,7 +167,7 @@ class FileRevocations:
     def _write(self, view: Revocations) -> None:
         doc = {"tokens": dict(sorted(view.tokens.items())), "users": dict(sorted(view.users.items()))}
         write_private_file(self._path, (json.dumps(doc, indent=2) + "\n").encode("utf-8"))
-        self._stamp = None  # re-stat next time; the view below is already current
+        self._stamp = None  # re-read at the next look; the view below is already current
         self._view = view
 
     async def revoke_token(self, jti: str, expires_at: int) -> None:
