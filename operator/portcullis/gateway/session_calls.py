@@ -1,17 +1,20 @@
-"""`tools/call` for a session-era agent whose client can answer what an upstream asks mid-call.
+"""`tools/call` for a session-era agent with a session: answered here, on a stream written directly.
 
 The SDK serves the session protocol statelessly here (any replica answers any
-request), and its stateless transport has no way to send the client a request:
-the answer would come back in another POST it cannot match. So a call from a
-2025-11-25 agent that declared elicitation, sampling or roots, and only such a
-call, is answered here instead, on a response stream written directly:
+request). Its stateless transport builds a whole server per request (2-3 ms of
+CPU a call, most of what a session-era call cost), and it has no way to send the
+client a request: the answer would come back in another POST it cannot match. So
+every plain `tools/call` of a 2025-11-25 session is answered here instead, on a
+response stream written directly:
 
 - progress and log messages as the upstream sends them (the agent's own token);
 - each question the upstream asks, as a request to the agent with a relay id
-  (relay.py) — whether the upstream asked mid-stream (the session protocol) or
-  returned `inputRequests` (2026-07-28), in which case the answers are sent back
-  on the retry, round after round, as a 2026-07-28 client would;
-- then the result or the JSON-RPC error, shaped for the session protocol.
+  (relay.py), if its client declared elicitation, sampling or roots — whether
+  the upstream asked mid-stream (the session protocol) or returned
+  `inputRequests` (2026-07-28), in which case the answers are sent back on the
+  retry, round after round, as a 2026-07-28 client would;
+- then the result, shaped by the SDK's serializer for the session's protocol
+  version, or the JSON-RPC error.
 
 Everything else about the call (the allowlist, the credential, the audit event
 of each round) is the call path's, unchanged: each round is one `call_tool`.
@@ -28,7 +31,9 @@ from typing import Any, Final
 
 from starlette.types import Send
 
-from portcullis.gateway.core import INTERNAL_ERROR, Gateway, RPCError
+from mcp_types import methods as _methods
+
+from portcullis.gateway.core import INTERNAL_ERROR, Gateway, RPCError, complete_tool_result
 from portcullis.gateway.inflight import InFlight
 from portcullis.gateway.relay import Relay
 from portcullis.gateway.session_ids import AgentSession
@@ -40,11 +45,6 @@ log = logging.getLogger("portcullis.gateway")
 MAX_ROUNDS: Final = 16
 """Most `inputRequests` rounds one call may take (an upstream asking for ever is stopped)."""
 SSE_HEADERS: Final = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache, no-transform")]
-
-
-def wants_relay(session: AgentSession | None) -> bool:
-    """Does this session's client declare anything an upstream might ask it?"""
-    return session is not None and can_be_asked(session.capabilities)
 
 
 def plain_call(body: bytes) -> dict[str, Any] | None:
@@ -80,6 +80,7 @@ class _Stream:
         self.log_level: str | None = "debug"
         self.era = "session"
         self.agent_session: str | None = session.id
+        self.protocol_version = session.protocol_version
         self._progress_token = progress_token
         self._started = False
         self.gone = False  # the agent closed the stream
@@ -147,8 +148,7 @@ class SessionToolCall:
             except RPCError as exc:
                 return {"jsonrpc": "2.0", "id": request_id, "error": exc.to_dict()}
             if result.get("resultType") != "input_required":
-                result.pop("resultType", None)  # a 2026-07-28 field; this agent speaks the session protocol
-                return {"jsonrpc": "2.0", "id": request_id, "result": result}
+                return {"jsonrpc": "2.0", "id": request_id, "result": _shaped(result, stream.protocol_version)}
             # A 2026-07-28 upstream's questions: asked of the agent one by one, answered on the retry.
             responses: dict[str, Any] = {}
             for key, question in (result.get("inputRequests") or {}).items():
@@ -183,6 +183,15 @@ async def answer_on_stream(
         call_events.reset(reset)
     await stream.write(answer)
     await stream.end()
+
+
+def _shaped(result: dict[str, Any], protocol_version: str) -> dict[str, Any]:
+    """The result as the SDK shapes it for the session's protocol version (no 2026-07-28 `resultType`)."""
+    try:
+        return _methods.serialize_server_result("tools/call", protocol_version, complete_tool_result(result))
+    except Exception:  # a version the SDK's serializer does not know: the one field that differs
+        result.pop("resultType", None)
+        return result
 
 
 def _error(request_id: Any, code: int, message: str) -> dict[str, Any]:

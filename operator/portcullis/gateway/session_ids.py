@@ -59,6 +59,8 @@ MAX_UPSTREAM_SESSION_ID: Final = 256
 # A session outlives no token that could use it; a relayed request waits at most this long for its answer.
 SESSION_SECONDS: Final = 7 * 24 * 3600
 RELAY_SECONDS: Final = 3600
+OPENED_SESSIONS: Final = 10_000
+"""Session ids whose check is remembered (per replica); more, and the memory starts again."""
 TASK_SECONDS: Final = 7 * 24 * 3600
 """A task id's lifetime; the upstream's own retention (the task's `ttl`) usually ends it sooner."""
 
@@ -101,6 +103,10 @@ class SessionIds:
     def __init__(self, keys: Callable[[], SigningKeys], audience: Callable[[], str]):
         self._keys = keys  # the token verifier's provider: a rotation applies here at once
         self._audience = audience  # the server's URL, read when used (a config swap may change it)
+        # Session ids already opened: (the key set and audience they were checked against, expiry,
+        # the session). A session id is immutable, so only the clock, a new key set (a rotation or
+        # a pruned key) or a new audience can change the answer; each sends it back to `_open`.
+        self._opened: dict[str, tuple[SigningKeys, str, float, AgentSession]] = {}
 
     @property
     def _session_aud(self) -> str:
@@ -131,13 +137,21 @@ class SessionIds:
         return self._sign(payload, SESSION_TYP)
 
     def open_session(self, session_id: str) -> AgentSession:
-        payload = self._open(session_id, SESSION_TYP, self._session_aud)
+        keys, audience = self._current(), self._session_aud
+        opened = self._opened.get(session_id)
+        if opened is not None and opened[0] is keys and opened[1] == audience and opened[2] > time.time():
+            return opened[3]  # its signature (most of a session-era request's own cost) checked before
+        payload = self._open(session_id, SESSION_TYP, audience)
         user, version, caps, sealed = payload.get("sub"), payload.get("pv"), payload.get("caps"), payload.get("up")
         if not isinstance(user, str) or not isinstance(version, str) or not isinstance(caps, dict):
             raise TokenError("malformed")
         if sealed is not None and not isinstance(sealed, str):
             raise TokenError("malformed")
-        return AgentSession(session_id, user, version, caps, sealed)
+        session = AgentSession(session_id, user, version, caps, sealed)
+        if len(self._opened) >= OPENED_SESSIONS:
+            self._opened.clear()
+        self._opened[session_id] = (keys, audience, float(payload["exp"]), session)
+        return session
 
     def relay_id(self, replica: str, user: str) -> str:
         now = int(time.time())
