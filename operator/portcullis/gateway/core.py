@@ -24,7 +24,7 @@ import aiohttp
 from mcp.shared.uri_template import InvalidUriTemplate, UriTemplate
 
 from portcullis.api.config import ExposedResourceTemplate, ExposedTool, GatewayConfig
-from portcullis.gateway import tracing
+from portcullis.gateway import http1, tracing
 from portcullis.gateway.audit import Outcome, Reason
 from portcullis.gateway.audit.metrics import set_exposure
 from portcullis.gateway.audit.recorder import CallRecord, recording
@@ -158,6 +158,7 @@ class Gateway:
         await self.background.stop()
         self._watchers.clear()
         if self._http is not None:
+            await http1.Client.of(self._http).close()  # the upstream pools found from this session
             await self._http.close()
         await self.credentials.oauth.close()
         await self.oidc.close()

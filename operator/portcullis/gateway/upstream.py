@@ -3,8 +3,10 @@
 Why not the SDK's `Client` here: a gateway forwards already-validated JSON-RPC
 and relays the upstream's answer, so parsing every result into pydantic models
 and back is pure cost on the hot path (it was most of the 5.5 ms a naive
-SDK-on-SDK gateway added). This module speaks the wire directly, over one
-pooled aiohttp connector per gateway, and returns plain dicts.
+SDK-on-SDK gateway added). This module speaks the wire directly and returns
+plain dicts: requests and answers over the gateway's own keep-alive HTTP/1.1
+pools (http1.py: about half aiohttp's CPU per request), https origins and the
+long-lived streams over the gateway's one aiohttp session.
 
 It speaks both eras of Streamable HTTP:
 
@@ -66,7 +68,7 @@ from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, LOG_LE
 
 from portcullis import __version__
 from portcullis.api.config import ConnectionConfig
-from portcullis.gateway import tracing
+from portcullis.gateway import http1, tracing
 
 MODERN_VERSION: Final = "2026-07-28"
 LEGACY_VERSION: Final = "2025-11-25"
@@ -292,7 +294,7 @@ class _Slots:
     closing where a connector would need whoever drops the client to close it;
     and only a wait in front of the request can be timed, logged and failed with
     a message naming the limit (aiohttp's own connector queue is silent and spends
-    the request's timeout). The gateway's one shared connector keeps pooling
+    the request's timeout). The gateway's shared pools (http1.py, aiohttp) keep pooling
     keep-alive connections and has no per-host cap, so this is the bound. On
     HTTP/1.1 a request on the wire is one connection, so bounding requests bounds
     the upstream's sockets (idle ones in the pool aside). The change stream does
@@ -348,7 +350,7 @@ class _Budget:
 
     __slots__ = ("_connection", "_response", "limit", "spent")
 
-    def __init__(self, response: aiohttp.ClientResponse, config: ConnectionConfig):
+    def __init__(self, response: http1.Response, config: ConnectionConfig):
         self._response = response
         self._connection = config.name
         self.limit = config.max_result_bytes
@@ -380,6 +382,9 @@ class UpstreamClient:
         self._param_headers: dict[str, dict[tuple[str, ...], str]] = {}
         # aiohttp bounds connecting; everything after is `_Deadline`'s (an idle clock aiohttp lacks).
         self._timeout = aiohttp.ClientTimeout(total=None, sock_connect=config.timeout_seconds)
+        # Calls, answers and notices go over the gateway's lean keep-alive pools (http1.py;
+        # https through `http` itself); the long-lived streams stay on `http`.
+        self._wire = http1.Client.of(http).endpoint(config.url)
         self._slots = _Slots(config)
         self._notices: set[asyncio.Task[None]] = set()  # cancellation notices on their way (kept referenced)
 
@@ -781,8 +786,8 @@ class UpstreamClient:
         raw = b""
         message: dict[str, Any] | None = None
         try:
-            async with self._slots.hold(), _Deadline(self.config) as deadline, self._http.post(
-                self.config.url, data=json.dumps(body, separators=(",", ":")), headers=headers, timeout=self._timeout
+            async with self._slots.hold(), _Deadline(self.config) as deadline, self._wire.request(
+                "POST", json.dumps(body, separators=(",", ":")).encode(), headers, self.config.timeout_seconds
             ) as response:
                 deadline.touch()
                 budget = _Budget(response, self.config)
@@ -798,17 +803,19 @@ class UpstreamClient:
             if message is None:
                 raise UpstreamError(self.name, f"HTTP {response.status}: no JSON-RPC response", status=response.status)
             return _result_of(message, self.name, response.status), response.headers
-        except asyncio.TimeoutError:  # connecting (aiohttp's sock_connect); the rest is `_Deadline`'s
+        except asyncio.TimeoutError:  # connecting (the wire's connect timeout); the rest is `_Deadline`'s
             raise UpstreamError(self.name, f"no connection within {self.config.timeout_seconds}s", transport=True) from None
-        except aiohttp.ClientConnectionError as exc:
-            raise UpstreamError(self.name, f"unreachable ({type(exc).__name__})", transport=True) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(self.name, f"bad HTTP exchange ({type(exc).__name__})") from None
-        except (ValueError, HttpProcessingError):  # a line over aiohttp's line limit (LineTooLong, see `_sse_lines`)
+        except http1.InvalidRequest:
+            raise UpstreamError(self.name, "a request header holds a line break (not sent)", transport=True) from None
+        except (http1.NotAnswered, aiohttp.ClientConnectionError) as exc:
+            raise UpstreamError(self.name, f"unreachable ({_failure(exc)})", transport=True) from None
+        except (http1.HTTPError, aiohttp.ClientError) as exc:
+            raise UpstreamError(self.name, f"bad HTTP exchange ({_failure(exc)})") from None
+        except (ValueError, HttpProcessingError):  # a line over the line limit (LineTooLong, see `_sse_lines`)
             raise UpstreamError(self.name, "sent an event line longer than the gateway reads") from None
 
     async def _read_sse_response(
-        self, response: aiohttp.ClientResponse, request_id: object, budget: _Budget, deadline: _Deadline, headers: dict[str, str]
+        self, response: http1.Response, request_id: object, budget: _Budget, deadline: _Deadline, headers: dict[str, str]
     ) -> dict[str, Any] | None:
         """Read server-sent events until the JSON-RPC response to `request_id` arrives.
 
@@ -856,19 +863,19 @@ class UpstreamClient:
     async def _send_answer(self, reply: dict[str, Any], headers: dict[str, str]) -> None:
         """POST the client's answer on the call's session. No slot: the call it belongs to holds one."""
         try:
-            async with self._http.post(self.config.url, data=json.dumps(reply), headers=headers, timeout=self._timeout) as response:
+            async with self._wire.request("POST", json.dumps(reply).encode(), headers, self.config.timeout_seconds) as response:
                 await _read_body(response, _Budget(response, self.config))
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(self.name, f"answering its request failed ({type(exc).__name__})") from None
+        except (http1.HTTPError, aiohttp.ClientError) as exc:
+            raise UpstreamError(self.name, f"answering its request failed ({_failure(exc)})") from None
 
     async def _notify(self, body: dict[str, Any], headers: dict[str, str]) -> None:
         try:
-            async with self._slots.hold(), _Deadline(self.config), self._http.post(
-                self.config.url, data=json.dumps(body), headers=headers, timeout=self._timeout
+            async with self._slots.hold(), _Deadline(self.config), self._wire.request(
+                "POST", json.dumps(body).encode(), headers, self.config.timeout_seconds
             ) as response:
                 await _read_body(response, _Budget(response, self.config))
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-            raise UpstreamError(self.name, f"handshake failed ({type(exc).__name__})") from None
+        except (asyncio.TimeoutError, http1.HTTPError, aiohttp.ClientError) as exc:
+            raise UpstreamError(self.name, f"handshake failed ({_failure(exc)})") from None
 
 
 def _session_key(credential: Mapping[str, str] | None, capabilities: Mapping[str, Any], agent_session: str | None = None) -> str:
@@ -892,7 +899,12 @@ def _credential_key(credential: Mapping[str, str] | None) -> str:
     return hashlib.sha256(joined.encode()).hexdigest()
 
 
-async def _read_body(response: aiohttp.ClientResponse, budget: _Budget) -> bytes:
+def _failure(exc: Exception) -> str:
+    """A transport failure's name for a message: the wire's label (aiohttp's word for it), or the error's type."""
+    return exc.label if isinstance(exc, http1.HTTPError) else type(exc).__name__
+
+
+async def _read_body(response: http1.Response, budget: _Budget) -> bytes:
     """The whole body, chunk by chunk as it arrives, each spent against `budget` before it is kept.
 
     Chunks are kept apart until the end, so an answer cut off holds no more than
@@ -948,7 +960,7 @@ def _result_of(message: dict[str, Any], connection: str, status: int) -> dict[st
 
 
 async def _sse_messages(
-    response: aiohttp.ClientResponse, budget: _Budget, *, per_event: bool = False
+    response: http1.Response, budget: _Budget, *, per_event: bool = False
 ) -> AsyncIterator[dict[str, Any]]:
     """Every JSON-RPC message of a server-sent event stream, until it ends (unparsable events are skipped).
 
@@ -972,7 +984,7 @@ async def _sse_messages(
                 yield message
 
 
-async def _sse_lines(response: aiohttp.ClientResponse, budget: _Budget) -> AsyncIterator[bytes]:
+async def _sse_lines(response: http1.Response, budget: _Budget) -> AsyncIterator[bytes]:
     """The lines of an event stream without their line ends, split here rather than by aiohttp's readline.
 
     Every piece is spent against `budget` as it arrives, so one endless line stops
