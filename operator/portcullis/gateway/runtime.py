@@ -107,12 +107,92 @@ def with_lifespan(
     return wrapped
 
 
+ACCEPT_BATCH = 128
+"""Connections taken off a listening socket per readiness event (asyncio takes up to its backlog)."""
+ACCEPT_PAUSE_SECONDS = 1.0
+"""How long accepting pauses after the process ran out of file descriptors (or another accept error)."""
+
+
+class _Acceptor:
+    """Accepts a listening socket's connections in batches and hands each to uvicorn's protocol.
+
+    uvloop (libuv) accepts one connection per loop iteration. Under load an iteration is long,
+    so a burst of new connections waited in the listen queue for seconds (measured: 135 queued,
+    drained at about 25 a second, a 2 s p99 at 256 connections, benchmarks/results/
+    asgi-servers-2026-12-02.md). This takes every pending connection at once, as asyncio's own
+    loop does. It has what uvicorn's shutdown uses of a server: `close` and `wait_closed`.
+    """
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, sock: socket.socket, factory: Callable[[], asyncio.Protocol]):
+        self._loop = loop
+        self._sock = sock
+        self._factory = factory
+        self._closed = False
+        self._handshakes: set[asyncio.Task[Any]] = set()
+        loop.add_reader(sock.fileno(), self._accept)
+
+    def _accept(self) -> None:
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as exc:  # EMFILE and the like: stop for a moment rather than spin
+                log.warning("accepting connections paused for %.0f s: %s", ACCEPT_PAUSE_SECONDS, exc)
+                self._loop.remove_reader(self._sock.fileno())
+                self._loop.call_later(ACCEPT_PAUSE_SECONDS, self._resume)
+                return
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = self._loop.create_task(self._connect(conn))
+            self._handshakes.add(task)
+            task.add_done_callback(self._handshakes.discard)
+
+    async def _connect(self, conn: socket.socket) -> None:
+        try:
+            await self._loop.connect_accepted_socket(self._factory, conn)
+        except OSError:  # the peer went away before its transport existed
+            conn.close()
+
+    def _resume(self) -> None:
+        if not self._closed:
+            self._loop.add_reader(self._sock.fileno(), self._accept)
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._loop.remove_reader(self._sock.fileno())
+
+    async def wait_closed(self) -> None:
+        return None
+
+
 class _QuietServer(uvicorn.Server):
-    """uvicorn without its signal capture: whoever runs the loop handles signals, once for all servers."""
+    """uvicorn without its signal capture (whoever runs the loop handles signals, once for all servers),
+    accepting connections in batches (`_Acceptor`) on the pre-bound sockets it is given."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Iterator[None]:
         yield
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        if sockets is None:
+            await super().startup(sockets)
+            return
+        await self.lifespan.startup()
+        if self.lifespan.should_exit:
+            raise SystemExit(3)  # uvicorn's STARTUP_FAILURE; the lifespan has said why
+        config = self.config
+
+        def create_protocol() -> asyncio.Protocol:
+            protocol: asyncio.Protocol = config.http_protocol_class(  # type: ignore[call-arg]
+                config=config, server_state=self.server_state, app_state=self.lifespan.state
+            )
+            return protocol
+
+        loop = asyncio.get_running_loop()
+        self.servers = [_Acceptor(loop, sock, create_protocol) for sock in sockets]  # type: ignore[list-item]
+        self.started = True
 
 
 @dataclass
