@@ -191,7 +191,7 @@ class _QuietServer(uvicorn.Server):
             return protocol
 
         loop = asyncio.get_running_loop()
-        self.servers = [_Acceptor(loop, sock, create_protocol) for sock in sockets]  # type: ignore[list-item]
+        self.servers = [_Acceptor(loop, sock, create_protocol) for sock in sockets]  # type: ignore[misc]
         self.started = True
 
 
