@@ -39,3 +39,20 @@ def test_standalone_has_no_priority(kopf_run: list[dict[str, Any]]) -> None:
     assert call["standalone"] is True and call["priority"] is None
     with pytest.raises(ValueError, match="peering"):
         peering_priority(None, 3)
+
+
+def test_kopf_runs_with_a_large_young_generation_and_the_start_up_heap_frozen(monkeypatch: pytest.MonkeyPatch) -> None:
+    import gc
+
+    from portcullis.controller.run import YOUNG_GENERATION
+
+    seen: list[tuple[tuple[int, ...], int]] = []
+    monkeypatch.setattr(kopf, "run", lambda **_: seen.append((gc.get_threshold(), gc.get_freeze_count())))
+    before = gc.get_threshold()
+    assert main(["operator", "-A"]) == 0
+    ((thresholds, frozen),) = seen
+    assert thresholds == (YOUNG_GENERATION, *before[1:])
+    assert frozen > 0  # modules, classes, kopf's registry: out of every full collection
+    # And put back when kopf returns, for a process that goes on (as this one does).
+    assert gc.get_threshold() == before
+    assert gc.get_freeze_count() == 0

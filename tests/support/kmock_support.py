@@ -25,6 +25,12 @@ every ``k8s['...'] << x`` a test adds) by applying the chain's criteria to that 
 request; anything else (slices, groups, exclusions, streams) takes kmock's own path.
 The request log is kept whole, so tests can still assert on it.
 
+Likewise for objects: kmock finds the object of a GET, PATCH, DELETE or POST by scanning
+every stored object (O(objects) per request: at 500 servers, about 8,000 objects, its
+`_serve_*` handlers were most of the emulator's CPU and made the operator wait). The
+emulator here looks the one object up by its (resource, namespace, name) key, which is how
+kmock stores it; requests without a name (lists, watches) keep kmock's scan.
+
 Use ``emulator()`` for a started emulator and HTTP server on 127.0.0.1, with the core resources
 declared (kmock only serves declared resources).
 """
@@ -104,6 +110,56 @@ class Emulator(kmock.KubernetesEmulator, _FastDispatch):
 
     def next_resource_version(self) -> str:
         return str(next(self._versions))
+
+    def _stored(self, request: rendering.Request, name: str | None) -> Any:
+        """The stored object `request` addresses (kmock's strict match, by key), or None."""
+        try:
+            return self.objects[request.resource, request.namespace, name]  # type: ignore[index]
+        except KeyError:
+            return None
+
+    async def _serve_fetch(self, request: rendering.Request) -> Any:
+        if request.name is None:
+            return await super()._serve_fetch(request)
+        async with self._lock:
+            obj = self._stored(request, request.name)
+        if obj is None or obj.deleted:
+            raise kmock.KubernetesObjectNotFoundError()
+        return obj.raw
+
+    async def _serve_create(self, request: rendering.Request) -> Any:
+        # Created in `KubernetesEmulator._handle` under the URL's namespace (or the body's).
+        meta = request.data.get("metadata", {}) if isinstance(request.data, dict) else {}
+        namespace = request.namespace or meta.get("namespace")
+        async with self._lock:
+            try:
+                obj = self.objects[request.resource, namespace, request.name or meta.get("name")]  # type: ignore[index]
+            except KeyError:
+                obj = None
+        if obj is None:
+            return await super()._serve_create(request)
+        return obj.raw
+
+    async def _serve_update(self, request: rendering.Request) -> Any:
+        if request.name is None:
+            return await super()._serve_update(request)
+        async with self._lock:
+            obj = self._stored(request, request.name)
+        assert obj is not None  # updated in _handle(), which answers 404 for a missing object
+        return obj.last.raw
+
+    async def _serve_delete(self, request: rendering.Request) -> Any:
+        if request.name is None:
+            return await super()._serve_delete(request)
+        async with self._lock:
+            obj = self._stored(request, request.name)
+        assert obj is not None  # deleted in _handle(), which answers 404 for a missing object
+        return obj.last.raw
+
+    def request_log(self) -> list[rendering.Request]:
+        """The log of every request served, oldest first: the live list, not a copy (read only)."""
+        requests: list[rendering.Request] = self._requests
+        return requests
 
     async def _handle(self, request: rendering.Request) -> Any:
         data = request.data

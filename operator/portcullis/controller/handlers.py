@@ -2,8 +2,14 @@
 
 Handlers are thin: they gather inputs from kopf (bodies, indexes, settings) and hand off
 to named functions in `reconcile.py`. kopf has no cross-resource triggers, so ToolMappings
-and MCPConnections are kept in kopf indexes (in memory, by namespace); a change to one
-re-reconciles exactly the servers it touches. Children are watched through their
+and MCPConnections are kept in kopf indexes (in memory): mappings by the server they name
+and by the connection they use, connections by name. A change to one re-reconciles exactly
+the servers it touches, and each of those reconciles reads only its own mappings and their
+connections: the work per server does not grow with the namespace (one Gmail connection
+shared by 500 servers costs each of them what it costs one). A connection's own status
+(`Accepted`, and whether any mapping uses it) depends on the connection and the mappings
+that name it, never on a server, so it is written from the connection's and the mappings'
+events, not by every server's reconcile. Children are watched through their
 `managed-by` label, so an edited or deleted child is put back at once; the per-server
 resync daemon covers what no watch sees (the cluster-scoped binding, the vault
 namespace) and refreshes the gateway-reported tool counts and the key schedule.
@@ -32,6 +38,7 @@ from portcullis.controller import options as options_module
 from portcullis.controller.cluster import JsonObject, KopfCluster
 from portcullis.controller.gateway_report import read_gateway_status
 from portcullis.controller.reconcile import (
+    MappingRefs,
     Memory,
     ServerKey,
     World,
@@ -40,7 +47,7 @@ from portcullis.controller.reconcile import (
     mapping_server_ref,
     reconcile_server,
     report_orphan_mapping,
-    write_connection_statuses,
+    write_connection_status,
 )
 from portcullis.render.metadata import MANAGED_BY, MANAGED_BY_LABEL, SERVER_LABEL
 
@@ -92,14 +99,19 @@ def _memory(memo: Any) -> Memory:
     return memory
 
 
-def _world(mappings_by_namespace: Index, connections_by_namespace: Index) -> World:
-    def world(namespace: str) -> tuple[list[JsonObject], list[JsonObject]]:
-        return (
-            list(mappings_by_namespace.get(namespace, [])),
-            list(connections_by_namespace.get(namespace, [])),
-        )
+def _world(mappings_by_server: Index, connections_by_name: Index) -> World:
+    def world(key: ServerKey) -> tuple[list[JsonObject], list[JsonObject]]:
+        mappings = list(mappings_by_server.get(key, []))
+        names = sorted({ref for m in mappings if (ref := mapping_connection_ref(m)) is not None})
+        connections = [c for name in names for c in connections_by_name.get((key[0], name), [])]
+        return mappings, connections
 
     return world
+
+
+def _connection_users(mappings_by_connection: Index, namespace: str, connection: str) -> list[str | None]:
+    """The server each mapping that names `connection` names (None for a mapping naming none)."""
+    return list(mappings_by_connection.get((namespace, connection), []))
 
 
 def _known_servers(servers_by_key: Index, keys: set[ServerKey]) -> list[ServerKey]:
@@ -155,15 +167,23 @@ def servers_by_key(namespace: str | None, name: str, **_: Any) -> dict[ServerKey
 
 
 @kopf.index(*MAPPINGS)
-def mappings_by_namespace(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, JsonObject]:
-    """Indexes every ToolMapping by namespace (the compile input of its servers)."""
-    return {_ns(namespace): _snapshot(body)}
+def mappings_by_server(namespace: str | None, body: kopf.Body, **_: Any) -> dict[ServerKey, JsonObject]:
+    """Indexes every ToolMapping by the server it names (the compile input of that server)."""
+    server = mapping_server_ref(body)
+    return {} if server is None else {(_ns(namespace), server): _snapshot(body)}
+
+
+@kopf.index(*MAPPINGS)
+def mappings_by_connection(namespace: str | None, body: kopf.Body, **_: Any) -> dict[tuple[str, str], str | None]:
+    """Indexes every ToolMapping's server by the connection it names (who uses a connection)."""
+    connection = mapping_connection_ref(body)
+    return {} if connection is None else {(_ns(namespace), connection): mapping_server_ref(body)}
 
 
 @kopf.index(*CONNECTIONS)
-def connections_by_namespace(namespace: str | None, body: kopf.Body, **_: Any) -> dict[str, JsonObject]:
-    """Indexes every MCPConnection by namespace (the compile input of its servers)."""
-    return {_ns(namespace): _snapshot(body)}
+def connections_by_name(namespace: str | None, name: str, body: kopf.Body, **_: Any) -> dict[tuple[str, str], JsonObject]:
+    """Indexes every MCPConnection by name (the compile input of the servers that use it)."""
+    return {(_ns(namespace), name): _snapshot(body)}
 
 
 # --- servers ------------------------------------------------------------------------
@@ -178,8 +198,8 @@ async def server_changed(
     name: str,
     memo: kopf.Memo,
     logger: kopf.Logger,
-    mappings_by_namespace: Index = None,
-    connections_by_namespace: Index = None,
+    mappings_by_server: Index = None,
+    connections_by_name: Index = None,
     **_: Any,
 ) -> None:
     """Fires when a VirtualMCPServer is created, changed, or found at startup: reconcile it."""
@@ -187,7 +207,7 @@ async def server_changed(
         await reconcile_server(
             _cluster(memo, logger),
             (_ns(namespace), name),
-            _world(mappings_by_namespace, connections_by_namespace),
+            _world(mappings_by_server, connections_by_name),
             options=options_module.current(),
             memory=_memory(memo),
         )
@@ -200,16 +220,15 @@ async def server_deleted(
     namespace: str | None,
     memo: kopf.Memo,
     logger: kopf.Logger,
-    mappings_by_namespace: Index = None,
+    mappings_by_server: Index = None,
     **_: Any,
 ) -> None:
     """Fires when a VirtualMCPServer is deleted: remove what owner references cannot."""
     with metrics.observe_reconcile("VirtualMCPServer"):
         cluster = _cluster(memo, logger)
         await clean_up_server(cluster, _snapshot(body), _memory(memo))
-        for raw in mappings_by_namespace.get(namespace, []):
-            if mapping_server_ref(raw) == body.get("metadata", {}).get("name"):
-                await report_orphan_mapping(cluster, raw)
+        for raw in list(mappings_by_server.get((_ns(namespace), str(body.get("metadata", {}).get("name"))), [])):
+            await report_orphan_mapping(cluster, raw)
 
 
 @kopf.daemon(*SERVERS, cancellation_timeout=5.0)
@@ -221,8 +240,8 @@ async def server_resync(
     stopped: kopf.DaemonStopped,
     memo: kopf.Memo,
     logger: kopf.Logger,
-    mappings_by_namespace: Index = None,
-    connections_by_namespace: Index = None,
+    mappings_by_server: Index = None,
+    connections_by_name: Index = None,
     **_: Any,
 ) -> None:
     """Runs for each live VirtualMCPServer: refresh tool counts, rotate keys when due, repair drift."""
@@ -248,7 +267,7 @@ async def server_resync(
                 await reconcile_server(
                     _cluster(memo, logger),
                     (_ns(namespace), name),
-                    _world(mappings_by_namespace, connections_by_namespace),
+                    _world(mappings_by_server, connections_by_name),
                     options=options,
                     memory=memory,
                 )
@@ -271,8 +290,9 @@ async def mapping_event(
     memo: kopf.Memo,
     logger: kopf.Logger,
     servers_by_key: Index = None,
-    mappings_by_namespace: Index = None,
-    connections_by_namespace: Index = None,
+    mappings_by_server: Index = None,
+    mappings_by_connection: Index = None,
+    connections_by_name: Index = None,
     **_: Any,
 ) -> None:
     """Fires on every ToolMapping event: re-reconcile the servers it names now and named before."""
@@ -282,19 +302,24 @@ async def mapping_event(
         return  # a status write (ours): the spec, all that a reconcile reads, is unchanged
     cluster = _cluster(memo, logger)
     raw = _snapshot(body)
-    target = mapping_server_ref(raw)
-    previous = memory.mapping_targets.pop((namespace, name), None)
-    if event.get("type") != "DELETED" and target is not None:
-        memory.mapping_targets[(namespace, name)] = target
-    keys = {(namespace, t) for t in (target, previous) if t is not None}
+    now = MappingRefs(mapping_server_ref(raw), mapping_connection_ref(raw))
+    before = memory.mapping_refs.pop((namespace, name), MappingRefs(None, None))
+    if event.get("type") != "DELETED":
+        memory.mapping_refs[(namespace, name)] = now
+    keys = {(namespace, t) for t in (now.server, before.server) if t is not None}
     with metrics.observe_reconcile("ToolMapping"):
         for key in _known_servers(servers_by_key, keys):
             await reconcile_server(
-                cluster, key, _world(mappings_by_namespace, connections_by_namespace),
+                cluster, key, _world(mappings_by_server, connections_by_name),
                 options=options_module.current(), memory=memory,
             )
-        if event.get("type") != "DELETED" and target is not None and (namespace, target) not in servers_by_key:
+        if event.get("type") != "DELETED" and now.server is not None and (namespace, now.server) not in servers_by_key:
             await report_orphan_mapping(cluster, raw)
+        # Whether a connection is used changes only with the mappings that name it.
+        for connection in sorted({c for c in (now.connection, before.connection) if c is not None}):
+            for raw_connection in list(connections_by_name.get((namespace, connection), [])):
+                users = _connection_users(mappings_by_connection, namespace, connection)
+                await write_connection_status(cluster, raw_connection, used=bool(users))
 
 
 @kopf.on.event(*CONNECTIONS)
@@ -307,8 +332,9 @@ async def connection_event(
     memo: kopf.Memo,
     logger: kopf.Logger,
     servers_by_key: Index = None,
-    mappings_by_namespace: Index = None,
-    connections_by_namespace: Index = None,
+    mappings_by_server: Index = None,
+    mappings_by_connection: Index = None,
+    connections_by_name: Index = None,
     **_: Any,
 ) -> None:
     """Fires on every MCPConnection event: re-reconcile the servers whose mappings use it."""
@@ -316,26 +342,18 @@ async def connection_event(
     if _memory(memo).spec_already_handled(event.get("type"), body):
         return  # a status write (ours): the spec, all that a reconcile reads, is unchanged
     cluster = _cluster(memo, logger)
-    mappings = list(mappings_by_namespace.get(namespace, []))
-    servers = {
-        (namespace, target)
-        for m in mappings
-        if mapping_connection_ref(m) == name and (target := mapping_server_ref(m)) is not None
-    }
-    known = _known_servers(servers_by_key, servers)
+    users = _connection_users(mappings_by_connection, namespace, name)
+    known = _known_servers(servers_by_key, {(namespace, s) for s in users if s is not None})
     with metrics.observe_reconcile("MCPConnection"):
+        # One reconcile per server that uses it, each reading only that server's mappings
+        # and their connections: a shared connection's change costs O(servers), not O(servers²).
         for key in known:
             await reconcile_server(
-                cluster, key, _world(mappings_by_namespace, connections_by_namespace),
+                cluster, key, _world(mappings_by_server, connections_by_name),
                 options=options_module.current(), memory=_memory(memo),
             )
-        if not known and event.get("type") != "DELETED":
-            # No server reconcile will speak for it: report its own acceptance.
-            from portcullis.controller.reconcile import now_utc, parse_world
-
-            stamp = now_utc().isoformat().replace("+00:00", "Z")
-            raw = _snapshot(body)
-            await write_connection_statuses(cluster, [raw], mappings, parse_world([], [raw]).invalid, stamp)
+        if event.get("type") != "DELETED":
+            await write_connection_status(cluster, _snapshot(body), used=bool(users))
 
 
 # --- children -------------------------------------------------------------------------
@@ -350,8 +368,8 @@ async def child_event(
     memo: kopf.Memo,
     logger: kopf.Logger,
     servers_by_key: Index = None,
-    mappings_by_namespace: Index = None,
-    connections_by_namespace: Index = None,
+    mappings_by_server: Index = None,
+    connections_by_name: Index = None,
     **_: Any,
 ) -> None:
     """Fires on every event of a labelled child: put it back if it drifted, refresh readiness."""
@@ -364,7 +382,7 @@ async def child_event(
         await reconcile_server(
             _cluster(memo, logger),
             (namespace, server),
-            _world(mappings_by_namespace, connections_by_namespace),
+            _world(mappings_by_server, connections_by_name),
             options=options_module.current(),
             memory=_memory(memo),
         )

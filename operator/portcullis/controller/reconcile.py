@@ -13,6 +13,13 @@ index copy disagrees, because that copy lags our own writes).
 Reconciles of one server are serialised by a per-server lock: a server can be triggered
 by its own change, by a mapping, by a connection, by a child's event and by the resync
 daemon, all at once.
+
+A reconcile reads only its own server's mappings and the connections they name (the
+`World` the handlers build from kopf's indexes), and writes only its own children and
+statuses (the server's and its mappings'): nothing in it grows with the number of other
+servers in the namespace. It was not so: every reconcile parsed every mapping of the
+namespace and rewrote the status of every connection, so N servers sharing one connection
+cost O(N) each (benchmarks/operator_scale.py, benchmarks/results/operator-scale-2026-12-02.md).
 """
 
 from __future__ import annotations
@@ -22,7 +29,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, NamedTuple
 
 from pydantic import ValidationError
 
@@ -57,8 +64,15 @@ from portcullis.render.metadata import (
 
 ServerKey = tuple[str, str]
 _SEEN_VERSIONS = 8
-# The namespace's mappings and connections as kopf's indexes hold them right now.
-World = Callable[[str], tuple[list[JsonObject], list[JsonObject]]]
+# One server's mappings and the connections they name, as kopf's indexes hold them right now.
+World = Callable[[ServerKey], tuple[list[JsonObject], list[JsonObject]]]
+
+
+class MappingRefs(NamedTuple):
+    """What a ToolMapping named when last seen: its server and its connection."""
+
+    server: str | None
+    connection: str | None
 
 
 @dataclass
@@ -68,9 +82,10 @@ class Memory:
     settings: Any = None  # kopf.OperatorSettings, for kopf's API client
     locks: dict[ServerKey, asyncio.Lock] = field(default_factory=dict)
     waiting: set[ServerKey] = field(default_factory=set)
-    # (namespace, mapping) -> the server it named when last seen, to re-reconcile the old
-    # server when a mapping is retargeted or deleted.
-    mapping_targets: dict[ServerKey, str] = field(default_factory=dict)
+    # (namespace, mapping) -> the server and connection it named when last seen, to
+    # re-reconcile the old server (and re-report the old connection) when a mapping is
+    # retargeted or deleted.
+    mapping_refs: dict[ServerKey, MappingRefs] = field(default_factory=dict)
     gateway_status: dict[ServerKey, GatewayReport] = field(default_factory=dict)
     # Recent resourceVersions of each object as this operator read or wrote them (shown by
     # KopfCluster). Every write comes back as a watch event, and kopf delivers one object's
@@ -166,13 +181,13 @@ def _invalid(kind: str, raw: JsonObject, exc: ValidationError) -> Problem:
     return Problem(kind, name, "spec", Reason.INVALID_SPEC, format_validation_error(exc).strip())
 
 
-def mapping_server_ref(raw: JsonObject) -> str | None:
+def mapping_server_ref(raw: Mapping[str, Any]) -> str | None:
     ref = (raw.get("spec") or {}).get("serverRef") or {}
     name = ref.get("name")
     return name if isinstance(name, str) else None
 
 
-def mapping_connection_ref(raw: JsonObject) -> str | None:
+def mapping_connection_ref(raw: Mapping[str, Any]) -> str | None:
     ref = (raw.get("spec") or {}).get("connectionRef") or {}
     name = ref.get("name")
     return name if isinstance(name, str) else None
@@ -243,7 +258,7 @@ async def write_status(cluster: Cluster, ref: Ref, current: JsonObject | None, d
 
 
 async def reconcile_server(cluster: Cluster, key: ServerKey, world: World, *, options: Options, memory: Memory) -> None:
-    """Bring one server's children and status (and its mappings' and connections' status) in line.
+    """Bring one server's children and status (and its mappings' status) in line.
 
     Triggers coalesce: while one reconcile of a server runs, at most one more waits, and it
     reads the server and the indexes only once it runs, so it sees every change made meanwhile.
@@ -259,7 +274,7 @@ async def reconcile_server(cluster: Cluster, key: ServerKey, world: World, *, op
             fresh = await cluster.get(Ref(API_VERSION, "VirtualMCPServer", key[1], key[0]))
             if fresh is None or (fresh.get("metadata") or {}).get("deletionTimestamp"):
                 return
-            mappings, connections = world(key[0])
+            mappings, connections = world(key)
             await _reconcile_locked(cluster, fresh, mappings, connections, options, memory)
     finally:
         memory.waiting.discard(key)
@@ -362,7 +377,8 @@ async def _reconcile_locked(
     )
     await write_status(cluster, ref, previous_status, server_status(state, previous_status, now=stamp))
 
-    # --- status of the mappings that name this server, and of the namespace's connections
+    # --- status of the mappings that name this server (a connection's own status is not
+    # a server's business: see `write_connection_status`)
     unknown = gateway.still_unknown(compilation.config.tools) if gateway is not None else {}
     for raw in mine:
         name = str(raw["metadata"]["name"])
@@ -370,7 +386,6 @@ async def _reconcile_locked(
         if not mapping_problems and unknown.get(name):
             mapping_problems = [unknown_tools_problem(name, unknown[name])]
         await write_accepted(cluster, "ToolMapping", raw, mapping_condition(mapping_problems), stamp)
-    await write_connection_statuses(cluster, raw_connections, raw_mappings, parsed.invalid, stamp)
 
 
 def unknown_tools_problem(mapping: str, tools: list[UnknownTool]) -> Problem:
@@ -409,24 +424,21 @@ async def write_accepted(cluster: Cluster, kind: str, raw: JsonObject, condition
     await write_status(cluster, ref, previous, accepted_status(condition, previous, generation=generation, now=stamp))
 
 
-async def write_connection_statuses(
-    cluster: Cluster,
-    raw_connections: Iterable[JsonObject],
-    raw_mappings: Iterable[JsonObject],
-    invalid: Iterable[Problem],
-    stamp: str,
-) -> None:
-    used = {mapping_connection_ref(m) for m in raw_mappings}
-    bad = {p.name: p for p in invalid if p.kind == "MCPConnection"}
-    for raw in raw_connections:
-        name = str((raw.get("metadata") or {}).get("name"))
-        if name in bad:
-            condition = Condition(ConditionType.ACCEPTED, False, Reason.INVALID_SPEC, bad[name].message)
-        elif name in used:
-            condition = Condition(ConditionType.ACCEPTED, True, Reason.ACCEPTED, "referenced by a ToolMapping")
-        else:
-            condition = Condition(ConditionType.ACCEPTED, True, Reason.UNUSED, "no ToolMapping references it")
-        await write_accepted(cluster, "MCPConnection", raw, condition, stamp)
+async def write_connection_status(cluster: Cluster, raw: JsonObject, *, used: bool) -> None:
+    """Write a connection's `Accepted` status: its spec parses, and whether any mapping names it.
+
+    Called on the connection's own events and on the events of mappings that name it (now
+    or before), which are all that can change it; not by server reconciles, which would
+    make each of N servers sharing the connection pay for it.
+    """
+    invalid = parse_world([], [raw]).invalid
+    if invalid:
+        condition = Condition(ConditionType.ACCEPTED, False, Reason.INVALID_SPEC, invalid[0].message)
+    elif used:
+        condition = Condition(ConditionType.ACCEPTED, True, Reason.ACCEPTED, "referenced by a ToolMapping")
+    else:
+        condition = Condition(ConditionType.ACCEPTED, True, Reason.UNUSED, "no ToolMapping references it")
+    await write_accepted(cluster, "MCPConnection", raw, condition, now_utc().isoformat().replace("+00:00", "Z"))
 
 
 async def report_orphan_mapping(cluster: Cluster, raw: JsonObject) -> None:
