@@ -62,7 +62,7 @@ STAGES: tuple[tuple[str, str], ...] = (
     ("credential: vault read + AES-GCM open", r"portcullis/vault/|portcullis/gateway/credentials\.py"),
     ("policy: allowlist, scope, rules, limits", r"portcullis/gateway/policy/"),
     ("audit: event + store + metrics", r"portcullis/gateway/audit/|portcullis/gateway/metrics\.py|prometheus_client/|sqlite3"),
-    ("upstream: aiohttp client request/response", r"portcullis/gateway/upstream\.py|aiohttp/|multidict/|yarl/"),
+    ("upstream: client request/response (http1.py; aiohttp for https)", r"portcullis/gateway/(upstream|http1)\.py|aiohttp/|multidict/|yarl/"),
     ("fast path: request checks, result shaping", r"portcullis/gateway/fastpath\.py"),
     ("relay: result -> CallToolResult model", r"relay_result|build_mcp_server\.<locals>\.call_tool"),
     ("gateway core: call_tool bookkeeping", r"portcullis/gateway/core\.py"),
