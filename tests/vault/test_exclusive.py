@@ -11,31 +11,16 @@ import asyncio
 import base64
 import json
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
 
 from portcullis.kube import KubeClient
-from portcullis.vault.base import LockTimeout, MemoryVault, Vault
+from portcullis.vault.base import LockTimeout, Vault
 from portcullis.vault.kubernetes import LOCKS_ANNOTATION, KubernetesVault, credential_secret_name
-from portcullis.vault.local import LocalVault
 from tests.support.kmock_support import emulator
+from tests.support.vaults import KINDS, NS, two_handles
 
-NS = "acme-vault"
-
-
-@asynccontextmanager
-async def two_replicas(kind: str, tmp_path: Path) -> AsyncIterator[tuple[Vault, Vault]]:
-    if kind == "memory":
-        vault = MemoryVault()
-        yield vault, vault
-    elif kind == "local":
-        yield LocalVault(tmp_path), LocalVault(tmp_path)
-    else:
-        async with emulator() as k8s, KubeClient(str(k8s.url)) as one, KubeClient(str(k8s.url)) as two:
-            yield KubernetesVault(one, NS), KubernetesVault(two, NS)
 
 
 async def hold(vault: Vault, log: list[str], name: str, connection: str = "gmail") -> None:
@@ -46,9 +31,9 @@ async def hold(vault: Vault, log: list[str], name: str, connection: str = "gmail
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("kind", ["memory", "local", "kubernetes"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_holders_never_overlap(kind: str, tmp_path: Path) -> None:
-    async with two_replicas(kind, tmp_path) as (one, two):
+    async with two_handles(kind, tmp_path) as (one, two):
         await one.put("acme", "ada", "gmail", "value")  # the cluster lease lives on the user's Secret
         log: list[str] = []
         await asyncio.gather(*(hold(vault, log, f"{i}") for i, vault in enumerate([one, two] * 3)))
@@ -59,9 +44,9 @@ async def test_holders_never_overlap(kind: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("kind", ["memory", "local", "kubernetes"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_other_connections_and_users_are_not_held_up(kind: str, tmp_path: Path) -> None:
-    async with two_replicas(kind, tmp_path) as (one, two):
+    async with two_handles(kind, tmp_path) as (one, two):
         async with one.exclusive("acme", "ada", "gmail"):
             async with asyncio.timeout(5):
                 async with two.exclusive("acme", "ada", "slack"), two.exclusive("acme", "grace", "gmail"):
@@ -69,11 +54,11 @@ async def test_other_connections_and_users_are_not_held_up(kind: str, tmp_path: 
 
 
 @pytest.mark.anyio
-@pytest.mark.parametrize("kind", ["memory", "local", "kubernetes"])
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_holder_that_never_lets_go_times_the_others_out(kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     for module in ("portcullis.vault.base", "portcullis.vault.local", "portcullis.vault.kubernetes"):
         monkeypatch.setattr(f"{module}.LOCK_WAIT_SECONDS", 0.3)
-    async with two_replicas(kind, tmp_path) as (one, two):
+    async with two_handles(kind, tmp_path) as (one, two):
         async with one.exclusive("acme", "ada", "gmail"):
             with pytest.raises(LockTimeout, match="gmail"):
                 async with two.exclusive("acme", "ada", "gmail"):

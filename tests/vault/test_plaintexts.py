@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -11,28 +9,9 @@ import pytest
 
 import portcullis.vault.base
 import portcullis.vault.kubernetes
-from portcullis.kube import KubeClient
-from portcullis.vault.base import MemoryVault, Plaintexts, Vault
-from portcullis.vault.kubernetes import KubernetesVault
-from portcullis.vault.local import LocalVault
+from portcullis.vault.base import Plaintexts
 from portcullis.vault.sealing import SealError, new_key, seal, unseal
-from tests.support.kmock_support import emulator
-
-KINDS = ["memory", "local", "kubernetes"]
-
-
-@asynccontextmanager
-async def two_handles(kind: str, tmp_path: Path) -> AsyncIterator[tuple[Vault, Vault]]:
-    """The store under test and a second handle on the same data (another process or replica)."""
-    if kind == "memory":
-        vault = MemoryVault()
-        yield vault, vault
-    elif kind == "local":
-        yield LocalVault(tmp_path), LocalVault(tmp_path)
-    else:
-        async with emulator() as k8s, KubeClient(str(k8s.url)) as one, KubeClient(str(k8s.url)) as two:
-            yield KubernetesVault(one, "acme-vault"), KubernetesVault(two, "acme-vault")
-
+from tests.support.vaults import KINDS, two_handles
 
 @pytest.fixture
 def unseals(monkeypatch: pytest.MonkeyPatch) -> list[str]:
