@@ -50,7 +50,7 @@ from typing import Any
 
 import yaml
 
-from tests.support.servers import REPO_ROOT, SHUTDOWN_TIMEOUT, ServerStartError, free_port, run_script
+from tests.support.servers import REPO_ROOT, SHUTDOWN_TIMEOUT, ServerStartError, free_port, run_script, stop
 
 EVERYTHING_VERSION = "2026.8.31"
 FASTMCP_VERSION = "4.2.3"
@@ -185,12 +185,7 @@ def everything_server() -> Iterator[EverythingServer]:
                 raise ServerStartError(f"the everything server did not start within {STARTUP_TIMEOUT}s:\n{''.join(startup)}")
             yield server
         finally:
-            process.terminate()
-            try:
-                process.wait(SHUTDOWN_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(SHUTDOWN_TIMEOUT)
+            stop(process)
             reader.join(SHUTDOWN_TIMEOUT)
             stderr.close()
 

@@ -59,7 +59,7 @@ import httpx2
 
 from tests.support.foreign import node
 from tests.support.oauth_provider import Provider
-from tests.support.servers import REPO_ROOT, SHUTDOWN_TIMEOUT, free_port
+from tests.support.servers import REPO_ROOT, SHUTDOWN_TIMEOUT, free_port, stop
 
 MCP_REMOTE_VERSION = "0.15.1"
 MCP_REMOTE = REPO_ROOT / "node_modules" / "mcp-remote"
@@ -363,12 +363,7 @@ def mcp_remote_session(
             try:
                 process.wait(SHUTDOWN_TIMEOUT)
             except subprocess.TimeoutExpired:
-                process.terminate()
-                try:
-                    process.wait(SHUTDOWN_TIMEOUT)
-                except subprocess.TimeoutExpired:
-                    process.kill()
-                    process.wait(SHUTDOWN_TIMEOUT)
+                stop(process)
             for reader in readers:
                 reader.join(SHUTDOWN_TIMEOUT)
             stdout.close()

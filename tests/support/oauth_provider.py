@@ -67,7 +67,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import rsa
 
 from tests.support.foreign import node
-from tests.support.servers import REPO_ROOT, SHUTDOWN_TIMEOUT, ServerStartError
+from tests.support.servers import REPO_ROOT, SHUTDOWN_TIMEOUT, ServerStartError, stop
 
 OIDC_PROVIDER_VERSION = "9.13.3"
 OIDC_PROVIDER = REPO_ROOT / "node_modules" / "oidc-provider"
@@ -458,13 +458,7 @@ def oauth_provider(
         issuer = ready.split(maxsplit=1)[1].strip()
         yield Provider(issuer, client_id, client_secret, tuple(redirect_uris), stderr=errors)
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(SHUTDOWN_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(SHUTDOWN_TIMEOUT)
+        stop(process)
         for reader in readers:
             reader.join(SHUTDOWN_TIMEOUT)
         stdout.close()

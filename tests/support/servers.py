@@ -155,6 +155,18 @@ class RunningScript:
         return match.group(1)
 
 
+def stop(process: subprocess.Popen[Any], timeout: float = SHUTDOWN_TIMEOUT) -> None:
+    """End a child process: SIGTERM, then SIGKILL if it has not exited within `timeout`."""
+    if process.poll() is not None:
+        return
+    process.terminate()
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.wait(timeout)
+
+
 def _read_line(stream: IO[str], timeout: float) -> str | None:
     """Read one line with a deadline (a reader thread, since pipes have no timeout)."""
     box: list[str] = []
@@ -189,13 +201,7 @@ def run_script(argv: Sequence[str], *, ready_timeout: float = 20.0, env: dict[st
             raise ServerStartError(f"{argv} printed no ready line within {ready_timeout}s; stderr:\n{err}")
         yield RunningScript(process=process, ready_line=line.strip())
     finally:
-        if process.poll() is None:
-            process.terminate()
-            try:
-                process.wait(SHUTDOWN_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(SHUTDOWN_TIMEOUT)
+        stop(process)
         for stream in (process.stdout, process.stderr):
             if stream is not None:
                 stream.close()
