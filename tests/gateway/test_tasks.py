@@ -27,13 +27,15 @@ from starlette.routing import Route
 from portcullis.gateway.audit import MemoryAuditSink
 from portcullis.gateway.local import admin_secret
 from portcullis.serve import LocalGateway, local_gateway
-from tests.support.foreign import Catalog, everything_missing, everything_server, gateway_in_front
+from tests.support.foreign import Catalog, everything_missing, everything_server, gateway_in_front, gateways_in_front, without_upstream_identity
+from tests.support.raw_session import RawSession
 from tests.support.servers import run_asgi
 
 pytestmark = pytest.mark.anyio
 RELATED = "io.modelcontextprotocol/related-task"
 PUBLIC_URL = "http://tasks.example.test/mcp"
 ADA, BOB = "ada@example.com", "bob@example.com"
+PAGE = 2
 
 
 @dataclass
@@ -79,8 +81,11 @@ class TaskUpstream:
             return {"task": task}
         if method == "tools/call":
             return {"content": [{"type": "text", "text": f"{params['name']} at once"}]}
-        if method == "tasks/list":
-            return {"tasks": [t["task"] for t in self.tasks.values() if t["caller"] == caller]}
+        if method == "tasks/list":  # paged PAGE tasks at a time, the cursor an offset
+            mine = [t["task"] for t in self.tasks.values() if t["caller"] == caller]
+            start = int(params.get("cursor") or 0)
+            following = {"nextCursor": str(start + PAGE)} if start + PAGE < len(mine) else {}
+            return {"tasks": mine[start:start + PAGE], **following}
         kept = self.tasks.get(str(params.get("taskId")))
         if kept is None or kept["caller"] != caller:
             raise LookupError
@@ -318,8 +323,10 @@ async def test_tasks_list_shows_only_tasks_the_gateway_can_tell_are_of_exposed_t
     assert polled["taskId"] == job["taskId"]  # still reachable by the id the agent was given
     assert again["taskId"] == listed[-1]["taskId"]
     assert not any(m == "tasks/list" for m, _ in stack.jobs.seen)
+    # The upstream pages its list (PAGE at a time): every page is followed, each request audited.
+    assert len(ada_reports) > PAGE
     listing = [e for e in stack.audit.events if e.method == "tasks/list" and e.user == ADA]
-    assert [(e.tool, e.connection, e.outcome) for e in listing] == [("report", "reports", "ok")]
+    assert [(e.tool, e.connection, e.outcome) for e in listing] == [("report", "reports", "ok")] * -(-len(ada_reports) // PAGE)
 
 
 async def test_a_task_id_works_on_another_replica_sharing_the_signing_keys(stack: Stack) -> None:
@@ -364,3 +371,166 @@ async def test_the_everything_servers_task_tool_runs_as_a_task_through_the_gatew
     assert got["taskId"] == task_id and got["status"] in ("working", "completed")
     assert "portcullises" in json.dumps(result["content"]) and result["_meta"][RELATED] == {"taskId": task_id}
     assert done["status"] == "completed"
+
+
+async def test_in_a_session_a_task_keeps_its_id_in_the_list_and_a_bad_cursor_is_refused(stack: Stack) -> None:
+    """A session's task requests are served on its own stream (sessions.py): the list names each task
+    by the id its creating call answered, every upstream page followed; a cursor not the gateway's is -32602."""
+    ada = stack.mint(ADA)
+    with anyio.fail_after(20):
+        session, _ = await _session(stack.first.url, ada)
+        made = [await _create(stack, ada, session=session) for _ in range(PAGE + 1)]
+        listed = (await _rpc(stack.first.url, ada, session, "tasks/list", {}))["result"]
+        polled = (await _rpc(stack.second.url, ada, session, "tasks/get", {"taskId": made[0]["taskId"]}))["result"]
+        bad = await _rpc(stack.first.url, ada, session, "tasks/list", {"cursor": "not-ours"})
+    assert {t["taskId"] for t in made} <= {t["taskId"] for t in listed["tasks"]}
+    assert "nextCursor" not in listed
+    assert polled["taskId"] == made[0]["taskId"] and polled["status"] == "working"
+    assert bad["error"]["code"] == -32602
+
+
+# --- the everything server's task (the TypeScript SDK's task support) -------------------------------
+
+RESEARCH = Catalog(tools=("simulate-research-query",), prompts=(), resources=(), templates=())
+CLARIFIED = {"action": "accept", "content": {"interpretation": "programming"}}
+
+
+async def _clarify(method: str, params: dict[str, Any]) -> dict[str, Any]:
+    assert method == "elicitation/create", method
+    return CLARIFIED
+
+
+@dataclass
+class Researched:
+    task_id: str
+    asked: list[tuple[str, dict[str, Any]]]
+    result: dict[str, Any]
+    statuses: list[dict[str, Any]]
+
+
+async def _research(url: str, token: str | None, then: str | None = None) -> Researched:
+    """An ambiguous research task, made on `url`, then polled and fetched on `then` (the same by default):
+    it asks its client to clarify while the client waits on `tasks/result`."""
+    async with httpx2.AsyncClient(timeout=30) as http:
+        first = RawSession(url, token, http, _clarify)
+        await first.initialize({"elicitation": {"form": {}}})
+        other = RawSession(then or url, token, http, _clarify, session_id=first.session_id)
+        async with first.stream() as seen:
+            created = await first.request("tools/call", {
+                "name": "simulate-research-query", "arguments": {"topic": "python", "ambiguous": True}, "task": {"ttl": 60000}})
+            task_id = created["task"]["taskId"]
+            assert (await other.request("tasks/get", {"taskId": task_id}))["taskId"] == task_id
+            result = await other.request("tasks/result", {"taskId": task_id})
+            with anyio.fail_after(10):  # the last status notice follows the result
+                while not any(m.get("params", {}).get("status") == "completed" for m in seen):
+                    await anyio.sleep(0.05)
+        statuses = [m["params"] for m in seen if m.get("method") == "notifications/tasks/status"]
+        return Researched(task_id, first.asked + other.asked, result, statuses)
+
+
+@pytest.mark.skipif(everything_missing() is not None, reason=str(everything_missing()))
+async def test_a_task_that_asks_its_client_asks_the_agent_and_tells_its_status_as_it_does_directly(tmp_path: Path) -> None:
+    """The task asks for a clarification while the client waits on `tasks/result` (delivered on that
+    request's stream), and reports each stage on the session's GET stream: through the gateway the
+    agent is asked the same, its answer reaches the task, and the notices name the gateway's task id."""
+    with everything_server() as upstream, gateway_in_front("everything", upstream.url, RESEARCH, tmp_path) as fronted:
+        with anyio.fail_after(60):
+            direct = await _research(upstream.url, None)
+            through = await _research(fronted.url, fronted.token)
+    assert [m for m, _ in through.asked] == ["elicitation/create"]
+    assert [without_upstream_identity(p) for _, p in through.asked] == [without_upstream_identity(p) for _, p in direct.asked]
+    assert through.asked[0][1]["_meta"][RELATED] == {"taskId": through.task_id}
+    assert "python (programming)" in json.dumps(through.result["content"])
+    assert without_upstream_identity(through.result) == without_upstream_identity(direct.result)
+    assert through.result["_meta"][RELATED] == {"taskId": through.task_id}
+
+    def stages(statuses: list[dict[str, Any]]) -> list[tuple[str, str]]:
+        return [(s["status"], s.get("statusMessage", "")) for s in statuses]
+
+    assert stages(through.statuses) == stages(direct.statuses)
+    assert ("input_required", 'Found multiple interpretations for "python". Requesting clarification...') in stages(through.statuses)
+    assert {s["taskId"] for s in through.statuses} == {through.task_id}
+
+
+@pytest.mark.skipif(everything_missing() is not None, reason=str(everything_missing()))
+async def test_a_task_made_through_one_replica_is_polled_asked_and_fetched_through_another(tmp_path: Path) -> None:
+    """The TypeScript SDK binds a task to the session that made it: the agent's upstream session is the
+    same on every replica, so the second finds it, and the question is asked of the agent there."""
+    with everything_server() as upstream, gateways_in_front("everything", upstream.url, RESEARCH, tmp_path, replicas=2) as (one, two):
+        with anyio.fail_after(60):
+            through = await _research(one.url, one.token, then=two.url)
+    assert [m for m, _ in through.asked] == ["elicitation/create"]
+    assert "python (programming)" in json.dumps(through.result["content"])
+    assert len(upstream.received("initialize")) >= 1 and upstream.received("tasks/result")
+
+
+ASYNC_ELICITATION = Catalog(tools=("trigger-elicitation-request-async",), prompts=(), resources=(), templates=())
+CLIENT_TASKS = {"elicitation": {"form": {}}, "tasks": {"list": {}, "cancel": {}, "requests": {"elicitation": {"create": {}}}}}
+
+
+@dataclass
+class AgentTasks:
+    """An agent that runs what it is asked to elicit as a task of its own, done by its first poll."""
+
+    polls: int = 0
+
+    async def answer(self, method: str, params: dict[str, Any]) -> dict[str, Any]:
+        task = {"taskId": "agent-task-1", "createdAt": "2026-12-01T00:00:00Z", "lastUpdatedAt": "2026-12-01T00:00:00Z", "ttl": 60000}
+        if method == "elicitation/create":
+            assert "task" in params
+            return {"task": {**task, "status": "working", "pollInterval": 100}}
+        if method == "tasks/get":
+            self.polls += 1
+            return {**task, "status": "completed"}
+        if method == "tasks/result":
+            return {"action": "accept", "content": {"name": "Ada", "favoriteColor": "Blue"}}
+        raise AssertionError(method)
+
+
+async def _run_async_elicitation(url: str, token: str | None) -> tuple[list[str], dict[str, Any]]:
+    agent = AgentTasks()
+    async with httpx2.AsyncClient(timeout=30) as http:
+        session = RawSession(url, token, http, agent.answer)
+        await session.initialize(CLIENT_TASKS)
+        result = await session.request("tools/call", {"name": "trigger-elicitation-request-async", "arguments": {}})
+    return [m for m, _ in session.asked], result
+
+
+@pytest.mark.skipif(everything_missing() is not None, reason=str(everything_missing()))
+async def test_an_agent_that_runs_what_it_is_asked_as_tasks_is_polled_for_them_as_it_is_directly(tmp_path: Path) -> None:
+    """The upstream asks the agent to elicit as a task of the agent's, then polls that task and fetches
+    its result (requests to the client): the tool is offered through the gateway, and each is relayed."""
+    with everything_server() as upstream, gateway_in_front("everything", upstream.url, ASYNC_ELICITATION, tmp_path) as fronted:
+        with anyio.fail_after(60):
+            direct = await _run_async_elicitation(upstream.url, None)
+            through = await _run_async_elicitation(fronted.url, fronted.token)
+    assert direct[0] == ["elicitation/create", "tasks/get", "tasks/result"]
+    assert through[0] == direct[0]
+    assert "Ada" in json.dumps(through[1]["content"])
+    assert without_upstream_identity(through[1]) == without_upstream_identity(direct[1])
+
+
+MALFORMED = [
+    ("tools/call", {"name": 5, "arguments": {}, "task": {}}),
+    ("tools/call", {"name": "report", "arguments": {}, "task": "soon"}),
+    ("tools/call", {"name": "report", "arguments": [1], "task": {}}),
+    ("tools/call", {"name": "report", "arguments": {}, "task": {"ttl": "long"}}),
+    ("tasks/get", {"taskId": 5}),
+    ("tasks/result", {}),
+    ("tasks/cancel", {"taskId": None}),
+    ("tasks/list", {"cursor": 5}),
+]
+
+
+@pytest.mark.parametrize("in_session", [True, False], ids=["session", "no-session"])
+async def test_malformed_task_requests_are_invalid_params_and_reach_no_upstream(stack: Stack, in_session: bool) -> None:
+    ada = stack.mint(ADA)
+    with anyio.fail_after(20):
+        session = (await _session(stack.first.url, ada))[0] if in_session else None
+        before = len(stack.reports.seen), len(stack.jobs.seen)
+        answers = [await _rpc(stack.first.url, ada, session, method, params) for method, params in MALFORMED]
+        after = len(stack.reports.seen), len(stack.jobs.seen)
+        task = await _create(stack, ada, session=session)  # and the gateway goes on serving
+    assert [a.get("error", {}).get("code") for a in answers] == [-32602] * len(MALFORMED), answers
+    assert after == before
+    assert task["status"] == "working"

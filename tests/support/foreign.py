@@ -33,6 +33,7 @@ directly and the gateway's through it) and nothing else.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -268,6 +269,16 @@ class Fronted:
 
 @contextmanager
 def gateway_in_front(connection: str, upstream_url: str, catalog: Catalog, workdir: Path, *, timeout_seconds: int = 30) -> Iterator[Fronted]:
+    with gateways_in_front(connection, upstream_url, catalog, workdir, timeout_seconds=timeout_seconds) as (fronted,):
+        yield fronted
+
+
+@contextmanager
+def gateways_in_front(
+    connection: str, upstream_url: str, catalog: Catalog, workdir: Path, *, replicas: int = 1, timeout_seconds: int = 30
+) -> Iterator[tuple[Fronted, ...]]:
+    """`replicas` gateways of one server (one state directory: the same signing keys), each on its own
+    port and event loop, as replicas behind a load balancer; one token, minted once, serves them all."""
     from portcullis.gateway.audit import MemoryAuditSink
     from portcullis.serve import local_gateway
 
@@ -275,9 +286,17 @@ def gateway_in_front(connection: str, upstream_url: str, catalog: Catalog, workd
     manifest_dir.mkdir(parents=True)
     documents = manifests(connection, upstream_url, catalog, timeout_seconds=timeout_seconds)
     (manifest_dir / "fidelity.yaml").write_text(yaml.safe_dump_all(documents))
-    with local_gateway([manifest_dir], state_dir=state_dir, port=0, admin_port=0, audit=MemoryAuditSink()) as gw:
-        wait_ready(gw.url.removesuffix("/mcp") + "/readyz")
-        yield Fronted(gw.url, mint(gw.admin_url, state_dir))
+    # Replicas answer to one public URL (a token's audience), as behind one Service.
+    public = {"public_url": "http://fidelity.example.test/mcp"} if replicas > 1 else {}
+    with contextlib.ExitStack() as stack:
+        gateways = [
+            stack.enter_context(local_gateway([manifest_dir], state_dir=state_dir, port=0, admin_port=0, audit=MemoryAuditSink(), **public))
+            for _ in range(replicas)
+        ]
+        for gw in gateways:
+            wait_ready(gw.url.removesuffix("/mcp") + "/readyz")
+        token = mint(gateways[0].admin_url, state_dir)
+        yield tuple(Fronted(gw.url, token) for gw in gateways)
 
 
 def wait_ready(readyz: str, timeout: float = STARTUP_TIMEOUT) -> None:

@@ -233,15 +233,12 @@ def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None, bridge:
         _refuse_if_cancelled(cancellable)
         return complete_tool_result(result)
 
-    # Tasks (2025-11-25 only; tasks.py). A task-augmented call is answered with a task, which the
-    # SDK's tools/call result surface would refuse, so a middleware serves it before validation.
+    # Tasks (2025-11-25 only; tasks.py), for requests without a session id: a session's are served
+    # by sessions.py. A task-augmented call is answered with a task, which the SDK's tools/call
+    # result surface would refuse, so a middleware serves it before validation.
     tasks = Tasks(gateway, bridge.ids if bridge is not None else SessionIds(gateway.verifier.keys, lambda: gateway.config.server.url))
 
     async def task_call(params: dict[str, Any]) -> dict[str, Any]:
-        try:
-            types.CallToolRequestParams.model_validate(params, by_name=False)
-        except ValueError:
-            raise MCPError(INVALID_PARAMS, "Invalid request parameters") from None
         try:
             return await tasks.call(_claims(), params)
         except RPCError as exc:
@@ -280,11 +277,9 @@ def build_mcp_server(gateway: Gateway, inflight: InFlight | None = None, bridge:
         if not _session_era(ctx):
             raise MCPError(-32601, "Method not found", "tasks/list")
         try:
-            listed = await tasks.list_tasks(_claims())
+            return await tasks.list_page(_claims(), params.cursor if params is not None else None)
         except RPCError as exc:
             raise _raise(exc) from None
-        page, next_cursor = _page(listed, params)
-        return {"tasks": list(page), **({"nextCursor": next_cursor} if next_cursor else {})}
 
     async def cancelled(ctx: Any, params: types.CancelledNotificationParams) -> None:
         # A session-era client's notice (2026-07-28 clients close the stream instead): inflight.py.

@@ -168,11 +168,12 @@ class SessionToolCall:
 
 async def answer_on_stream(
     send: Send, relay: Relay, claims: SessionClaims, session: AgentSession, request_id: Any,
-    work: Callable[[], Awaitable[dict[str, Any]]],
+    work: Callable[[], Awaitable[dict[str, Any]]], progress_token: Any = None,
 ) -> None:
-    """A session's request other than a call, served here (`logging/setLevel`, `resources/subscribe`:
-    sessions.py): what the upstream sends meanwhile is relayed as during a call, then the answer."""
-    stream = _Stream(send, relay, claims, session, None)
+    """A session's request other than a plain call, served here (`logging/setLevel`, `resources/subscribe`,
+    a task's requests: sessions.py): what the upstream sends meanwhile, questions included, is relayed as
+    during a call, then the answer."""
+    stream = _Stream(send, relay, claims, session, progress_token)
     reset = call_events.set(stream)
     try:
         try:

@@ -61,8 +61,6 @@ SESSION_SECONDS: Final = 7 * 24 * 3600
 RELAY_SECONDS: Final = 3600
 OPENED_SESSIONS: Final = 10_000
 """Session ids whose check is remembered (per replica); more, and the memory starts again."""
-TASK_SECONDS: Final = 7 * 24 * 3600
-"""A task id's lifetime; the upstream's own retention (the task's `ttl`) usually ends it sooner."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,15 +169,18 @@ class SessionIds:
         return RelayTarget(replica, user, nonce)
 
     def task_id(self, task: TaskRef) -> str:
-        now = int(time.time())
+        """The gateway's id for an upstream task: the same string whenever it is issued for the same
+        task (EdDSA signs deterministically, and nothing here changes with time), so the id a
+        `tasks/list` or a status notice names is the one the creating call answered. It carries no
+        expiry: the upstream's own retention (the task's `ttl`) ends the task, every use is checked
+        against the caller and the allowlist anew, and a key rotation ends it with the key."""
         return self._sign(
-            {"aud": self._task_aud, "sub": task.user, "c": task.connection, "t": task.upstream_id, "tool": task.tool,
-             "iat": now, "exp": now + TASK_SECONDS},
+            {"aud": self._task_aud, "sub": task.user, "c": task.connection, "t": task.upstream_id, "tool": task.tool},
             TASK_TYP,
         )
 
     def open_task_id(self, task_id: str) -> TaskRef:
-        payload = self._open(task_id, TASK_TYP, self._task_aud)
+        payload = self._open(task_id, TASK_TYP, self._task_aud, required=("aud", "sub"))
         fields = payload.get("c"), payload.get("t"), payload.get("sub"), payload.get("tool")
         if not all(isinstance(f, str) for f in fields):
             raise TokenError("malformed")
@@ -190,7 +191,7 @@ class SessionIds:
         key = self._current().current
         return jwt.encode(payload, key.private_key, algorithm=ALGORITHM, headers={"kid": key.kid, "typ": typ})
 
-    def _open(self, token: str, typ: str, audience: str) -> dict[str, Any]:
+    def _open(self, token: str, typ: str, audience: str, required: tuple[str, ...] = ("aud", "sub", "exp")) -> dict[str, Any]:
         header = unverified_header(token)
         if header.get("typ") != typ or header.get("alg") != ALGORITHM:
             raise TokenError("malformed")
@@ -200,7 +201,7 @@ class SessionIds:
             raise TokenError("unknown key")
         try:
             payload = jwt.decode(
-                token, public, algorithms=[ALGORITHM], audience=audience, options={"require": ["aud", "sub", "exp"], "strict_aud": True}
+                token, public, algorithms=[ALGORITHM], audience=audience, options={"require": list(required), "strict_aud": True}
             )
         except jwt.ExpiredSignatureError:
             raise TokenError("expired") from None

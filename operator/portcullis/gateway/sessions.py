@@ -42,6 +42,7 @@ from portcullis.gateway.relay import Relay
 from portcullis.gateway.fastpath import replay
 from portcullis.gateway.session_calls import SSE_HEADERS, SessionToolCall, answer_on_stream, plain_call
 from portcullis.gateway.session_ids import RELAY_PREFIX, AgentSession, SessionIds, UpstreamSession, carries
+from portcullis.gateway.tasks import TASK_REQUESTS, Tasks
 from portcullis.gateway.identity.tokens import SessionClaims, TokenError
 from portcullis.gateway.upstream import agent_upstreams
 from portcullis.gateway.upstream_sessions import LOG_LEVELS, UpstreamSessions
@@ -73,7 +74,8 @@ class AgentSessions:
         self.relay = Relay(self.ids, lambda: gateway.http)
         self.relay.replica_url = replica_url
         self.calls = SessionToolCall(gateway, self.relay, inflight)
-        self.upstreams = UpstreamSessions(gateway, self.relay)
+        self.tasks = Tasks(gateway, self.ids)
+        self.upstreams = UpstreamSessions(gateway, self.relay, self.tasks.status)
         self.gateway = gateway
         self.max_body_bytes = max_body_bytes
         self._streams: set[asyncio.Queue[str]] = set()
@@ -158,7 +160,16 @@ class AgentSessions:
             await self.calls(send, claims, session, request)
             return
         if complete and session is not None and (request := _session_request(body)) is not None:
-            await answer_on_stream(send, self.relay, claims, session, request["id"], lambda: self._change(claims, carried, request))
+            # A change to the session (on its upstream sessions), or a task's request (tasks.py: on the
+            # session's upstream session, where what the task asks reaches the agent on this stream).
+            method, params = request["method"], request["params"]
+            if method in SESSION_METHODS:
+                work = lambda: self._change(claims, carried, request)  # noqa: E731
+            else:
+                work = lambda: self.tasks.serve(claims, method, params)  # noqa: E731
+            meta = params.get("_meta")
+            progress_token = meta.get("progressToken") if isinstance(meta, dict) else None
+            await answer_on_stream(send, self.relay, claims, session, request["id"], work, progress_token)
             return
         opening: _Opening | None = None
         if complete and session is None and b'"initialize"' in body:
@@ -289,16 +300,19 @@ def announce_session_features(result: dict[str, Any]) -> None:
 
 
 def _session_request(body: bytes) -> dict[str, Any] | None:
-    """The request, if `body` is one well-formed `SESSION_METHODS` request; None leaves it to the SDK."""
-    if not any(m.encode() in body for m in SESSION_METHODS):
+    """The request, if `body` is one well-formed request this layer serves besides plain calls:
+    `SESSION_METHODS`, a task-augmented `tools/call` or a `tasks/*` request. None leaves it to the SDK."""
+    if b'"task' not in body and not any(m.encode() in body for m in SESSION_METHODS):
         return None
     request = _json(body)
-    if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or request.get("method") not in SESSION_METHODS:
+    if not isinstance(request, dict) or request.get("jsonrpc") != "2.0":
         return None
-    request_id, params = request.get("id"), request.get("params")
+    method, request_id, params = request.get("method"), request.get("id"), request.get("params", {})
     if isinstance(request_id, bool) or not isinstance(request_id, (int, str)) or not isinstance(params, dict):
         return None
-    return request
+    if method == "tools/call" and "task" in params or method in SESSION_METHODS or method in TASK_REQUESTS:
+        return {**request, "params": params}
+    return None
 
 
 class _Opening:

@@ -195,6 +195,8 @@ RELAYED_CAPABILITIES: Final[dict[str, Any]] = {
     "elicitation": {"form": {}, "url": {}},
     "sampling": {"context": {}, "tools": {}},
     "roots": {},
+    # An agent that runs what it is asked as tasks of its own is polled for them (ASKED_CAPABILITY).
+    "tasks": {"list": {}, "cancel": {}, "requests": {"elicitation": {"create": {}}, "sampling": {"createMessage": {}}}},
 }
 """What an upstream is told, when the gateway lists it, that the gateway's agents may support.
 
@@ -209,7 +211,12 @@ agents that declared the capability (session_calls.py): the catalog's listing se
 declares them all, each agent's calls go on a session declaring what it declared.
 """
 _LISTINGS: Final = frozenset({"tools/list", "prompts/list", "resources/list", "resources/templates/list"})
-ASKED_CAPABILITY: Final = {"elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots"}
+ASKED_CAPABILITY: Final = {
+    "elicitation/create": "elicitation", "sampling/createMessage": "sampling", "roots/list": "roots",
+    # A client that runs what it is asked as tasks of its own (2025-11-25 `tasks.requests`) is polled
+    # for them by the upstream: those are the agent's tasks, asked of it like any other question.
+    "tasks/get": "tasks", "tasks/result": "tasks", "tasks/list": "tasks", "tasks/cancel": "tasks",
+}
 """What an upstream may ask its client mid-call, and the client capability each needs."""
 
 

@@ -29,7 +29,8 @@ So the agent's upstream sessions are made the same on every replica:
   resources this server exposes only; list changes become the gateway's own
   notices (its lists are filtered), through the catalog like any other; a
   request (roots, elicitation, sampling: what the agent declared) is asked of
-  the agent on its stream, answered from whichever replica (relay.py).
+  the agent on its stream, answered from whichever replica (relay.py); task
+  status notices under the gateway's task ids, where tasks.py can attribute them.
 - **`logging/setLevel`** goes to every one of those sessions (`set_level`),
   **`resources/subscribe`** and `/unsubscribe` to the one serving the resource
   (core.py `resource_subscription`), so they apply wherever the stream is.
@@ -67,13 +68,16 @@ _METHOD_NOT_FOUND: Final = -32601
 _AUDIT_REFUSAL: Final = "The request was not made: the gateway cannot record it in the audit log right now. Try again shortly."
 
 Write = Callable[[dict[str, Any]], Awaitable[None]]
+TaskStatus = Callable[[SessionClaims, str, dict[str, Any]], "dict[str, Any] | None"]
+"""An upstream's task status notice as the agent may see it, or None (tasks.py `Tasks.status`)."""
 """Puts one JSON-RPC message on the agent's GET stream."""
 
 
 class UpstreamSessions:
-    def __init__(self, gateway: Gateway, relay: Relay):
+    def __init__(self, gateway: Gateway, relay: Relay, task_status: TaskStatus = lambda claims, connection, params: None):
         self.gateway = gateway
         self.relay = relay
+        self.task_status = task_status
         self.seal = UpstreamSessionSeal(gateway.verifier.keys, lambda: gateway.config.server.url, lambda: gateway.config.tenant)
 
     # --- at initialize ---------------------------------------------------------------
@@ -274,7 +278,11 @@ class UpstreamSessions:
             uri = params.get("uri")
             if isinstance(uri, str) and self.gateway.resource_connection(uri) == client.name:  # exposed here, by this upstream
                 await write({"jsonrpc": "2.0", "method": method, "params": relay_result(params)})
-        # Anything else (progress with no call, task status: tasks.py has the agent poll) is not the agent's to see.
+        elif method == "notifications/tasks/status":
+            status = self.task_status(claims, client.name, params)  # under the gateway's task id, when it can say whose
+            if status is not None:
+                await write({"jsonrpc": "2.0", "method": method, "params": status})
+        # Anything else (progress with no call, say) is not the agent's to see.
 
     async def _answer(
         self, client: UpstreamClient, session_id: str, credential: Mapping[str, str] | None, claims: SessionClaims,
