@@ -137,6 +137,8 @@ class SessionUpstream:
         self.answers: list[tuple[str, dict[str, Any]]] = []
         self.delete_status = 200
         self.refuse_agents = False  # answer an agent session's initialize with 500
+        self.stale = ""  # an Authorization value the GET stream answers 401 (an expired token)
+        self.streams_refused = 0
         self._ids = itertools.count(1)
         self._streams: dict[str, tuple[asyncio.AbstractEventLoop, asyncio.Queue[dict[str, Any]]]] = {}
         self._lock = threading.Lock()
@@ -193,6 +195,9 @@ class SessionUpstream:
             session_id = request.headers.get("mcp-session-id", "")
             if session_id not in self.sessions:
                 return Response("unknown session", status_code=404)
+            if self.stale and request.headers.get("authorization") == self.stale:
+                self.streams_refused += 1
+                return Response("token expired", status_code=401)
             queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
             with self._lock:
                 self._streams[session_id] = (asyncio.get_running_loop(), queue)
@@ -442,6 +447,34 @@ async def test_a_question_on_the_upstream_stream_is_asked_of_the_agent_and_answe
     assert answers["ping-1"]["result"] == {}
     assert answers["ask-1"]["result"] == {"roots": [{"uri": "file:///work", "name": "work"}]}
     assert answers["ask-2"]["error"]["code"] == -32601
+
+
+async def test_a_401_on_the_upstream_stream_renews_the_credential_once_and_the_stream_is_held(
+    stack: Stack, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An OAuth access token that expired while the agent's stream was away: the stream's 401 renews it
+    once (as a call's does), and the upstream's messages flow again. The credential layer is stood in
+    for here (its OAuth renewal is tested end to end in test_connected_accounts.py)."""
+    stale, fresh = {"authorization": "Bearer stale"}, {"authorization": "Bearer renewed"}
+    renewals: list[Any] = []
+
+    async def headers_now(user: str, connection: str) -> dict[str, str]:
+        return fresh if renewals else stale
+
+    async def rejected(user: str, connection: str, sent: Any) -> dict[str, str]:
+        renewals.append(sent)
+        return fresh
+
+    token, before = stack.mint(), stack.upstream.agent_sessions()
+    session_id = await initialize(stack.a.url, token)
+    (upstream_session,) = new_agent_sessions(stack.upstream, before)
+    monkeypatch.setattr(stack.a.gateway.credentials, "headers", headers_now)
+    monkeypatch.setattr(stack.a.gateway.credentials, "rejected", rejected)
+    monkeypatch.setattr(stack.upstream, "stale", stale["authorization"])
+    async with agent_stream(stack.a.url, token, session_id) as stream:
+        stack.upstream.push(upstream_session, {"method": "notifications/message", "params": {"level": "info", "data": "back"}})
+        await stream.until(lambda m: m.get("params", {}).get("data") == "back")
+    assert renewals == [stale] and stack.upstream.streams_refused == 1
 
 
 # --- ending, forgetting, refusing ------------------------------------------------------------------------

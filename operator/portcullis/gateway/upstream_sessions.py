@@ -232,16 +232,23 @@ class UpstreamSessions:
         client = self.gateway.upstream(connection)
         asks: set[asyncio.Task[None]] = set()
         pause = _FIRST_PAUSE
+        renewed: Mapping[str, str] | None = None  # a credential renewed after a 401, for one more try
         try:
             while client is not None:
                 try:
-                    credential = await self.gateway.credentials.headers(claims.sub, connection)
+                    credential = renewed or await self.gateway.credentials.headers(claims.sub, connection)
                     async for message in client.session_messages(session_id, credential, opened):
-                        pause = _FIRST_PAUSE
+                        pause, renewed = _FIRST_PAUSE, None
                         await self._pass_on(client, session_id, credential, claims, session, message, write, asks)
                 except (NoChangeStream, CredentialError):
                     return  # no such stream here, or the user's credential is gone: nothing to hold
                 except UpstreamError as exc:
+                    if exc.status == 401:
+                        # An expired OAuth token is renewed once, as a call's would be (core.py `_renewed`);
+                        # refused again, the grant is dropped and the user is asked to reconnect.
+                        renewed = await self._renew(claims.sub, connection, credential, again=renewed is not None)
+                        if renewed is not None:
+                            continue
                     if exc.status in (400, 401, 403, 404):
                         # The upstream forgot the session (404; the everything server says 400), or the
                         # credential no longer opens it: reopening would be refused the same way.
@@ -257,6 +264,16 @@ class UpstreamSessions:
             opened()
             for task in asks:
                 task.cancel()
+
+    async def _renew(self, user: str, connection: str, refused: Mapping[str, str] | None, *, again: bool) -> Mapping[str, str] | None:
+        """The credential to try once more after a 401, or None (nothing to renew, or it was renewed already)."""
+        try:
+            if again:
+                await self.gateway.credentials.refused_after_refresh(user, connection)
+                return None
+            return await self.gateway.credentials.rejected(user, connection, refused)
+        except CredentialError:
+            return None
 
     async def _pass_on(
         self, client: UpstreamClient, session_id: str, credential: Mapping[str, str] | None, claims: SessionClaims,
