@@ -21,7 +21,6 @@ import functools
 import json
 import logging
 import re
-import secrets
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from typing import Any, TypeVar
 
@@ -48,7 +47,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from portcullis import __version__
 from portcullis.gateway import paging, tracing
 from portcullis.gateway.audit import Reason
-from portcullis.gateway.core import INTERNAL_ERROR, INVALID_PARAMS, Gateway, RPCError, Unauthenticated, complete_tool_result
+from portcullis.gateway.core import INTERNAL_ERROR, INVALID_PARAMS, Gateway, RPCError, Unauthenticated, complete_tool_result, incident
 from portcullis.gateway.fastpath import FastToolCall, is_candidate, replay
 from portcullis.gateway.bridge import Bridge
 from portcullis.gateway.inflight import InFlight
@@ -389,9 +388,7 @@ def _no_internals(handler: Handler) -> Handler:
         except MCPError:
             raise
         except Exception:
-            incident = secrets.token_hex(8)
-            log.exception("%s failed (incident %s)", handler.__name__, incident)
-            raise MCPError(-32603, f"Internal error in the gateway (incident {incident}).") from None
+            raise _raise(incident(handler.__name__)) from None
 
     return guarded  # type: ignore[return-value]
 

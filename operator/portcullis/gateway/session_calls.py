@@ -33,7 +33,7 @@ from starlette.types import Send
 
 from mcp_types import methods as _methods
 
-from portcullis.gateway.core import INTERNAL_ERROR, Gateway, RPCError, complete_tool_result
+from portcullis.gateway.core import INTERNAL_ERROR, Gateway, RPCError, complete_tool_result, incident
 from portcullis.gateway.inflight import InFlight
 from portcullis.gateway.relay import Relay
 from portcullis.gateway.session_ids import AgentSession
@@ -180,6 +180,8 @@ async def answer_on_stream(
             answer: dict[str, Any] = {"jsonrpc": "2.0", "id": request_id, "result": await work()}
         except RPCError as exc:
             answer = {"jsonrpc": "2.0", "id": request_id, "error": exc.to_dict()}
+        except Exception:  # as the SDK's handlers are guarded (endpoint.py `_no_internals`)
+            answer = {"jsonrpc": "2.0", "id": request_id, "error": incident("a session's request").to_dict()}
     finally:
         call_events.reset(reset)
     await stream.write(answer)

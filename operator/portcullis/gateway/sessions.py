@@ -10,7 +10,13 @@ for session-era requests only:
   client starts a new session), one opened by another user is 403;
 - serves what needs it: a `tools/call` whose client can be asked things
   (session_calls.py), the agent's answers to those questions (relay.py), and
-  the session's standalone GET stream, which carries list-change notices.
+  the session's standalone GET stream, which carries list-change notices;
+- serves what is frequent and cheap to answer here, each a whole server's work
+  in the SDK's stateless transport: every plain `tools/call`, `tools/list`,
+  `ping`, `notifications/initialized` and `notifications/cancelled`, and
+  `initialize` and a stateless DELETE from the SDK's first answer to them
+  (replayed.py). A client that opens a session per tool call (LangChain's
+  default) sends all of these for each call.
 
 The session's upstream sessions are opened at `initialize` and ride in its id,
 sealed, so that they are the same on every replica (upstream_sessions.py). So
@@ -33,13 +39,16 @@ import json
 import logging
 from typing import Any, Final
 
+from mcp_types import methods as _methods
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from portcullis.gateway.core import INVALID_PARAMS, Gateway, RPCError
 from portcullis.gateway.inflight import InFlight
+from portcullis.gateway import paging
 from portcullis.gateway.relay import Relay
 from portcullis.gateway.fastpath import replay
+from portcullis.gateway.replayed import Replayed, initialize_request
 from portcullis.gateway.session_calls import SSE_HEADERS, SessionToolCall, answer_on_stream, plain_call
 from portcullis.gateway.session_ids import RELAY_PREFIX, AgentSession, SessionIds, UpstreamSession, carries
 from portcullis.gateway.tasks import TASK_REQUESTS, Tasks
@@ -74,6 +83,10 @@ class AgentSessions:
         self.relay = Relay(self.ids, lambda: gateway.http)
         self.relay.replica_url = replica_url
         self.calls = SessionToolCall(gateway, self.relay, inflight)
+        self.inflight = inflight
+        self.replayed = Replayed(lambda: gateway.config)
+        self.served = 0
+        """Listings, pings and notices answered here rather than by the SDK (tests use it to know which path ran)."""
         self.tasks = Tasks(gateway, self.ids)
         self.upstreams = UpstreamSessions(gateway, self.relay, self.tasks.status)
         self.gateway = gateway
@@ -134,8 +147,11 @@ class AgentSessions:
         session: AgentSession | None, carried: dict[str, str],
     ) -> None:
         if scope["method"] == "DELETE":
-            if session is None or not carried:
-                await app(scope, receive, send)  # nothing to end: the SDK's answer (405)
+            if session is None:
+                await app(scope, receive, send)
+            elif not carried:  # nothing to end: the SDK's answer (405), the same every time (replayed.py)
+                if not await self.replayed.replay("DELETE", send):
+                    await app(scope, receive, self.replayed.keeping("DELETE", send))
             else:
                 status = await self.upstreams.end(claims, carried)
                 await send({"type": "http.response.start", "status": status, "headers": []})
@@ -159,6 +175,9 @@ class AgentSessions:
             # SDK's stateless transport builds a server per request, 2-3 ms of CPU a call.
             await self.calls(send, claims, session, request)
             return
+        if complete and session is not None and (message := _listing_or_notice(body)) is not None:
+            await self._quick(send, claims, session, message)
+            return
         if complete and session is not None and (request := _session_request(body)) is not None:
             # A change to the session (on its upstream sessions), or a task's request (tasks.py: on the
             # session's upstream session, where what the task asks reaches the agent on this stream).
@@ -176,6 +195,12 @@ class AgentSessions:
             message = _json(body)
             if isinstance(message, dict) and message.get("method") == "initialize":
                 send, opening = self._issuing(send, claims, message.get("params"))
+                if (asked := initialize_request(message)) is not None and _sdk_would_read(scope):
+                    # The SDK's answer for this version (replayed.py), the session id added by `_issuing`.
+                    key = f"initialize {asked[1]} {header(scope, b'mcp-protocol-version')}"
+                    if await self.replayed.replay(key, send, asked[0]):
+                        return
+                    send = self.replayed.keeping(key, send, sse_result=True)
         reset = current_session.set(session)
         try:
             await app(scope, receive, send)
@@ -205,6 +230,28 @@ class AgentSessions:
             await send(message)
 
         return issuing, opening
+
+    async def _quick(self, send: Send, claims: SessionClaims, session: AgentSession, message: dict[str, Any]) -> None:
+        """`tools/list`, `ping`, `notifications/initialized` or `notifications/cancelled` of a session, served
+        here (each a whole server's work in the SDK's stateless transport), answered as the SDK answers."""
+        self.served += 1
+        method, params = message["method"], message.get("params") or {}
+        if "id" not in message:
+            if method == "notifications/cancelled":  # a session-era client's notice: inflight.py
+                self.inflight.cancel(claims.jti, params["requestId"])
+            await send({"type": "http.response.start", "status": 202,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", b"0")]})
+            await send({"type": "http.response.body", "body": b""})
+            return
+
+        async def answer() -> dict[str, Any]:
+            if method == "ping":
+                return {}
+            tools, next_cursor = paging.page(await self.gateway.list_tools(claims), params.get("cursor"))
+            listed = {"tools": list(tools), **({"nextCursor": next_cursor} if next_cursor else {})}
+            return _methods.serialize_server_result("tools/list", session.protocol_version, listed)
+
+        await answer_on_stream(send, self.relay, claims, session, message["id"], answer)
 
     async def _change(self, claims: SessionClaims, carried: dict[str, str], request: dict[str, Any]) -> dict[str, Any]:
         """`logging/setLevel`, `resources/subscribe` or `resources/unsubscribe`, on the session's upstream sessions."""
@@ -297,6 +344,40 @@ def announce_session_features(result: dict[str, Any]) -> None:
         capabilities.setdefault("logging", {})
         if isinstance(capabilities.get("resources"), dict):
             capabilities["resources"] = {**capabilities["resources"], "subscribe": True}
+
+
+_QUICK_METHODS: Final = frozenset({"tools/list", "ping"})
+_QUICK_NOTICES: Final = frozenset({"notifications/initialized", "notifications/cancelled"})
+
+
+def _listing_or_notice(body: bytes) -> dict[str, Any] | None:
+    """The message, if `body` is one well-formed `tools/list`, `ping`, `notifications/initialized` or
+    `notifications/cancelled` (naming a request); None leaves it to whatever serves it otherwise."""
+    if b'"tools/list"' not in body and b'"ping"' not in body and b'"notifications/' not in body:
+        return None
+    message = _json(body)
+    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or message.keys() - {"jsonrpc", "id", "method", "params"}:
+        return None
+    method, params = message.get("method"), message.get("params", {})
+    if not isinstance(params, dict) or not isinstance(params.get("_meta", {}), dict):
+        return None
+    if "id" in message:
+        request_id = message["id"]
+        if method not in _QUICK_METHODS or isinstance(request_id, bool) or not isinstance(request_id, (int, str)):
+            return None
+        return message if isinstance(params.get("cursor", ""), str) else None
+    if method == "notifications/cancelled":
+        request_id = params.get("requestId")
+        return message if isinstance(request_id, (int, str)) and not isinstance(request_id, bool) else None
+    return message if method in _QUICK_NOTICES else None
+
+
+def _sdk_would_read(scope: Scope) -> bool:
+    """Would the SDK's transport read this POST (JSON in, and an answer as JSON or events accepted)?"""
+    accept = header(scope, b"accept") or ""
+    types_accepted = {t.split(";")[0].strip().lower() for t in accept.split(",")}
+    content_type = (header(scope, b"content-type") or "").lower()
+    return {"application/json", "text/event-stream"} <= types_accepted and content_type.startswith("application/json")
 
 
 def _session_request(body: bytes) -> dict[str, Any] | None:
