@@ -250,7 +250,7 @@ async def test_a_bridged_answer_reaches_the_replica_holding_the_call(tmp_path: P
                     for _ in range(2):  # started once on each replica, so each time the retry lands on the other
                         result = await client.call_tool("test_elicitation", {"message": "Which replica?"})
                         assert not result.is_error and "yes" in text(result), text(result)
-        calls = [e for e in proxy.proxy.recorded() if e.rpc_method == "tools/call"]
+        calls = [e for e in proxy.proxy.settled() if e.rpc_method == "tools/call"]
     assert len(calls) == 4 and all(e.outcome == "ok" for e in calls), calls
     assert {(first.backend, retry.backend) for first, retry in zip(calls[::2], calls[1::2], strict=True)} == {("a", "b"), ("b", "a")}
     assert person.asked == ["elicitation: Which replica?"] * 2

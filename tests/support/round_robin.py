@@ -176,6 +176,16 @@ class RoundRobinProxy:
         with self._lock:
             return [Exchange(**asdict(e)) for e in self.exchanges]
 
+    def settled(self, timeout: float = 5.0) -> list[Exchange]:
+        """`recorded()` once every exchange has ended: the proxy marks one ended just after it
+        passed the answer on, so a client can hold the answer before the record says so."""
+        deadline = time.monotonic() + timeout
+        exchanges = self.recorded()
+        while any(e.ended is None for e in exchanges) and time.monotonic() < deadline:
+            time.sleep(0.01)  # the proxy runs on its own thread: its records can only be polled
+            exchanges = self.recorded()
+        return exchanges
+
     # --- the proxy ----------------------------------------------------------------------
 
     def app(self) -> web.Application:
