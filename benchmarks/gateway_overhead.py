@@ -51,9 +51,11 @@ from benchmarks import load, stack  # noqa: E402
 TOOL = "echo"
 ARGUMENTS = {"text": "hello from the benchmark"}
 CONCURRENCY = (1, 8, 64, 256)
-SDK_MODES = ("2026-07-28", "legacy")
-"""The MCP SDK `Client` modes measured: the 2026-07-28 wire, and the session protocol (2025-11-25) that
-mcp 1.x clients (LangChain's adapters, the OpenAI Agents SDK) speak."""
+SDK_MODES = ("2026-07-28", "legacy", "legacy-per-call")
+"""The MCP SDK `Client` modes measured: the 2026-07-28 wire; the session protocol (2025-11-25) that
+mcp 1.x clients (LangChain's adapters, the OpenAI Agents SDK) speak, on one session; and that protocol
+with a new session for every call, as LangChain's MCP adapters do by default (initialize,
+notifications/initialized, the GET stream, the call, DELETE: the whole exchange is one "call")."""
 CREDENTIAL_CONCURRENCY = (8, 64)
 SEQUENTIAL_WARMUP = 50
 SDK_WARMUP = 20
@@ -247,13 +249,23 @@ def measure_sdk(direct_url: str, gw: stack.Gateway, mode: str, upstream: str, s:
     from mcp import Client
     from mcp.client.streamable_http import streamable_http_client
 
+    per_call = mode.endswith("-per-call")
+    client_mode = mode.removesuffix("-per-call")
+
     async def main() -> None:
         async with (
             httpx2.AsyncClient(timeout=30) as d_http,
             httpx2.AsyncClient(headers={"Authorization": f"Bearer {gw.token}"}, timeout=30) as g_http,
-            Client(streamable_http_client(direct_url, http_client=d_http), mode=mode) as d_client,
-            Client(streamable_http_client(gw.url, http_client=g_http), mode=mode) as g_client,
+            Client(streamable_http_client(direct_url, http_client=d_http), mode=client_mode) as d_client,
+            Client(streamable_http_client(gw.url, http_client=g_http), mode=client_mode) as g_client,
         ):
+            async def call(side: str) -> Any:
+                if not per_call:
+                    return await (d_client if side == "d" else g_client).call_tool(TOOL, ARGUMENTS)
+                url, http = (direct_url, d_http) if side == "d" else (gw.url, g_http)
+                async with Client(streamable_http_client(url, http_client=http), mode=client_mode) as fresh:
+                    return await fresh.call_tool(TOOL, ARGUMENTS)
+
             for rep in range(s.reps):
                 d_ms: list[float] = []
                 g_ms: list[float] = []
@@ -266,9 +278,8 @@ def measure_sdk(direct_url: str, gw: stack.Gateway, mode: str, upstream: str, s:
                         break
                     pair: dict[str, float] = {}
                     for side in (("d", "g") if i % 2 == 0 else ("g", "d")):
-                        client = d_client if side == "d" else g_client
                         started = time.perf_counter_ns()
-                        result = await client.call_tool(TOOL, ARGUMENTS)
+                        result = await call(side)
                         pair[side] = (time.perf_counter_ns() - started) / 1e6
                         if result.is_error:
                             failures += 1
@@ -427,7 +438,7 @@ def render(report: Report) -> str:
         for mode in SDK_MODES:
             picked = [r for r in report.sdk if r["mode"] == mode and r["upstream"] == upstream]
             if picked:
-                era = "2026-07-28" if mode == "2026-07-28" else "2025-11-25 (session)"
+                era = {"2026-07-28": "2026-07-28", "legacy": "2025-11-25 (session)"}.get(mode, "2025-11-25, a session per call")
                 rows.append((f"MCP SDK `Client` → gateway → {label}", era, picked))
     if rows:
         out.append("\n### Sequential latency, what each kind of client and upstream pays\n")

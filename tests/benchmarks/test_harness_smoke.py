@@ -58,8 +58,9 @@ def test_harness_reports_figures_and_every_gateway_call_succeeds(tmp_path: Path)
             assert summary["pairs"] > 0
             assert finite(summary["gateway_cpu_us_per_call"]), summary
             assert all(math.isfinite(v) for v in summary.values() if isinstance(v, float)), summary
-    # The SDK client in both eras, against the fast upstream and an MCP SDK upstream.
-    assert {(r["mode"], r["upstream"]) for r in report["sdk"]} == {(m, u) for m in ("2026-07-28", "legacy") for u in ("fast", "sdk")}
+    # The SDK client in both eras (and with a session per call), against the fast upstream and an MCP SDK upstream.
+    modes = ("2026-07-28", "legacy", "legacy-per-call")
+    assert {(r["mode"], r["upstream"]) for r in report["sdk"]} == {(m, u) for m in modes for u in ("fast", "sdk")}
 
     # Per-user credentials against `source: none`, at each concurrency, with no failures.
     assert {(r["source"], r["connections"]) for r in report["credentials"]} == {(s, c) for s in ("user", "none") for c in (8, 64)}
