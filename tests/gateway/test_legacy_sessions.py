@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator
+from pathlib import Path
 
 
 import httpx2
@@ -28,9 +29,10 @@ pytestmark = pytest.mark.anyio
 
 
 class SessionUpstream:
-    def __init__(self) -> None:
+    def __init__(self, *, keeps_sessions: bool = True) -> None:
         self.sessions: set[str] = set()
         self.opened = 0
+        self.keeps_sessions = keeps_sessions  # False: answers `initialize` without a session id, and serves anyone
         self._ids = itertools.count(1)
 
     def app(self) -> Starlette:
@@ -44,8 +46,9 @@ class SessionUpstream:
                 self.sessions.add(session)
                 self.opened += 1
                 result = {"protocolVersion": "2025-11-25", "capabilities": {"tools": {}}, "serverInfo": {"name": "legacy", "version": "1"}}
-                return JSONResponse({"jsonrpc": "2.0", "id": rid, "result": result}, headers={"mcp-session-id": session})
-            if request.headers.get("mcp-session-id") not in self.sessions:
+                headers = {"mcp-session-id": session} if self.keeps_sessions else {}
+                return JSONResponse({"jsonrpc": "2.0", "id": rid, "result": result}, headers=headers)
+            if self.keeps_sessions and request.headers.get("mcp-session-id") not in self.sessions:
                 return Response("unknown session", status_code=404)
             if rid is None:
                 return Response(status_code=202)
@@ -105,3 +108,24 @@ async def test_calls_share_one_session_and_a_forgotten_one_is_reopened(setup: tu
     assert not third.is_error
 
 
+
+
+async def test_an_upstream_that_keeps_no_sessions_is_not_greeted_again_for_each_agent_session(tmp_path: Path) -> None:
+    """It answered `initialize` without a session id: another handshake would open nothing it keeps. So a
+    client that opens a session per call (LangChain's default) costs it the call alone, not three requests."""
+    upstream = SessionUpstream(keeps_sessions=False)
+    with run_asgi(upstream.app()) as url:
+        (tmp_path / "m.yaml").write_text(MANIFESTS.format(url=url))
+        with local_gateway([tmp_path / "m.yaml"], state_dir=tmp_path / "state", port=0, admin_port=0, audit=MemoryAuditSink()) as gw:
+            token = httpx2.post(
+                gw.admin_url + "/v1/tokens", json={"user": "u"},
+                headers={"Authorization": f"Bearer {admin_secret(tmp_path / 'state')}"}, timeout=10,
+            ).json()["token"]
+            results = []
+            for n in range(4):
+                async with agent(gw.url, token, "legacy") as client:
+                    if n == 0:
+                        greeted = upstream.opened  # the catalog's listing, and the first agent session's greeting
+                    results.append(result_text(await client.call_tool("echo", {"n": n})))
+    assert results == [f'{{"n": {n}}}' for n in range(4)]
+    assert upstream.opened == greeted

@@ -78,6 +78,8 @@ _ACCEPT: Final = "application/json, text/event-stream"
 # JSON-RPC errors that say "this server does not speak the modern era".
 _UNSUPPORTED_VERSION: Final = -32022
 _MAX_LEGACY_SESSIONS: Final = 1024
+SESSIONLESS_RECHECK_SECONDS: Final = 300.0
+"""How long an upstream that answered `initialize` without a session id is taken to keep none (`_sessionless`)."""
 # Bodies and events larger than this are parsed in a worker thread (`_parse`).
 _THREAD_PARSE_BYTES: Final = 1 << 20
 # A call waiting longer than this for a slot of its connection is worth a warning.
@@ -287,6 +289,9 @@ class _LegacySession:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+_NO_SESSION: Final = _LegacySession(None)
+"""The session of an upstream that keeps none: requests go without an id, and share this one."""
+
 agent_upstreams: contextvars.ContextVar[Mapping[str, str]] = contextvars.ContextVar("portcullis_agent_upstreams", default={})
 """Connection name -> the upstream session opened for the current agent session at its `initialize`,
 the same on every replica (carried sealed in the agent's session id: upstream_sessions.py). Read
@@ -385,6 +390,9 @@ class UpstreamClient:
         self._era_lock = asyncio.Lock()
         self._sessions: dict[str, _LegacySession] = {}
         self._opening: dict[str, asyncio.Lock] = {}
+        # Until when this upstream is taken to keep no sessions: it answered `initialize` without an id,
+        # so a handshake tells it nothing it could keep (`_sessionless`).
+        self._sessionless_until = 0.0
         self._ids = itertools.count(1)
         self._param_headers: dict[str, dict[tuple[str, ...], str]] = {}
         # aiohttp bounds connecting; everything after is `_Deadline`'s (an idle clock aiohttp lacks).
@@ -656,6 +664,8 @@ class UpstreamClient:
         session = self._sessions.get(key)
         if session is not None:
             return session
+        if self._sessionless():
+            return _NO_SESSION  # what another handshake would open: nothing the upstream keeps
         # One handshake per credential at a time: concurrent first uses (a refresh, the change
         # stream, a call) would otherwise each open a session and keep only the last, and the
         # change stream could end up on a session nothing else uses.
@@ -699,6 +709,7 @@ class UpstreamClient:
                 raise NoSessions(self.name, f"refused initialize (HTTP {exc.status})") from None
             raise
         session_id = response_headers.get(SESSION_HEADER)
+        self._sessionless_until = 0.0 if session_id else asyncio.get_running_loop().time() + SESSIONLESS_RECHECK_SECONDS
         version = str(result.get("protocolVersion") or LEGACY_VERSION)
         headers[MCP_PROTOCOL_VERSION_HEADER] = version
         if session_id:
@@ -716,7 +727,7 @@ class UpstreamClient:
         sealed in the agent's session id, and each replica seeds it on first use (`_legacy`).
         """
         era = self._era or await self._discover(credential)
-        if era == "modern" and self._sessions_refused:
+        if era == "modern" and self._sessions_refused or self._sessionless():
             return None
         try:
             session = await self._handshake(credential, capabilities)
@@ -727,6 +738,12 @@ class UpstreamClient:
             log.info("upstream %r refuses sessions: session-era agents are served on 2026-07-28", self.name)
             return None
         return session.session_id
+
+    def _sessionless(self) -> bool:
+        """Did this upstream answer `initialize` without a session id lately? Then it keeps no session: an
+        agent's requests need no handshake of their own, and `initialize` opens nothing for an agent.
+        Asked again after SESSIONLESS_RECHECK_SECONDS, in case a redeployed upstream keeps them now."""
+        return self._sessionless_until > asyncio.get_running_loop().time()
 
     async def end_session(self, session_id: str, credential: Mapping[str, str] | None) -> int:
         """DELETE one upstream session (the agent ended its own): the upstream's HTTP status."""
