@@ -120,3 +120,13 @@ def test_audit_store_benchmark_reports_figures_and_every_call_is_stored(tmp_path
     assert prune["rows"] == prune["removed"] == 5000
     assert prune["partition_dropped"] is True and prune["left"] == 0
     assert prune["live_stored"] == prune["live_events"] > 0
+
+
+def test_session_requests_benchmark_measures_every_kind_of_request() -> None:
+    """benchmarks/session_requests.py at its smallest: every kind answered, a figure for each."""
+    argv = [sys.executable, str(REPO / "benchmarks" / "session_requests.py"), "--requests", "20", "--rounds", "1"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line}
+    kinds = ("initialize", "notifications/initialized", "tools/list", "ping", "tools/call", "GET stream", "DELETE")
+    assert all(float(rows[kind].replace(",", "")) >= 0 for kind in kinds), done.stdout
