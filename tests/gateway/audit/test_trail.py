@@ -3,6 +3,7 @@ retention that anchors, queries that page, and a store outage that loses nothing
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Sequence
@@ -300,5 +301,5 @@ def test_the_link_hash_covers_every_field() -> None:
     base = event(1)
     reference = link_hash(KEY.chain_key, "w", 1, "0" * 64, base)
     for field_name, value in [("user", "x"), ("outcome", "error"), ("latency_ms", 9.0), ("args_digest", "d"), ("agent_run_id", "r")]:
-        changed = AuditEvent(**{**{f: getattr(base, f) for f in base.__dataclass_fields__}, field_name: value})
+        changed = dataclasses.replace(base, **{field_name: value})
         assert link_hash(KEY.chain_key, "w", 1, "0" * 64, changed) != reference, field_name

@@ -25,13 +25,13 @@ key can rewrite a whole chain consistently; periodic heads signed and exported e
 from __future__ import annotations
 
 import dataclasses
-import hmac
 from collections.abc import AsyncIterable, Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Final, Literal
 
+from portcullis.gateway.audit.encoding import canonical_scalar
 from portcullis.gateway.audit.events import AuditEvent
-from portcullis.gateway.audit.keys import canonical_json
+from portcullis.gateway.audit.keys import KeyedHash
 
 GENESIS: Final = "0" * 64
 
@@ -60,15 +60,25 @@ class Anchor:
 
 
 def link_hash(chain_key: bytes, writer: str, seq: int, prev_hash: str, event: AuditEvent) -> str:
-    material = canonical_json({"writer": writer, "seq": seq, "prev": prev_hash, "event": event.to_dict()})
-    return hmac.digest(chain_key, material, "sha256").hex()
+    """The hash of one link, keyed for this one call (the writer and the verifier key theirs once)."""
+    return _link_hash(KeyedHash(chain_key), writer, seq, prev_hash, event)
+
+
+def _link_hash(chain_key: KeyedHash, writer: str, seq: int, prev_hash: str, event: AuditEvent) -> str:
+    # canonical_json({"writer": writer, "seq": seq, "prev": prev_hash, "event": event.to_dict()}), the bytes
+    # every stored chain was hashed over, written around the event's own canonical form (keys sorted).
+    material = "".join((
+        '{"event":', event.to_canonical_json(), ',"prev":', canonical_scalar(prev_hash),
+        ',"seq":', canonical_scalar(seq), ',"writer":', canonical_scalar(writer), "}",
+    ))
+    return chain_key.hexdigest(material.encode())
 
 
 class ChainWriter:
     """Links one writer's events in the order it stores them. Not shared between processes."""
 
     def __init__(self, chain_key: bytes, writer: str):
-        self._key = chain_key
+        self._key = KeyedHash(chain_key)
         self.writer = writer
         self.seq = 0
         self.head = GENESIS
@@ -81,7 +91,7 @@ class ChainWriter:
             event = dataclasses.replace(event, time_us=self._last_time_us)
         self._last_time_us = event.time_us
         self.seq += 1
-        digest = link_hash(self._key, self.writer, self.seq, self.head, event)
+        digest = _link_hash(self._key, self.writer, self.seq, self.head, event)
         stored = StoredEvent(event, self.writer, self.seq, self.head, digest)
         self.head = digest
         return stored
@@ -153,6 +163,7 @@ async def verify_chains(
     lost its tail.
     """
     report = VerifyReport()
+    keyed = KeyedHash(chain_key)
     current: _ChainCheck | None = None
     seen: set[str] = set()
     async for row in rows:
@@ -164,7 +175,7 @@ async def verify_chains(
             seen.add(row.writer)
             report.writers += 1
             await current.start(row, anchors, predecessor, report)
-        current.feed(chain_key, row, report)
+        current.feed(keyed, row, report)
     if current is not None:
         current.finish(report, heads)
     for writer, (seq, _) in sorted((heads or {}).items()):
@@ -204,7 +215,7 @@ class _ChainCheck:
         self.expected_prev = anchor.hash if anchor is not None and anchor.seq < row.seq else GENESIS
         self._break(report, row, "deleted", f"events {self.expected_seq}..{row.seq - 1} of this chain are missing and no pruning removed them")
 
-    def feed(self, chain_key: bytes, row: StoredEvent, report: VerifyReport) -> None:
+    def feed(self, chain_key: KeyedHash, row: StoredEvent, report: VerifyReport) -> None:
         pending, self.pending = self.pending, None
         if pending is not None:
             if row.prev_hash == self.expected_prev:
@@ -220,7 +231,7 @@ class _ChainCheck:
             self._break(report, row, "deleted", f"events {self.expected_seq}..{row.seq - 1} are missing")
         elif row.prev_hash != self.expected_prev:
             self._break(report, row, "deleted", "this event does not link to the one stored before it")
-        if link_hash(chain_key, row.writer, row.seq, row.prev_hash, row.event) != row.hash:
+        if _link_hash(chain_key, row.writer, row.seq, row.prev_hash, row.event) != row.hash:
             self.pending = row  # decided by the next row
             return
         self.expected_prev, self.expected_seq = row.hash, row.seq + 1

@@ -14,10 +14,12 @@ filters and the docs all use these names.
 
 from __future__ import annotations
 
-import json
+import ssl
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Final, Literal
+
+from portcullis.gateway.audit.encoding import Fields, canonical_text, line_json
 
 Decision = Literal["allow", "deny"]
 Outcome = Literal["ok", "tool_error", "upstream_error", "denied", "unauthenticated", "error"]
@@ -73,6 +75,17 @@ NOT_EXPOSED_LABEL: Final = "(not exposed)"
 """The metric label for a denied name: agents choose those, so they must not become label values."""
 
 
+def new_request_id() -> str:
+    """128 bits from OpenSSL's CSPRNG, as hex: unguessable, like `secrets.token_hex(16)`.
+
+    Not `secrets`/`os.urandom`: their getrandom() syscall releases the GIL, and taking it
+    back from the audit store's writer thread, busy on another core, cost 12 µs of CPU per
+    request in benchmarks/audit_micro.py --no-pin (under 1 µs pinned to one core; end to end
+    at 3,000 calls/s too small to see). This one keeps the GIL; uncontended, both cost under 1 µs.
+    """
+    return ssl.RAND_bytes(16).hex()
+
+
 _last_second: list[Any] = [None, ""]  # (whole second, its formatted form): strftime runs per event otherwise
 
 
@@ -109,38 +122,43 @@ class AuditEvent:
     detail: str | None = None
     """A short, safe note for operators (an exception class, an upstream HTTP status); never payload."""
     kind: str = KIND
+    _json: tuple[str, str] | None = field(default=None, init=False, repr=False, compare=False)
+    """Both JSON forms, once made: the line is written when the event is emitted and the
+    canonical form hashed when it is linked, moments later, and one pass makes both. Not an
+    init field, so `dataclasses.replace` (a corrected time) starts without it."""
 
     @property
     def time(self) -> float:
         return self.time_us / 1_000_000
 
+    def _values(self) -> tuple[Any, ...]:
+        """The values of the JSON form, in JSON_KEYS order."""
+        return (
+            self.kind, iso_time(self.time), self.time_us, self.request_id, self.server, self.tenant, self.user,
+            self.method, self.tool, self.connection, self.decision, self.reason, self.outcome, self.latency_ms,
+            self.upstream_ms, self.jti, self.agent_run_id, self.args_digest, self.result_digest, self.detail,
+        )
+
     def to_dict(self) -> dict[str, Any]:
-        # Built by hand rather than with dataclasses.asdict (a deep copy): this runs per call.
-        return {
-            "kind": self.kind,
-            "time": iso_time(self.time),
-            "time_us": self.time_us,
-            "request_id": self.request_id,
-            "server": self.server,
-            "tenant": self.tenant,
-            "user": self.user,
-            "method": self.method,
-            "tool": self.tool,
-            "connection": self.connection,
-            "decision": self.decision,
-            "reason": self.reason,
-            "outcome": self.outcome,
-            "latency_ms": self.latency_ms,
-            "upstream_ms": self.upstream_ms,
-            "jti": self.jti,
-            "agent_run_id": self.agent_run_id,
-            "args_digest": self.args_digest,
-            "result_digest": self.result_digest,
-            "detail": self.detail,
-        }
+        return dict(zip(JSON_KEYS, self._values()))  # not dataclasses.asdict: a deep copy, and other keys
+
+    def _forms(self) -> tuple[str, str] | None:
+        """(line, canonical text), or None for an event with a value `Fields` does not write (a NaN)."""
+        forms = self._json
+        if forms is None:
+            forms = _FIELDS.encode(self._values())
+            object.__setattr__(self, "_json", forms)  # a cache: frozen is about the fields
+        return forms
 
     def to_json(self) -> str:
-        return json.dumps(self.to_dict(), separators=(",", ":"))
+        """The JSON line: `json.dumps(self.to_dict(), separators=(",", ":"))`."""
+        forms = self._forms()
+        return forms[0] if forms is not None else line_json(self.to_dict())
+
+    def to_canonical_json(self) -> str:
+        """`keys.canonical_json(self.to_dict())` before its UTF-8 encoding: what a chain link covers."""
+        forms = self._forms()
+        return forms[1] if forms is not None else canonical_text(self.to_dict())
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AuditEvent:
@@ -166,6 +184,13 @@ class AuditEvent:
             kind=str(data.get("kind", KIND)),
         )
 
+
+JSON_KEYS: Final = (
+    "kind", "time", "time_us", "request_id", "server", "tenant", "user", "method", "tool", "connection", "decision",
+    "reason", "outcome", "latency_ms", "upstream_ms", "jti", "agent_run_id", "args_digest", "result_digest", "detail",
+)
+"""The keys of an event's JSON form (`to_dict`), in the order its JSON line writes them."""
+_FIELDS: Final = Fields(JSON_KEYS)
 
 FIELDS: Final = (
     "time_us", "request_id", "server", "tenant", "user", "method", "tool", "connection", "decision", "reason",

@@ -23,11 +23,11 @@ import base64
 import binascii
 import hashlib
 import hmac
-import json
 import os
 from pathlib import Path
 from typing import Any, Final, Protocol
 
+from portcullis.gateway.audit.encoding import canonical_json as canonical_json  # where it was, for its importers
 from portcullis.kube import KubeClient
 from portcullis.vault.kubernetes import create_key_secret
 from portcullis.vault.local import check_tenant, create_private_file_once, make_private_dir
@@ -49,9 +49,19 @@ class AuditKeys(Protocol):
         ...
 
 
-def canonical_json(value: Any) -> bytes:
-    """One byte string per JSON value: sorted keys, no spaces, UTF-8."""
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+class KeyedHash:
+    """HMAC-SHA-256 under one key, keyed once: each message then costs a copy of the keyed state,
+    not a new key schedule (and digest lookup) as `hmac.digest` does per call."""
+
+    __slots__ = ("_mac",)
+
+    def __init__(self, key: bytes):
+        self._mac = hmac.new(key, digestmod=hashlib.sha256)
+
+    def hexdigest(self, data: bytes) -> str:
+        mac = self._mac.copy()
+        mac.update(data)
+        return mac.hexdigest()
 
 
 class AuditKey:
@@ -60,7 +70,7 @@ class AuditKey:
     def __init__(self, key: bytes):
         if len(key) != KEY_BYTES:
             raise AuditKeyError(f"an audit key must be {KEY_BYTES} bytes, got {len(key)}")
-        self._digest_key = hmac.new(key, _DIGEST_LABEL, hashlib.sha256).digest()
+        self._digest = KeyedHash(hmac.new(key, _DIGEST_LABEL, hashlib.sha256).digest())
         self.chain_key = hmac.new(key, _CHAIN_LABEL, hashlib.sha256).digest()
 
     def digest(self, value: Any) -> str | None:
@@ -71,7 +81,7 @@ class AuditKey:
             data = canonical_json(value)
         except (TypeError, ValueError):  # not JSON (a NaN, say): digest its repr rather than fail the call
             data = repr(value).encode()
-        return "hmac-sha256:" + hmac.digest(self._digest_key, data, "sha256").hex()
+        return "hmac-sha256:" + self._digest.hexdigest(data)
 
 
 class LocalAuditKeys:

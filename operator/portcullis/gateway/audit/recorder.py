@@ -2,22 +2,30 @@
 
 The call path opens a `recording(...)` around everything it does for one request and
 fills the record in as it learns things (the connection, the decision, the upstream's
-time, the outcome). The event is emitted in the `finally` of that one block, so a branch
+time, the outcome). The event is emitted when that one block exits, so a branch
 that forgets to record, or an exception nobody anticipated, cannot produce a request
 without an event: an unfinished record is written as `outcome: error` with the
 exception's class as its detail (never its text, which may carry payload).
+
+`CallRecord` is its own context manager, as is its upstream timer, rather than
+`contextlib.contextmanager` generators: this runs on every request, and a generator's
+frame and wrapper cost more than the few lines they would save.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import secrets
 import time
-from collections.abc import Iterator
-from typing import Any
+from types import TracebackType
+from typing import Any, Self
 
-from portcullis.gateway.audit.events import AuditEvent, Decision, Outcome, Reason
+from portcullis.gateway.audit.events import (
+    AuditEvent,
+    Decision,
+    Outcome,
+    Reason,
+    new_request_id,
+)
 from portcullis.gateway.audit.trail import AuditTrail
 from portcullis.gateway.identity.tokens import SessionClaims
 
@@ -33,7 +41,7 @@ class CallRecord:
     def __init__(self, trail: AuditTrail, claims: SessionClaims | None, method: str, name: str | None):
         self._trail = trail
         self._started = time.perf_counter()
-        self.request_id = secrets.token_hex(16)
+        self.request_id = new_request_id()
         self.claims = claims
         self.method = method
         self.name = name
@@ -71,14 +79,9 @@ class CallRecord:
     def failed(self, reason: str, outcome: Outcome = "upstream_error", detail: str | None = None) -> None:
         self.reason, self.outcome, self.detail = reason, outcome, detail
 
-    @contextlib.contextmanager
-    def upstream(self) -> Iterator[None]:
-        """Time the upstream's share of the call."""
-        started = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.upstream_ms = round((time.perf_counter() - started) * 1000, 3)
+    def upstream(self) -> _UpstreamTimer:
+        """Time the upstream's share of the call (`with record.upstream(): ...`)."""
+        return _UpstreamTimer(self)
 
     def event(self) -> AuditEvent:
         claims = self.claims
@@ -103,20 +106,35 @@ class CallRecord:
             detail=self.detail,
         )
 
+    def __enter__(self) -> Self:
+        return self
 
-@contextlib.contextmanager
-def recording(trail: AuditTrail, claims: SessionClaims | None, method: str, name: str | None) -> Iterator[CallRecord]:
-    """The one place a request's audit event is written."""
-    record = CallRecord(trail, claims, method, name)
-    try:
-        yield record
-    except asyncio.CancelledError:
-        if record.outcome is None:
-            record.failed(Reason.CANCELLED, "error", "the agent went away or the call was cancelled")
-        raise
-    except BaseException as exc:
-        if record.outcome is None:
-            record.failed(Reason.INTERNAL_ERROR, "error", type(exc).__name__)
-        raise
-    finally:
-        trail.emit(record.event(), reserved=record.reserved)
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        """The one place a request's audit event is written; whatever was raised goes on up."""
+        if kind is not None and self.outcome is None:
+            if issubclass(kind, asyncio.CancelledError):
+                self.failed(Reason.CANCELLED, "error", "the agent went away or the call was cancelled")
+            else:
+                self.failed(Reason.INTERNAL_ERROR, "error", kind.__name__)
+        self._trail.emit(self.event(), reserved=self.reserved)
+
+
+class _UpstreamTimer:
+    """Sets the record's `upstream_ms` when the block it times exits, however it exits."""
+
+    __slots__ = ("_record", "_started")
+
+    def __init__(self, record: CallRecord):
+        self._record = record
+        self._started = 0.0
+
+    def __enter__(self) -> None:
+        self._started = time.perf_counter()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self._record.upstream_ms = round((time.perf_counter() - self._started) * 1000, 3)
+
+
+def recording(trail: AuditTrail, claims: SessionClaims | None, method: str, name: str | None) -> CallRecord:
+    """`with recording(...) as record:` around everything done for one request; see `CallRecord.__exit__`."""
+    return CallRecord(trail, claims, method, name)

@@ -41,7 +41,7 @@ from typing import Any, Literal
 
 from portcullis.gateway.audit import metrics
 from portcullis.gateway.audit.chain import ChainWriter, StoredEvent, VerifyReport, verify_chains
-from portcullis.gateway.audit.events import AuditEvent, Reason
+from portcullis.gateway.audit.events import AuditEvent, Reason, new_request_id
 from portcullis.gateway.audit.keys import AuditKey, AuditKeys
 from portcullis.gateway.audit.sinks import AuditSink
 from portcullis.gateway.audit.store import AuditPage, AuditQuery, AuditStore
@@ -288,7 +288,7 @@ class AuditTrail:
         metrics.AUDIT_PRUNED.labels(self.server).inc(result.removed)
         self.emit(
             AuditEvent(
-                time_us=now_us, request_id=secrets.token_hex(16), server=self.server, tenant=self.tenant, user=None,
+                time_us=now_us, request_id=new_request_id(), server=self.server, tenant=self.tenant, user=None,
                 method="audit/prune", tool=None, connection=None, decision="allow", reason=Reason.RETENTION, outcome="ok",
                 latency_ms=0.0,
                 detail=f"removed {result.removed} events older than {self.retention_days}d ({len(result.anchors)} chains anchored)",
