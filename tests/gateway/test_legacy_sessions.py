@@ -9,6 +9,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -80,10 +81,9 @@ spec: {{serverRef: {{name: s}}, connectionRef: {{name: old}}, tools: [{{name: ec
 """
 
 
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SessionUpstream, LocalGateway, str]]:
-    upstream = SessionUpstream()
-    directory = tmp_path_factory.mktemp("legacy")
+@contextmanager
+def in_front(upstream: SessionUpstream, directory: Path) -> Iterator[tuple[LocalGateway, str]]:
+    """A gateway in front of `upstream`, and a session token for it."""
     with run_asgi(upstream.app()) as url:
         (directory / "m.yaml").write_text(MANIFESTS.format(url=url))
         with local_gateway([directory / "m.yaml"], state_dir=directory / "state", port=0, admin_port=0, audit=MemoryAuditSink()) as gw:
@@ -91,7 +91,14 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SessionUps
                 gw.admin_url + "/v1/tokens", json={"user": "u"},
                 headers={"Authorization": f"Bearer {admin_secret(directory / 'state')}"}, timeout=10,
             ).json()["token"]
-            yield upstream, gw, token
+            yield gw, token
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[SessionUpstream, LocalGateway, str]]:
+    upstream = SessionUpstream()
+    with in_front(upstream, tmp_path_factory.mktemp("legacy")) as (gw, token):
+        yield upstream, gw, token
 
 
 async def test_calls_share_one_session_and_a_forgotten_one_is_reopened(setup: tuple[SessionUpstream, LocalGateway, str]) -> None:
@@ -114,18 +121,12 @@ async def test_an_upstream_that_keeps_no_sessions_is_not_greeted_again_for_each_
     """It answered `initialize` without a session id: another handshake would open nothing it keeps. So a
     client that opens a session per call (LangChain's default) costs it the call alone, not three requests."""
     upstream = SessionUpstream(keeps_sessions=False)
-    with run_asgi(upstream.app()) as url:
-        (tmp_path / "m.yaml").write_text(MANIFESTS.format(url=url))
-        with local_gateway([tmp_path / "m.yaml"], state_dir=tmp_path / "state", port=0, admin_port=0, audit=MemoryAuditSink()) as gw:
-            token = httpx2.post(
-                gw.admin_url + "/v1/tokens", json={"user": "u"},
-                headers={"Authorization": f"Bearer {admin_secret(tmp_path / 'state')}"}, timeout=10,
-            ).json()["token"]
-            results = []
-            for n in range(4):
-                async with agent(gw.url, token, "legacy") as client:
-                    if n == 0:
-                        greeted = upstream.opened  # the catalog's listing, and the first agent session's greeting
-                    results.append(result_text(await client.call_tool("echo", {"n": n})))
+    with in_front(upstream, tmp_path) as (gw, token):
+        results = []
+        for n in range(4):
+            async with agent(gw.url, token, "legacy") as client:
+                if n == 0:
+                    greeted = upstream.opened  # the catalog's listing, and the first agent session's greeting
+                results.append(result_text(await client.call_tool("echo", {"n": n})))
     assert results == [f'{{"n": {n}}}' for n in range(4)]
     assert upstream.opened == greeted
