@@ -323,6 +323,33 @@ async def test_a_half_read_answer_does_not_give_its_connection_back() -> None:
         assert pool_of(wire, server).idle == 0
 
 
+async def test_an_event_stream_that_ends_just_after_the_event_read_gives_its_connection_back() -> None:
+    """The session protocol answers a POST with events and ends the stream after the answer: its reader
+    stops at the answer, and the end, arriving a moment later, still leaves the connection reusable."""
+    event = b"event: message\ndata: {}\n\n"
+
+    async def conversation(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await read_request(reader) is not None:
+            writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ntransfer-encoding: chunked\r\n\r\n"
+                         + f"{len(event):x}\r\n".encode() + event + b"\r\n")
+            await writer.drain()
+            await asyncio.sleep(0.05)  # the reader has its event and has left by now
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async with serve(conversation) as server, client() as wire:
+        endpoint = wire.endpoint(server.url)
+        with anyio.fail_after(10):
+            for _ in range(3):
+                async with endpoint.request("POST", b"{}", {}, 5) as response:
+                    async for chunk in response.content.iter_any():
+                        assert chunk == event
+                        break
+                while pool_of(wire, server).idle == 0:
+                    await asyncio.sleep(0.01)  # given back by the drain, once the end arrived
+    assert server.accepted == 1
+
+
 async def test_an_answer_ending_with_its_connection_is_read_to_that_end() -> None:
     async def conversation(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await read_request(reader)

@@ -57,6 +57,8 @@ _HIGH_WATER: Final = 1 << 20  # unread body bytes past which the socket is pause
 _IDLE_SECONDS: Final = 60.0  # an idle pooled connection is closed after this (aiohttp's keepalive_timeout here before)
 _SWEEP_SECONDS: Final = 15.0
 _INFLATE_PIECE: Final = 1 << 16  # decoded bytes handed out per step of a compressed body
+_DRAIN_SECONDS: Final = 1.0  # how long the rest of an answer its reader left is awaited before its connection closes
+_DRAIN_BYTES: Final = 1 << 16  # and how much of it is read
 _USER_AGENT: Final = f"portcullis-gateway/{__version__}"
 _NO_HEADERS: Final[Mapping[str, str]] = CIMultiDictProxy(CIMultiDict())
 
@@ -225,6 +227,7 @@ class Pool:
         self.closed = False
         self._idle: list[_Connection] = []
         self._sweep: asyncio.TimerHandle | None = None
+        self._draining: set[asyncio.Task[None]] = set()
 
     @property
     def idle(self) -> int:
@@ -261,6 +264,33 @@ class Pool:
         if self._sweep is None:
             self._sweep = loop.call_later(_SWEEP_SECONDS, self._expire)
 
+    def drain(self, connection: _Connection, response: _Response) -> None:
+        """Keep `connection` if the rest of the answer its reader left comes soon: a server that streams its
+        answer as events (the session protocol's SSE) ends the stream just after the message the reader
+        wanted. Closing instead would cost both sides a new connection for every such call."""
+        task = asyncio.get_running_loop().create_task(self._drained(connection, response))
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    async def _drained(self, connection: _Connection, response: _Response) -> None:
+        read = 0
+        try:
+            async with asyncio.timeout(_DRAIN_SECONDS):
+                async for chunk in response.iter_any():
+                    read += len(chunk)
+                    if read > _DRAIN_BYTES:
+                        break
+        except (TimeoutError, HTTPError):
+            pass
+        except asyncio.CancelledError:  # the pool closes
+            connection.close()
+            raise
+        if response.done and connection.keep_alive and not connection.closed:
+            connection.response = None
+            self.put(connection)
+        else:
+            connection.close()
+
     def forget(self, connection: _Connection) -> None:
         """A pooled connection closed (by the server, or expired)."""
         if connection.pooled:
@@ -269,6 +299,8 @@ class Pool:
 
     def close(self) -> None:
         self.closed = True
+        for task in self._draining:
+            task.cancel()
         if self._sweep is not None:
             self._sweep.cancel()
             self._sweep = None
@@ -314,9 +346,12 @@ class _PooledExchange:
     ) -> None:
         connection, response = self._connection, self._response
         assert connection is not None and response is not None
-        if exc_type is None and response.done and connection.keep_alive and not connection.closed:
-            connection.response = None
-            self._pool.put(connection)
+        if exc_type is None and connection.keep_alive and not connection.closed:
+            if response.done:
+                connection.response = None
+                self._pool.put(connection)
+            else:
+                self._pool.drain(connection, response)  # the reader has what it wanted; the answer may end soon
         else:
             connection.close()
 
