@@ -752,13 +752,13 @@ class UpstreamClient:
                 del self._sessions[key]
         headers = {MCP_PROTOCOL_VERSION_HEADER: LEGACY_VERSION, SESSION_HEADER: session_id, **(credential or {})}
         try:
-            async with self._slots.hold(), _Deadline(self.config), self._http.delete(
-                self.config.url, headers=headers, timeout=self._timeout
+            async with self._slots.hold(), _Deadline(self.config), self._wire.request(
+                "DELETE", b"", headers, self.config.timeout_seconds
             ) as response:
                 await _read_body(response, _Budget(response, self.config))
                 return response.status
-        except (asyncio.TimeoutError, aiohttp.ClientError) as exc:
-            raise UpstreamError(self.name, f"ending a session failed ({type(exc).__name__})", transport=True) from None
+        except (asyncio.TimeoutError, http1.HTTPError, aiohttp.ClientError) as exc:
+            raise UpstreamError(self.name, f"ending a session failed ({_failure(exc)})", transport=True) from None
 
     async def session_messages(
         self, session_id: str, credential: Mapping[str, str] | None, opened: Callable[[], None]
@@ -773,7 +773,12 @@ class UpstreamClient:
         headers = {"accept": "text/event-stream", MCP_PROTOCOL_VERSION_HEADER: LEGACY_VERSION, SESSION_HEADER: session_id,
                    **(credential or {})}
         try:
-            async with self._http.get(self.config.url, headers=headers, timeout=self._stream_timeout()) as response:
+            # On the pooled wire (one agent session's stream is opened and closed with it: a new aiohttp
+            # request each time cost several times as much); bounded until its head arrives, then idle by nature.
+            async with asyncio.timeout(self.config.timeout_seconds) as opening, self._wire.request(
+                "GET", b"", headers, self.config.timeout_seconds
+            ) as response:
+                opening.reschedule(None)
                 if response.status == 405:
                     raise NoChangeStream(self.name, "offers no session stream (HTTP 405)")
                 if not response.headers.get("content-type", "").startswith("text/event-stream"):
@@ -788,8 +793,8 @@ class UpstreamClient:
                         yield message
         except asyncio.TimeoutError:
             raise UpstreamError(self.name, f"no session stream within {self.config.timeout_seconds}s", transport=True) from None
-        except aiohttp.ClientError as exc:
-            raise UpstreamError(self.name, f"session stream dropped ({type(exc).__name__})", transport=True) from None
+        except (http1.HTTPError, aiohttp.ClientError) as exc:
+            raise UpstreamError(self.name, f"session stream dropped ({_failure(exc)})", transport=True) from None
         except (ValueError, HttpProcessingError):  # a line over aiohttp's line limit (LineTooLong, see `_sse_lines`)
             raise UpstreamError(self.name, "sent a session-stream line longer than the gateway reads") from None
 
