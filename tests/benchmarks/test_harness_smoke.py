@@ -130,3 +130,12 @@ def test_session_requests_benchmark_measures_every_kind_of_request() -> None:
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line}
     kinds = ("initialize", "notifications/initialized", "tools/list", "ping", "tools/call", "GET stream", "DELETE")
     assert all(float(rows[kind].replace(",", "")) >= 0 for kind in kinds), done.stdout
+
+
+def test_stack_floor_benchmark_reports_both_processes() -> None:
+    """benchmarks/stack_floor.py at its smallest: the floor proxy and the gateway both answer, each a figure."""
+    argv = [sys.executable, str(REPO / "benchmarks" / "stack_floor.py"), "--seconds", "1", "--rounds", "1", "--connections", "4"]
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr[-4000:]
+    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line}
+    assert float(rows["floor proxy"].replace(",", "")) > 0 and float(rows["gateway"].replace(",", "")) > 0, done.stdout

@@ -1,0 +1,141 @@
+"""What any gateway on the gateway's own stack pays per call before it does anything: the floor.
+
+The gateway runs on uvicorn (uvloop, httptools) and forwards each call with its own pooled
+HTTP/1.1 client (gateway/http1.py). This runs a proxy built of exactly those parts and
+nothing else: an ASGI app that reads the agent's POST, sends its body to the upstream on the
+same pooled client, and returns the upstream's answer, with no authentication, audit,
+allowlist, credential, JSON parsing or result shaping. Its CPU per call is what the stack
+itself costs; the gateway's CPU per call minus it is what the gateway's own checks cost.
+Both run pinned to the first core, in front of `fast_upstream.py` on the second, under wrk,
+alternating run by run so machine noise hits both alike.
+
+    python benchmarks/stack_floor.py [--seconds 5] [--rounds 3] [--connections 64]
+    python benchmarks/stack_floor.py --serve-floor UPSTREAM_URL   # (the proxy process itself)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as a script: make `benchmarks` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks import load, stack  # noqa: E402
+
+TOOL, ARGUMENTS = "echo", {"text": "hello from the benchmark"}
+
+
+def serve_floor(upstream_url: str) -> None:
+    """The floor proxy: uvicorn + uvloop + httptools, the gateway's pooled client, nothing more."""
+    import aiohttp
+    import uvicorn
+
+    from portcullis.gateway import http1
+
+    state: dict[str, Any] = {}
+
+    async def app(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            await receive()  # lifespan.startup
+            state["session"] = aiohttp.ClientSession()
+            state["wire"] = http1.Client.of(state["session"]).endpoint(upstream_url)
+            await send({"type": "lifespan.startup.complete"})
+            await receive()  # lifespan.shutdown
+            await state["session"].close()
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        chunks = []
+        while True:
+            message = await receive()
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body"):
+                break
+        headers = {"content-type": "application/json", "accept": "application/json, text/event-stream",
+                   "mcp-protocol-version": "2026-07-28"}
+        async with state["wire"].request("POST", b"".join(chunks), headers, 10) as response:
+            body = b"".join([chunk async for chunk in response.content.iter_any()])
+            status = response.status
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+        await send({"type": "http.response.body", "body": body})
+
+    port = stack.free_port()
+    print(f"floor proxy ready at http://127.0.0.1:{port}/mcp", flush=True)
+    uvicorn.run(app, host="127.0.0.1", port=port, loop="uvloop", http="httptools", log_level="warning",
+                access_log=False, timeout_keep_alive=75)
+
+
+def _floor_process(upstream_url: str, cores: list[int]) -> tuple[stack.Process, str]:
+    argv = [*stack.pin_prefix(cores), sys.executable, str(Path(__file__).resolve()), "--serve-floor", upstream_url]
+    popen = subprocess.Popen(argv, stdout=subprocess.PIPE)
+    line = stack._read_line(popen, stack.STARTUP_TIMEOUT)
+    if "ready at " not in line:
+        raise RuntimeError(f"the floor proxy did not start: {line!r}")
+    return stack.Process(popen, argv), line.split("ready at ", 1)[1].split()[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--serve-floor", metavar="UPSTREAM_URL", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.serve_floor:
+        serve_floor(args.serve_floor)
+        return 0
+    wrk = load.wrk_path()
+    if wrk is None:
+        print("wrk not found (Debian: apt-get install -y wrk): using the Python generator, which caps below the floor "
+              "proxy; CPU per call is still each process's own", file=sys.stderr)
+    two_cores = (os.cpu_count() or 1) > 1
+    gateway_cores, other = ([0], [1]) if two_cores else (None, None)
+    figures: dict[str, list[tuple[float, float]]] = {"floor proxy": [], "gateway": []}
+    with tempfile.TemporaryDirectory(prefix="portcullis-floor-") as tmp, stack.upstream(other) as (_, upstream_url):
+        floor, floor_url = _floor_process(upstream_url, gateway_cores or [])
+        try:
+            with stack.gateway(upstream_url, Path(tmp) / "gw", gateway_cores) as gw:
+                targets = {"floor proxy": (floor.pid, load.tool_call(floor_url, TOOL, ARGUMENTS)),
+                           "gateway": (gw.pid, load.tool_call(gw.url, TOOL, ARGUMENTS, token=gw.token))}
+                def run(target: load.Target, connections: int, seconds: float) -> load.LoadResult:
+                    if wrk is None:
+                        return load.python_load(target, connections, seconds=seconds)
+                    return load.wrk_load(target, connections, seconds, wrk=wrk, prefix=stack.pin_prefix(other))
+
+                for pid, target in targets.values():  # warm both (pools, first discovery)
+                    run(target, 8, 1.0)
+                for round_number in range(args.rounds):
+                    order = list(targets.items()) if round_number % 2 == 0 else list(reversed(targets.items()))
+                    for name, (pid, target) in order:
+                        before = load.cpu_seconds(pid)
+                        result = run(target, args.connections, args.seconds)
+                        if result.failures or not result.calls:
+                            raise SystemExit(f"{name}: {result.failures} failures, e.g. {result.failure_samples[:1]}")
+                        figures[name].append(((load.cpu_seconds(pid) - before) / result.calls * 1e6, result.rps))
+                    print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
+        finally:
+            floor.stop()
+    cpu = {name: statistics.median(c for c, _ in runs) for name, runs in figures.items()}
+    rps = {name: statistics.median(r for _, r in runs) for name, runs in figures.items()}
+    generator = "wrk" if wrk else "the Python generator"
+    print(f"\n## CPU per call at {args.connections} connections (median of {args.rounds} runs of {args.seconds:g} s, {generator})\n")
+    print("| process | CPU µs/call | calls/s |")
+    print("|---|---:|---:|")
+    for name in figures:
+        print(f"| {name} | {cpu[name]:,.0f} | {rps[name]:,.0f} |")
+    own = cpu["gateway"] - cpu["floor proxy"]
+    print(f"\nThe gateway's own checks and bookkeeping: {own:,.0f} µs per call "
+          f"({own / cpu['gateway']:.0%} of its CPU); the stack's floor: {cpu['floor proxy']:,.0f} µs.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
