@@ -6,8 +6,11 @@ Both MCP eras, and the admin API, come through here, so the allowlist is
 enforced in one place, on list and on call. Nothing a request depends on lives
 only in this process: the config and tool lists are rebuilt by every replica,
 credentials and revocations are read from shared storage at call time, and no
-agent-facing session state is kept (sessions exist only towards legacy
-upstreams, where any replica can open its own).
+agent-facing session state is kept. A session-era agent's session lives in its
+signed session id, which also carries, sealed, the upstream sessions opened for
+it at `initialize` (sessions.py, upstream_sessions.py), so every replica sends
+its requests on the same upstream sessions; the catalog's listings, and agents
+without sessions of their own, use a session each replica opens for itself.
 """
 
 from __future__ import annotations
