@@ -159,3 +159,18 @@ async def test_a_new_config_is_answered_anew() -> None:
     assert await replayed.replay("k", send)
     configs[0] = object()  # a config swap: what was kept may no longer be the answer
     assert not await replayed.replay("k", send)
+
+
+async def test_a_session_request_at_a_version_the_server_does_not_support_is_refused_as_the_sdk_refuses_it(served: OneUpstream) -> None:
+    """The protocol asks for 400 to a request naming an unsupported version: the session layer leaves those to the SDK."""
+    sessions = served.gw.endpoint.sessions
+    with anyio.fail_after(20):
+        async with httpx2.AsyncClient(timeout=10) as http:
+            session = (await _initialize(http, served, VERSIONS[0])).headers["mcp-session-id"]
+            before = sessions.served
+            for body in (REQUESTS[0], REQUESTS[3], REQUESTS[4],
+                         {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "test_simple_text", "arguments": {}}}):
+                sdk = _seen(await http.post(served.gw.url, json=body, headers=_headers(served.token, "1999-01-01")))
+                ours = _seen(await http.post(served.gw.url, json=body, headers=_headers(served.token, "1999-01-01", session)))
+                assert ours == sdk and ours[0] == 400, body
+    assert sessions.served == before

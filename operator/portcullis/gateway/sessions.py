@@ -40,6 +40,7 @@ import logging
 from typing import Any, Final
 
 from mcp_types import methods as _methods
+from mcp_types.version import HANDSHAKE_PROTOCOL_VERSIONS
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -150,8 +151,9 @@ class AgentSessions:
             if session is None:
                 await app(scope, receive, send)
             elif not carried:  # nothing to end: the SDK's answer (405), the same every time (replayed.py)
-                if not await self.replayed.replay("DELETE", send):
-                    await app(scope, receive, self.replayed.keeping("DELETE", send))
+                key = f"DELETE {header(scope, b'mcp-protocol-version')}"
+                if not await self.replayed.replay(key, send):
+                    await app(scope, receive, self.replayed.keeping(key, send))
             else:
                 status = await self.upstreams.end(claims, carried)
                 await send({"type": "http.response.start", "status": status, "headers": []})
@@ -170,15 +172,19 @@ class AgentSessions:
             if isinstance(message, dict) and "method" not in message and str(message.get("id", "")).startswith(RELAY_PREFIX):
                 await self._answer(scope, receive, send, claims, message, body)
                 return
-        if complete and session is not None and (request := plain_call(body)) is not None:
+        # A session's requests are served here only at a version its era has (or none named): the SDK
+        # answers any other 400, as the protocol asks of a server that does not support the version.
+        version = header(scope, b"mcp-protocol-version")
+        here = session if version is None or version in HANDSHAKE_PROTOCOL_VERSIONS else None
+        if complete and here is not None and (request := plain_call(body)) is not None:
             # Every plain call of a session is answered here, whatever its client can be asked: the
             # SDK's stateless transport builds a server per request, 2-3 ms of CPU a call.
-            await self.calls(send, claims, session, request)
+            await self.calls(send, claims, here, request)
             return
-        if complete and session is not None and (message := _listing_or_notice(body)) is not None:
-            await self._quick(send, claims, session, message)
+        if complete and here is not None and (message := _listing_or_notice(body)) is not None:
+            await self._quick(send, claims, here, message)
             return
-        if complete and session is not None and (request := _session_request(body)) is not None:
+        if complete and here is not None and (request := _session_request(body)) is not None:
             # A change to the session (on its upstream sessions), or a task's request (tasks.py: on the
             # session's upstream session, where what the task asks reaches the agent on this stream).
             method, params = request["method"], request["params"]
@@ -188,7 +194,7 @@ class AgentSessions:
                 work = lambda: self.tasks.serve(claims, method, params)  # noqa: E731
             meta = params.get("_meta")
             progress_token = meta.get("progressToken") if isinstance(meta, dict) else None
-            await answer_on_stream(send, self.relay, claims, session, request["id"], work, progress_token)
+            await answer_on_stream(send, self.relay, claims, here, request["id"], work, progress_token)
             return
         opening: _Opening | None = None
         if complete and session is None and b'"initialize"' in body:
