@@ -95,20 +95,30 @@ async def test_listings_pings_and_notices_of_a_session_are_answered_as_the_sdk_a
                 assert sessions.served == before + 1, f"{body}: expected the session layer to answer"
 
 
-async def test_a_malformed_or_other_notice_is_left_to_the_sdk(served: OneUpstream) -> None:
+async def _both_ways(served: OneUpstream, bodies: list[dict[str, Any]], version: str) -> tuple[list[tuple[Any, Any]], int]:
+    """Each body sent without a session id (the SDK answers) and with one, at `version`: the answer
+    pairs, and how many the session layer answered itself."""
     sessions = served.gw.endpoint.sessions
+    pairs = []
     with anyio.fail_after(20):
         async with httpx2.AsyncClient(timeout=10) as http:
             session = (await _initialize(http, served, VERSIONS[0])).headers["mcp-session-id"]
             before = sessions.served
-            for body in ({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"reason": "no id"}},
-                         {"jsonrpc": "2.0", "method": "notifications/initialized", "params": 5},
-                         {"jsonrpc": "2.0", "id": True, "method": "ping"},
-                         {"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"cursor": 7}}):
-                sdk = _seen(await http.post(served.gw.url, json=body, headers=_headers(served.token, VERSIONS[0])))
-                ours = _seen(await http.post(served.gw.url, json=body, headers=_headers(served.token, VERSIONS[0], session)))
-                assert ours == sdk, body
-    assert sessions.served == before
+            for body in bodies:
+                sdk = _seen(await http.post(served.gw.url, json=body, headers=_headers(served.token, version)))
+                ours = _seen(await http.post(served.gw.url, json=body, headers=_headers(served.token, version, session)))
+                pairs.append((sdk, ours))
+    return pairs, sessions.served - before
+
+
+async def test_a_malformed_or_other_notice_is_left_to_the_sdk(served: OneUpstream) -> None:
+    bodies = [{"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"reason": "no id"}},
+              {"jsonrpc": "2.0", "method": "notifications/initialized", "params": 5},
+              {"jsonrpc": "2.0", "id": True, "method": "ping"},
+              {"jsonrpc": "2.0", "id": 3, "method": "tools/list", "params": {"cursor": 7}}]
+    pairs, served_here = await _both_ways(served, bodies, VERSIONS[0])
+    assert [ours for _, ours in pairs] == [sdk for sdk, _ in pairs]
+    assert served_here == 0
 
 
 @pytest.mark.parametrize("version", [*VERSIONS, "1999-01-01"])
@@ -163,14 +173,8 @@ async def test_a_new_config_is_answered_anew() -> None:
 
 async def test_a_session_request_at_a_version_the_server_does_not_support_is_refused_as_the_sdk_refuses_it(served: OneUpstream) -> None:
     """The protocol asks for 400 to a request naming an unsupported version: the session layer leaves those to the SDK."""
-    sessions = served.gw.endpoint.sessions
-    with anyio.fail_after(20):
-        async with httpx2.AsyncClient(timeout=10) as http:
-            session = (await _initialize(http, served, VERSIONS[0])).headers["mcp-session-id"]
-            before = sessions.served
-            for body in (REQUESTS[0], REQUESTS[3], REQUESTS[4],
-                         {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "test_simple_text", "arguments": {}}}):
-                sdk = _seen(await http.post(served.gw.url, json=body, headers=_headers(served.token, "1999-01-01")))
-                ours = _seen(await http.post(served.gw.url, json=body, headers=_headers(served.token, "1999-01-01", session)))
-                assert ours == sdk and ours[0] == 400, body
-    assert sessions.served == before
+    bodies = [REQUESTS[0], REQUESTS[3], REQUESTS[4],
+              {"jsonrpc": "2.0", "id": 5, "method": "tools/call", "params": {"name": "test_simple_text", "arguments": {}}}]
+    pairs, served_here = await _both_ways(served, bodies, "1999-01-01")
+    assert all(ours == sdk and ours[0] == 400 for sdk, ours in pairs), pairs
+    assert served_here == 0
