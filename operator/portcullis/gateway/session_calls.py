@@ -47,13 +47,9 @@ MAX_ROUNDS: Final = 16
 SSE_HEADERS: Final = [(b"content-type", b"text/event-stream"), (b"cache-control", b"no-cache, no-transform")]
 
 
-def plain_call(body: bytes) -> dict[str, Any] | None:
-    """The request, if `body` is one well-formed `tools/call`; None leaves it to the SDK."""
-    try:
-        request = json.loads(body)
-    except ValueError:
-        return None
-    if not isinstance(request, dict) or request.get("jsonrpc") != "2.0" or request.get("method") != "tools/call":
+def plain_call(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The request, if it is one well-formed `tools/call` (the body already decoded); None leaves it to the SDK."""
+    if request.get("jsonrpc") != "2.0" or request.get("method") != "tools/call":
         return None
     request_id, params = request.get("id"), request.get("params")
     if isinstance(request_id, bool) or not isinstance(request_id, (int, str)) or not isinstance(params, dict):

@@ -167,46 +167,48 @@ class AgentSessions:
             return
         body, complete = await _read_upto(receive, self.max_body_bytes)
         receive = replay({"type": "http.request", "body": body, "more_body": not complete}, receive)
-        if complete and RELAY_PREFIX.encode() in body:
-            message = _json(body)
-            if isinstance(message, dict) and "method" not in message and str(message.get("id", "")).startswith(RELAY_PREFIX):
-                await self._answer(scope, receive, send, claims, message, body)
-                return
         # A session's requests are served here only at a version its era has (or none named): the SDK
         # answers any other 400, as the protocol asks of a server that does not support the version.
         version = header(scope, b"mcp-protocol-version")
         here = session if version is None or version in HANDSHAKE_PROTOCOL_VERSIONS else None
-        if complete and here is not None and (request := plain_call(body)) is not None:
-            # Every plain call of a session is answered here, whatever its client can be asked: the
-            # SDK's stateless transport builds a server per request, 2-3 ms of CPU a call.
-            await self.calls(send, claims, here, request)
+        # The body is decoded once, and only when something here may serve it; the rest is the SDK's.
+        relayed = RELAY_PREFIX.encode() in body
+        message = _json(body) if complete and (here is not None or relayed or b'"initialize"' in body) else None
+        if not isinstance(message, dict):
+            message = None
+        if relayed and message is not None and "method" not in message and str(message.get("id", "")).startswith(RELAY_PREFIX):
+            await self._answer(scope, receive, send, claims, message, body)
             return
-        if complete and here is not None and (message := _listing_or_notice(body)) is not None:
-            await self._quick(send, claims, here, message)
-            return
-        if complete and here is not None and (request := _session_request(body)) is not None:
-            # A change to the session (on its upstream sessions), or a task's request (tasks.py: on the
-            # session's upstream session, where what the task asks reaches the agent on this stream).
-            method, params = request["method"], request["params"]
-            if method in SESSION_METHODS:
-                work = lambda: self._change(claims, carried, request)  # noqa: E731
-            else:
-                work = lambda: self.tasks.serve(claims, method, params)  # noqa: E731
-            meta = params.get("_meta")
-            progress_token = meta.get("progressToken") if isinstance(meta, dict) else None
-            await answer_on_stream(send, self.relay, claims, here, request["id"], work, progress_token)
-            return
+        if here is not None and message is not None:
+            if (request := plain_call(message)) is not None:
+                # Every plain call of a session is answered here, whatever its client can be asked: the
+                # SDK's stateless transport builds a server per request, 2-3 ms of CPU a call.
+                await self.calls(send, claims, here, request)
+                return
+            if _listing_or_notice(message):
+                await self._quick(send, claims, here, message)
+                return
+            if (request := _session_request(message)) is not None:
+                # A change to the session (on its upstream sessions), or a task's request (tasks.py: on the
+                # session's upstream session, where what the task asks reaches the agent on this stream).
+                method, params = request["method"], request["params"]
+                if method in SESSION_METHODS:
+                    work = lambda: self._change(claims, carried, request)  # noqa: E731
+                else:
+                    work = lambda: self.tasks.serve(claims, method, params)  # noqa: E731
+                meta = params.get("_meta")
+                progress_token = meta.get("progressToken") if isinstance(meta, dict) else None
+                await answer_on_stream(send, self.relay, claims, here, request["id"], work, progress_token)
+                return
         opening: _Opening | None = None
-        if complete and session is None and b'"initialize"' in body:
-            message = _json(body)
-            if isinstance(message, dict) and message.get("method") == "initialize":
-                send, opening = self._issuing(send, claims, message.get("params"))
-                if (asked := initialize_request(message)) is not None and _sdk_would_read(scope):
-                    # The SDK's answer for this version (replayed.py), the session id added by `_issuing`.
-                    key = f"initialize {asked[1]} {header(scope, b'mcp-protocol-version')}"
-                    if await self.replayed.replay(key, send, asked[0]):
-                        return
-                    send = self.replayed.keeping(key, send, sse_result=True)
+        if session is None and message is not None and message.get("method") == "initialize":
+            send, opening = self._issuing(send, claims, message.get("params"))
+            if (asked := initialize_request(message)) is not None and _sdk_would_read(scope):
+                # The SDK's answer for this version (replayed.py), the session id added by `_issuing`.
+                key = f"initialize {asked[1]} {version}"
+                if await self.replayed.replay(key, send, asked[0]):
+                    return
+                send = self.replayed.keeping(key, send, sse_result=True)
         reset = current_session.set(session)
         try:
             await app(scope, receive, send)
@@ -356,26 +358,23 @@ _QUICK_METHODS: Final = frozenset({"tools/list", "ping"})
 _QUICK_NOTICES: Final = frozenset({"notifications/initialized", "notifications/cancelled"})
 
 
-def _listing_or_notice(body: bytes) -> dict[str, Any] | None:
-    """The message, if `body` is one well-formed `tools/list`, `ping`, `notifications/initialized` or
-    `notifications/cancelled` (naming a request); None leaves it to whatever serves it otherwise."""
-    if b'"tools/list"' not in body and b'"ping"' not in body and b'"notifications/' not in body:
-        return None
-    message = _json(body)
-    if not isinstance(message, dict) or message.get("jsonrpc") != "2.0" or message.keys() - {"jsonrpc", "id", "method", "params"}:
-        return None
+def _listing_or_notice(message: dict[str, Any]) -> bool:
+    """Is `message` one well-formed `tools/list`, `ping`, `notifications/initialized` or
+    `notifications/cancelled` (naming a request)? If not, whatever serves it otherwise does."""
+    if message.get("jsonrpc") != "2.0" or message.keys() - {"jsonrpc", "id", "method", "params"}:
+        return False
     method, params = message.get("method"), message.get("params", {})
     if not isinstance(params, dict) or not isinstance(params.get("_meta", {}), dict):
-        return None
+        return False
     if "id" in message:
         request_id = message["id"]
         if method not in _QUICK_METHODS or isinstance(request_id, bool) or not isinstance(request_id, (int, str)):
-            return None
-        return message if isinstance(params.get("cursor", ""), str) else None
+            return False
+        return isinstance(params.get("cursor", ""), str)
     if method == "notifications/cancelled":
         request_id = params.get("requestId")
-        return message if isinstance(request_id, (int, str)) and not isinstance(request_id, bool) else None
-    return message if method in _QUICK_NOTICES else None
+        return isinstance(request_id, (int, str)) and not isinstance(request_id, bool)
+    return method in _QUICK_NOTICES
 
 
 def _sdk_would_read(scope: Scope) -> bool:
@@ -386,13 +385,10 @@ def _sdk_would_read(scope: Scope) -> bool:
     return {"application/json", "text/event-stream"} <= types_accepted and content_type.startswith("application/json")
 
 
-def _session_request(body: bytes) -> dict[str, Any] | None:
-    """The request, if `body` is one well-formed request this layer serves besides plain calls:
-    `SESSION_METHODS`, a task-augmented `tools/call` or a `tasks/*` request. None leaves it to the SDK."""
-    if b'"task' not in body and not any(m.encode() in body for m in SESSION_METHODS):
-        return None
-    request = _json(body)
-    if not isinstance(request, dict) or request.get("jsonrpc") != "2.0":
+def _session_request(request: dict[str, Any]) -> dict[str, Any] | None:
+    """The request (its params made an object), if it is one well-formed request this layer serves besides
+    plain calls: `SESSION_METHODS`, a task-augmented `tools/call` or a `tasks/*` request. None leaves it to the SDK."""
+    if request.get("jsonrpc") != "2.0":
         return None
     method, request_id, params = request.get("method"), request.get("id"), request.get("params", {})
     if isinstance(request_id, bool) or not isinstance(request_id, (int, str)) or not isinstance(params, dict):
