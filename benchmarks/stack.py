@@ -184,8 +184,8 @@ def _http(method: str, url: str, body: dict[str, Any] | None = None, secret: str
         return exc.code, json.loads(raw) if raw else None
 
 
-def _wait_ready(url: str, process: Process, log: Path) -> None:
-    deadline = time.monotonic() + STARTUP_TIMEOUT
+def _wait_ready(url: str, process: Process, log: Path, timeout: float = STARTUP_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.popen.poll() is not None:
             raise RuntimeError(f"portcullis serve exited ({process.popen.returncode}):\n{log.read_text()}")
@@ -196,7 +196,7 @@ def _wait_ready(url: str, process: Process, log: Path) -> None:
         except (urllib.error.URLError, ConnectionError, OSError):
             pass
         time.sleep(0.05)  # polling a readiness probe, bounded by the deadline above
-    raise TimeoutError(f"gateway not ready within {STARTUP_TIMEOUT} s:\n{log.read_text()}")
+    raise TimeoutError(f"gateway not ready within {timeout} s:\n{log.read_text()}")
 
 
 USER_CREDENTIAL = "{source: user, header: Authorization, scheme: Bearer}"
@@ -222,12 +222,15 @@ def manifests_text(upstream_url: str, *, audit: dict[str, Any] | None = None, ex
 def gateway(
     upstream_url: str, workdir: Path, cores: Sequence[int] | None = None, *,
     audit: dict[str, Any] | None = None, extra_manifests: str = "", credentials: bool = True,
+    executable: str | None = None, startup_timeout: float | None = None,
 ) -> Iterator[Gateway]:
     """`portcullis serve` in front of `upstream_url`, with a credential stored and a token minted.
 
     `audit` is `spec.audit` of the VirtualMCPServer (None: not set, so the default store, SQLite);
     `extra_manifests` is more YAML placed beside the benchmark's manifests; `credentials` False
     serves the connection with `source: none` (nothing stored, nothing resolved per call).
+    `executable` runs another `portcullis` than `portcullis_executable()`; `startup_timeout`
+    waits longer than STARTUP_TIMEOUT for readiness (a gateway under valgrind).
     """
     manifests = workdir / "manifests"
     manifests.mkdir(parents=True, exist_ok=True)
@@ -235,7 +238,7 @@ def gateway(
     state = workdir / "state"
     port, admin_port = free_port(), free_port()
     secret = secrets.token_urlsafe(24)
-    argv = [*pin_prefix(cores), portcullis_executable(), "serve", "-f", str(manifests), "--state-dir", str(state),
+    argv = [*pin_prefix(cores), executable or portcullis_executable(), "serve", "-f", str(manifests), "--state-dir", str(state),
             "--port", str(port), "--admin-port", str(admin_port)]
     log = workdir / "gateway.log"
     env = {**os.environ, "PORTCULLIS_ADMIN_SECRET": secret}
@@ -244,7 +247,7 @@ def gateway(
     process = Process(popen, argv)
     try:
         base, admin = f"http://127.0.0.1:{port}", f"http://127.0.0.1:{admin_port}"
-        _wait_ready(base + "/readyz", process, log)
+        _wait_ready(base + "/readyz", process, log, startup_timeout or STARTUP_TIMEOUT)
         if credentials:
             status, answer = _http("PUT", f"{admin}/v1/users/{USER}/connections/{CONNECTION}", {"secret": UPSTREAM_SECRET}, secret)
             if status >= 300:

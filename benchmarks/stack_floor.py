@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import os
 import statistics
 import subprocess
@@ -87,6 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--baseline", metavar="EXECUTABLE",
+                        help="also run this `portcullis` (an older build) as a gateway, interleaved, and report the ratio")
     parser.add_argument("--serve-floor", metavar="UPSTREAM_URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve_floor:
@@ -99,12 +102,19 @@ def main(argv: list[str] | None = None) -> int:
     two_cores = (os.cpu_count() or 1) > 1
     gateway_cores, other = ([0], [1]) if two_cores else (None, None)
     figures: dict[str, list[tuple[float, float]]] = {"floor proxy": [], "gateway": []}
+    if args.baseline:
+        figures["baseline gateway"] = []
     with tempfile.TemporaryDirectory(prefix="portcullis-floor-") as tmp, stack.upstream(other) as (_, upstream_url):
         floor, floor_url = _floor_process(upstream_url, gateway_cores or [])
         try:
-            with stack.gateway(upstream_url, Path(tmp) / "gw", gateway_cores) as gw:
+            with contextlib.ExitStack() as gateways:
+                gw = gateways.enter_context(stack.gateway(upstream_url, Path(tmp) / "gw", gateway_cores))
                 targets = {"floor proxy": (floor.pid, load.tool_call(floor_url, TOOL, ARGUMENTS)),
                            "gateway": (gw.pid, load.tool_call(gw.url, TOOL, ARGUMENTS, token=gw.token))}
+                if args.baseline:
+                    base = gateways.enter_context(stack.gateway(upstream_url, Path(tmp) / "base", gateway_cores,
+                                                                executable=args.baseline))
+                    targets["baseline gateway"] = (base.pid, load.tool_call(base.url, TOOL, ARGUMENTS, token=base.token))
                 def run(target: load.Target, connections: int, seconds: float) -> load.LoadResult:
                     if wrk is None:
                         return load.python_load(target, connections, seconds=seconds)
@@ -113,7 +123,8 @@ def main(argv: list[str] | None = None) -> int:
                 for pid, target in targets.values():  # warm both (pools, first discovery)
                     run(target, 8, 1.0)
                 for round_number in range(args.rounds):
-                    order = list(targets.items()) if round_number % 2 == 0 else list(reversed(targets.items()))
+                    items = list(targets.items())
+                    order = items[round_number % len(items):] + items[:round_number % len(items)]  # rotated each round
                     for name, (pid, target) in order:
                         before = load.cpu_seconds(pid)
                         result = run(target, args.connections, args.seconds)
@@ -132,6 +143,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in figures:
         print(f"| {name} | {cpu[name]:,.0f} | {rps[name]:,.0f} |")
     own = cpu["gateway"] - cpu["floor proxy"]
+    if args.baseline:
+        ratios = [a / b for (a, _), (b, _) in zip(figures["gateway"], figures["baseline gateway"])]
+        print(f"\nGateway CPU per call against the baseline: {statistics.median(ratios):.2f}x "
+              f"(median of per-round ratios; rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
     print(f"\nThe gateway's own checks and bookkeeping: {own:,.0f} µs per call "
           f"({own / cpu['gateway']:.0%} of its CPU); the stack's floor: {cpu['floor proxy']:,.0f} µs.")
     return 0

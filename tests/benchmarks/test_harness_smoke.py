@@ -16,6 +16,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 CALLS = 200
 SESSIONS = 50
@@ -132,10 +134,32 @@ def test_session_requests_benchmark_measures_every_kind_of_request() -> None:
     assert all(float(rows[kind].replace(",", "")) >= 0 for kind in kinds), done.stdout
 
 
-def test_stack_floor_benchmark_reports_both_processes() -> None:
-    """benchmarks/stack_floor.py at its smallest: the floor proxy and the gateway both answer, each a figure."""
-    argv = [sys.executable, str(REPO / "benchmarks" / "stack_floor.py"), "--seconds", "1", "--rounds", "1", "--connections", "4"]
+def test_stack_floor_benchmark_reports_every_process() -> None:
+    """benchmarks/stack_floor.py at its smallest, with a baseline (this same build): every row a figure, and the ratio."""
+    portcullis = Path(sys.executable).parent / "portcullis"
+    argv = [sys.executable, str(REPO / "benchmarks" / "stack_floor.py"), "--seconds", "1", "--rounds", "1", "--connections", "4",
+            "--baseline", str(portcullis)]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line}
-    assert float(rows["floor proxy"].replace(",", "")) > 0 and float(rows["gateway"].replace(",", "")) > 0, done.stdout
+    assert all(float(rows[name].replace(",", "")) > 0 for name in ("floor proxy", "gateway", "baseline gateway")), done.stdout
+    assert "Gateway CPU per call against the baseline:" in done.stdout
+
+
+def test_instruction_counts_are_read_from_callgrind_and_strace_output() -> None:
+    """benchmarks/instructions.py runs the gateway under valgrind (too slow for CI); its two parsers are pinned here."""
+    from benchmarks.instructions import callgrind_total, strace_counts
+
+    assert callgrind_total("version: 1\ncreator: callgrind-3.19.0\nevents: Ir\nsummary: 2405215096\n\nfl=(1)\n") == 2405215096
+    assert callgrind_total("events: Ir\ntotals: 17\n") == 17
+    with pytest.raises(ValueError, match="not a callgrind dump"):
+        callgrind_total("events: Ir\n")
+    summary = """% time     seconds  usecs/call     calls    errors syscall
+------ ----------- ----------- --------- --------- ----------------
+ 41.30    0.120000          19      6062           write
+ 20.10    0.060000          14      4043         3 read
+  0.50    0.001000           1      2441           getpid
+------ ----------- ----------- --------- --------- ----------------
+100.00    0.290000          22     12546         3 total
+"""
+    assert strace_counts(summary) == {"write": 6062, "read": 4043, "getpid": 2441}
