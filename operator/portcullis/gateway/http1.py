@@ -246,7 +246,7 @@ class Pool:
         loop = asyncio.get_running_loop()
         try:
             async with asyncio.timeout(timeout):
-                _, connection = await loop.create_connection(lambda: _Connection(self), self.host, self.port)
+                _, connection = await loop.create_connection(lambda: _Connection(self, loop), self.host, self.port)
         except TimeoutError:
             raise
         except OSError as exc:  # refused, unreachable, unresolvable (gaierror)
@@ -257,7 +257,7 @@ class Pool:
         if self.closed or connection.closed:
             connection.close()
             return
-        loop = asyncio.get_running_loop()
+        loop = connection.loop
         connection.idle_since = loop.time()
         connection.pooled = True
         self._idle.append(connection)
@@ -396,7 +396,7 @@ class _Response:
             return
         if self._error is not None:
             raise self._error
-        self._head = asyncio.get_running_loop().create_future()
+        self._head = self._connection.loop.create_future()
         try:
             await self._head
         finally:
@@ -431,7 +431,7 @@ class _Response:
                 return
             if self._error is not None:
                 raise self._error
-            self._waiter = asyncio.get_running_loop().create_future()
+            self._waiter = self._connection.loop.create_future()
             try:
                 await self._waiter
             finally:
@@ -482,8 +482,9 @@ class _Response:
 class _Connection(asyncio.Protocol):
     """One keep-alive connection: carries one request at a time, parsing its answer as it arrives."""
 
-    def __init__(self, pool: Pool):
+    def __init__(self, pool: Pool, loop: asyncio.AbstractEventLoop):
         self._pool = pool
+        self.loop = loop  # the one it was opened on: asked once, not per call (CPython 3.11 asks the kernel for the pid each time)
         self._parser = httptools.HttpResponseParser(self)
         self._transport: asyncio.Transport | None = None
         self._interim = False  # the message being parsed is a 1xx (100 Continue and the like): skipped

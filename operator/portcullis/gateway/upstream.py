@@ -42,7 +42,6 @@ Two bounds per connection keep one upstream from hurting the calls to others:
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import contextvars
 import hashlib
 import itertools
@@ -238,27 +237,41 @@ class _Deadline:
     """The two clocks of one request: idle (`timeoutSeconds`, restarted by `touch`) inside a hard cap.
 
     Entered around the whole exchange (connecting, the answer's headers, every
-    event). On expiry the exchange is cancelled, which closes the upstream
+    event). On expiry the exchange's task is cancelled, which closes the upstream
     connection, and `UpstreamError` says which clock ran out.
+
+    What `asyncio.timeout_at` does, with one timer per exchange: `touch` only moves
+    the deadline later, and the timer, when it fires early, re-arms itself for the
+    new deadline. `asyncio.Timeout` instead replaces its timer on every reschedule
+    and asks the kernel for the process id (CPython 3.11's `get_running_loop`) each
+    time; here the loop is the client's (`UpstreamClient._deadline`).
     """
 
-    __slots__ = ("_cap", "_config", "_idle", "_loop", "_scope")
+    __slots__ = ("_armed", "_cancelling", "_cap", "_config", "_expired", "_handle", "_idle", "_loop", "_task", "_when")
 
-    def __init__(self, config: ConnectionConfig):
+    def __init__(self, config: ConnectionConfig, loop: asyncio.AbstractEventLoop, task: asyncio.Task[Any]):
         self._config = config
+        self._loop = loop
+        self._task = task
         self._idle = float(config.timeout_seconds)
-        self._loop = asyncio.get_running_loop()
-        self._cap = self._loop.time() + config.max_duration_seconds
-        self._scope = asyncio.timeout_at(min(self._loop.time() + self._idle, self._cap))
+        now = loop.time()
+        self._cap = now + config.max_duration_seconds
+        self._when = self._armed = min(now + self._idle, self._cap)
+        self._handle: asyncio.TimerHandle | None = None
+        self._cancelling = 0
+        self._expired = False
 
     async def __aenter__(self) -> _Deadline:
-        await self._scope.__aenter__()
+        self._cancelling = self._task.cancelling()
+        self._handle = self._loop.call_at(self._armed, self._fire)
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> None:
-        try:
-            await self._scope.__aexit__(*exc_info)
-        except TimeoutError:
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: Any) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+        # As asyncio.Timeout: the cancellation is ours to turn into an error only if nobody else's is pending.
+        if self._expired and self._task.uncancel() <= self._cancelling and exc_type is asyncio.CancelledError:
             config = self._config
             if self._loop.time() >= self._cap:
                 message = f"did not finish within {config.max_duration_seconds}s (maxDurationSeconds of connection {config.name})"
@@ -268,11 +281,27 @@ class _Deadline:
 
     def touch(self) -> None:
         """The upstream said something for this request: the idle clock starts again."""
-        self._scope.reschedule(min(self._loop.time() + self._idle, self._cap))
+        self._move(min(self._loop.time() + self._idle, self._cap))
 
     def hold(self) -> None:
         """The upstream waits for the agent (a person may be answering): only the cap runs, until `touch`."""
-        self._scope.reschedule(self._cap)
+        self._move(self._cap)
+
+    def _move(self, when: float) -> None:
+        self._when = when
+        if when < self._armed and self._handle is not None:  # earlier than the timer: only after `hold`
+            self._handle.cancel()
+            self._armed = when
+            self._handle = self._loop.call_at(when, self._fire)
+
+    def _fire(self) -> None:
+        if self._loop.time() < self._when:  # touched since armed: wait for the new deadline
+            self._armed = self._when
+            self._handle = self._loop.call_at(self._when, self._fire)
+            return
+        self._handle = None
+        self._expired = True
+        self._task.cancel()
 
 
 class UpstreamRPCError(Exception):
@@ -325,26 +354,28 @@ class _Slots:
         self._free = asyncio.Semaphore(config.max_connections)
         self._saturated = False  # warned, and no call has found a free slot since
 
-    @contextlib.asynccontextmanager
-    async def hold(self) -> AsyncIterator[None]:
+    def hold(self) -> _Slot:
+        """`async with` it around one request on the wire."""
+        return _Slot(self)
+
+    async def acquire(self) -> None:
         if not self._free.locked():
             await self._free.acquire()  # free: returns at once
             if self._saturated:
                 self._saturated = False
                 log.info("upstream %r has free connection slots again", self._config.name)
-        else:
-            slow = asyncio.get_running_loop().call_later(_SLOW_SLOT_SECONDS, self._warn)
-            try:
-                async with asyncio.timeout(self._config.timeout_seconds):
-                    await self._free.acquire()
-            except TimeoutError:
-                raise SlotsBusy(self._config.name, self._config.max_connections, self._config.timeout_seconds) from None
-            finally:
-                slow.cancel()
+            return
+        slow = asyncio.get_running_loop().call_later(_SLOW_SLOT_SECONDS, self._warn)
         try:
-            yield
+            async with asyncio.timeout(self._config.timeout_seconds):
+                await self._free.acquire()
+        except TimeoutError:
+            raise SlotsBusy(self._config.name, self._config.max_connections, self._config.timeout_seconds) from None
         finally:
-            self._free.release()
+            slow.cancel()
+
+    def release(self) -> None:
+        self._free.release()
 
     def _warn(self) -> None:
         if not self._saturated:
@@ -355,6 +386,21 @@ class _Slots:
                 "(a slow or hung upstream?); calls that find none free within %ss fail",
                 config.name, config.url, config.max_connections, config.timeout_seconds,
             )
+
+
+class _Slot:
+    """One request's hold on a `_Slots` (a class, not a generator context manager: it is on every call)."""
+
+    __slots__ = ("_slots",)
+
+    def __init__(self, slots: _Slots):
+        self._slots = slots
+
+    async def __aenter__(self) -> None:
+        await self._slots.acquire()
+
+    async def __aexit__(self, *exc_info: Any) -> None:
+        self._slots.release()
 
 
 class _Budget:
@@ -402,10 +448,21 @@ class UpstreamClient:
         self._wire = http1.Client.of(http).endpoint(config.url)
         self._slots = _Slots(config)
         self._notices: set[asyncio.Task[None]] = set()  # cancellation notices on their way (kept referenced)
+        self._loop: asyncio.AbstractEventLoop | None = None  # the loop requests run on (`_deadline`)
 
     @property
     def name(self) -> str:
         return self.config.name
+
+    def _deadline(self) -> _Deadline:
+        """A `_Deadline` for the current task, on the loop this client runs on (looked up once)."""
+        loop = self._loop
+        task = asyncio.current_task(loop) if loop is not None else None
+        if loop is None or task is None:  # the first request, or a client carried to another loop (tests do)
+            self._loop = loop = asyncio.get_running_loop()
+            task = asyncio.current_task(loop)
+            assert task is not None, "an upstream request runs in a task"
+        return _Deadline(self.config, loop, task)
 
     @property
     def era(self) -> str | None:
@@ -752,7 +809,7 @@ class UpstreamClient:
                 del self._sessions[key]
         headers = {MCP_PROTOCOL_VERSION_HEADER: LEGACY_VERSION, SESSION_HEADER: session_id, **(credential or {})}
         try:
-            async with self._slots.hold(), _Deadline(self.config), self._wire.request(
+            async with self._slots.hold(), self._deadline(), self._wire.request(
                 "DELETE", b"", headers, self.config.timeout_seconds
             ) as response:
                 await _read_body(response, _Budget(response, self.config))
@@ -815,7 +872,7 @@ class UpstreamClient:
         raw = b""
         message: dict[str, Any] | None = None
         try:
-            async with self._slots.hold(), _Deadline(self.config) as deadline, self._wire.request(
+            async with self._slots.hold(), self._deadline() as deadline, self._wire.request(
                 "POST", json.dumps(body, separators=(",", ":")).encode(), headers, self.config.timeout_seconds
             ) as response:
                 deadline.touch()
@@ -899,7 +956,7 @@ class UpstreamClient:
 
     async def _notify(self, body: dict[str, Any], headers: dict[str, str]) -> None:
         try:
-            async with self._slots.hold(), _Deadline(self.config), self._wire.request(
+            async with self._slots.hold(), self._deadline(), self._wire.request(
                 "POST", json.dumps(body).encode(), headers, self.config.timeout_seconds
             ) as response:
                 await _read_body(response, _Budget(response, self.config))
