@@ -504,8 +504,11 @@ async def test_killing_a_replica_mid_run_fails_only_the_calls_in_flight_on_it(tm
         assert len(client_failures) == len(failed), (client_failures, failed)
         assert all("MCPError" in o.error for o in client_failures), client_failures
         # Everything dispatched after the drop went to a and succeeded; every worker kept going.
-        after = [e for e in exchanges if e.dispatched > b.dropped_at]
-        assert after and all(e.backend == "a" and e.outcome in ("ok", "client_gone") for e in after), after
+        # A session's standing GET stream the client has just closed may not be marked ended yet
+        # (settled() does not wait for those); every other exchange has its outcome.
+        after = [e for e in exchanges if e.dispatched > b.dropped_at and not (e.outcome is None and is_standalone_stream(e))]
+        wrong = [e for e in after if e.backend != "a" or e.outcome not in ("ok", "client_gone")]
+        assert after and not wrong, wrong
         for index in range(len(WORKERS)):
             mine = [o for o in outcomes if o.worker == index and o.started > b.dropped_at]
             assert len(mine) >= CALLS_AFTER_DROP and all(o.ok for o in mine), mine
