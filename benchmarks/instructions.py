@@ -16,7 +16,7 @@ What it does not count: the kernel's work on the gateway's behalf (system calls:
 counts those with strace, in a separate run without valgrind), and cache misses or stalls.
 Under valgrind a gateway starts in about a minute and serves about 100 calls/s.
 
-    python benchmarks/instructions.py [--calls 2000] [--connections 64] [--baseline EXECUTABLE] [--syscalls]
+    python benchmarks/instructions.py [--calls 2000] [--connections 64] [--baseline EXECUTABLE] [--syscalls] [--keep DIR]
 
 A baseline executable can be a script running an older checkout:
 `PYTHONPATH=/tmp/old/operator exec .venv/bin/python -m portcullis.cli "$@"`.
@@ -76,8 +76,9 @@ def _wrapper(executable: str, out: Path) -> Path:
     return script
 
 
-def count_instructions(executable: str, upstream_url: str, calls: int, connections: int) -> float:
-    """Instructions per call of one gateway build."""
+def count_instructions(executable: str, upstream_url: str, calls: int, connections: int,
+                       keep: Path | None = None) -> float:
+    """Instructions per call of one gateway build; its dump copied to `keep` if given."""
     with tempfile.TemporaryDirectory(prefix="portcullis-instructions-") as tmp:
         out = Path(tmp)
         with stack.gateway(upstream_url, out / "gw", None, executable=str(_wrapper(executable, out)),
@@ -88,6 +89,8 @@ def count_instructions(executable: str, upstream_url: str, calls: int, connectio
             result = _checked(load.python_load(target, connections, calls=calls), executable)
             subprocess.run(["callgrind_control", "-d", str(gw.pid)], check=True, capture_output=True)
             dumps = sorted(glob.glob(f"{out}/callgrind.*"), key=os.path.getmtime)
+            if keep is not None:
+                shutil.copyfile(dumps[-1], keep)
             return callgrind_total(Path(dumps[-1]).read_text()) / result.calls
 
 
@@ -116,6 +119,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calls", type=int, default=2000)
     parser.add_argument("--connections", type=int, default=64)
     parser.add_argument("--baseline", metavar="EXECUTABLE", help="another `portcullis` (an older build) to count beside this one")
+    parser.add_argument("--keep", metavar="DIR", type=Path,
+                        help="copy each build's dump here (`callgrind_annotate DIR/baseline.callgrind`)")
     parser.add_argument("--syscalls", action="store_true", help="also count system calls per call (strace, no valgrind)")
     args = parser.parse_args(argv)
     if shutil.which("valgrind") is None or shutil.which("callgrind_control") is None:
@@ -127,11 +132,14 @@ def main(argv: list[str] | None = None) -> int:
     builds = {"this checkout": stack.portcullis_executable()}
     if args.baseline:
         builds["baseline"] = args.baseline
+    if args.keep:
+        args.keep.mkdir(parents=True, exist_ok=True)
     with stack.upstream() as (_, upstream_url):
         print(f"counting {args.calls} calls from {args.connections} connections under callgrind "
               f"({len(builds)} gateway(s) side by side; about {1 + args.calls // 100 // 60 + 1} min)", file=sys.stderr, flush=True)
         with concurrent.futures.ThreadPoolExecutor(len(builds)) as pool:
-            futures = {name: pool.submit(count_instructions, exe, upstream_url, args.calls, args.connections)
+            futures = {name: pool.submit(count_instructions, exe, upstream_url, args.calls, args.connections,
+                                         args.keep / f"{name.replace(' ', '-')}.callgrind" if args.keep else None)
                        for name, exe in builds.items()}
             instructions = {name: future.result() for name, future in futures.items()}
         syscalls = {name: count_syscalls(exe, upstream_url, args.calls, args.connections)
