@@ -151,7 +151,7 @@ def _admin_beside(app: Any, admin: Any, keep: contextlib.ExitStack) -> Any:
     `runtime.Servers` configures it, then freezes the heap; on shutdown, stops it."""
     import uvicorn
 
-    from portcullis.gateway.deadlines import http_protocol
+    from portcullis.gateway.protocol import http_protocol
     from portcullis.gateway.runtime import freeze_heap
 
     class QuietServer(uvicorn.Server):

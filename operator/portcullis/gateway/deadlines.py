@@ -61,11 +61,3 @@ def with_header_deadline(protocol_class: type[asyncio.Protocol], seconds: float)
     HeaderDeadlineProtocol.__name__ = f"HeaderDeadline{protocol_class.__name__}"
     return HeaderDeadlineProtocol
 
-
-def http_protocol(seconds: float = HEADER_READ_TIMEOUT) -> type[asyncio.Protocol] | str:
-    """uvicorn's httptools protocol with the header deadline; plain "auto" where httptools is missing."""
-    try:
-        from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
-    except ImportError:  # httptools ships with uvicorn[standard]; without it, uvicorn's own h11 path
-        return "auto"
-    return with_header_deadline(HttpToolsProtocol, seconds)

@@ -22,7 +22,8 @@ from typing import Any
 import uvicorn
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from portcullis.gateway.deadlines import HEADER_READ_TIMEOUT, http_protocol
+from portcullis.gateway.deadlines import HEADER_READ_TIMEOUT
+from portcullis.gateway.protocol import http_protocol
 
 log = logging.getLogger("portcullis.gateway")
 
