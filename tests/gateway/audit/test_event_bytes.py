@@ -12,6 +12,8 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import subprocess
+import sys
 from collections.abc import Callable
 
 from hypothesis import given, settings
@@ -20,7 +22,7 @@ from hypothesis import strategies as st
 from portcullis.gateway.audit.chain import GENESIS, ChainWriter, link_hash
 from portcullis.gateway.audit.encoding import canonical_json
 from portcullis.gateway.audit.events import AuditEvent, new_request_id
-from portcullis.gateway.audit.keys import AuditKey
+from portcullis.gateway.audit.keys import AuditKey, KeyedHash
 
 KEY = AuditKey(bytes(range(32)))
 PLAIN = AuditEvent(
@@ -75,6 +77,36 @@ def test_digests_keep_their_bytes() -> None:
 def test_request_ids_are_128_random_bits_in_hex() -> None:
     ids = {new_request_id() for _ in range(1000)}
     assert len(ids) == 1000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+FORKED = """
+import os
+from portcullis.gateway.audit.events import new_request_id
+new_request_id()  # the parent now holds a draw of ids not yet handed out
+read, write = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.write(write, " ".join(new_request_id() for _ in range(50)).encode())
+    os._exit(0)
+os.close(write)
+child = os.read(read, 1 << 16).decode()
+os.waitpid(pid, 0)
+print(child)
+print(" ".join(new_request_id() for _ in range(50)))
+"""
+
+
+def test_a_forked_child_does_not_hand_out_the_ids_its_parent_drew() -> None:
+    # In a fresh interpreter: forking this test process, with other tests' threads in it, could
+    # copy a lock some thread holds.
+    run = subprocess.run([sys.executable, "-c", FORKED], capture_output=True, text=True, timeout=60, check=True)
+    child, parent = (set(line.split()) for line in run.stdout.splitlines())
+    assert len(child) == 50 and len(parent) == 50 and not child & parent
+
+
+@given(key=st.binary(max_size=200), message=st.binary(max_size=300))
+def test_the_keyed_hash_is_hmac_sha256(key: bytes, message: bytes) -> None:
+    assert KeyedHash(key).hexdigest(message) == hmac.new(key, message, hashlib.sha256).hexdigest()
 
 
 # --- the fast forms against the json.dumps calls they replace, over generated events ------------

@@ -14,6 +14,7 @@ filters and the docs all use these names.
 
 from __future__ import annotations
 
+import os
 import ssl
 import time
 from dataclasses import dataclass, field
@@ -75,15 +76,28 @@ NOT_EXPOSED_LABEL: Final = "(not exposed)"
 """The metric label for a denied name: agents choose those, so they must not become label values."""
 
 
+_IDS_PER_DRAW: Final = 256
+_drawn_ids: list[str] = []
+os.register_at_fork(after_in_child=_drawn_ids.clear)  # a forked child must not hand out its parent's
+
+
 def new_request_id() -> str:
     """128 bits from OpenSSL's CSPRNG, as hex: unguessable, like `secrets.token_hex(16)`.
 
     Not `secrets`/`os.urandom`: their getrandom() syscall releases the GIL, and taking it
     back from the audit store's writer thread, busy on another core, cost 12 µs of CPU per
     request in benchmarks/audit_micro.py --no-pin (under 1 µs pinned to one core; end to end
-    at 3,000 calls/s too small to see). This one keeps the GIL; uncontended, both cost under 1 µs.
+    at 3,000 calls/s too small to see). This one keeps the GIL. Drawn 256 at a time: each
+    `RAND_bytes` also asks the kernel for the process id (OpenSSL's fork check), the last
+    `getpid` left on a call's path (benchmarks/results/instructions-2026-12-02.md). Each id is
+    handed out once (`list.pop` is atomic under the GIL), and a forked child starts a new draw.
     """
-    return ssl.RAND_bytes(16).hex()
+    try:
+        return _drawn_ids.pop()
+    except IndexError:
+        drawn = ssl.RAND_bytes(16 * _IDS_PER_DRAW).hex()
+        _drawn_ids.extend([drawn[at:at + 32] for at in range(0, len(drawn), 32)])
+        return _drawn_ids.pop()
 
 
 _last_second: list[Any] = [None, ""]  # (whole second, its formatted form): strftime runs per event otherwise
