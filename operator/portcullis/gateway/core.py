@@ -16,12 +16,12 @@ without sessions of their own, use a session each replica opens for itself.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
+from types import TracebackType
 from typing import Any, TypeVar
 
 import aiohttp
@@ -550,18 +550,9 @@ class Gateway:
                 return await self._forward(record, claims, connection, params)
             raise RPCError(INVALID_PARAMS, "Failed to retrieve task: Task not found")
 
-    @contextlib.contextmanager
-    def _request(self, claims: SessionClaims, method: str, name: str | None) -> Iterator[CallRecord]:
+    def _request(self, claims: SessionClaims, method: str, name: str | None) -> _Request:
         """One request on the call path: audited once on the way out, and no internals on the wire."""
-        with recording(self.audit, claims, method, name) as record:
-            try:
-                yield record
-            except RPCError:
-                raise
-            except Exception as exc:  # nobody anticipated it: the agent gets a request id, the log the details
-                record.failed(Reason.INTERNAL_ERROR, "error", type(exc).__name__)
-                log.exception("request %s (%s %s) failed", record.request_id, method, name)
-                raise RPCError(INTERNAL_ERROR, f"Internal error in the gateway (request {record.request_id}).") from None
+        return _Request(recording(self.audit, claims, method, name))
 
     async def _send(
         self, user: str, connection: str, method: str, params: dict[str, Any], credential: Mapping[str, str] | None
@@ -901,3 +892,33 @@ def relay_result(result: dict[str, Any]) -> dict[str, Any]:
     if kept:
         relayed["_meta"] = kept
     return relayed
+
+
+class _Request:
+    """`with gateway._request(...) as record:`, a class rather than a generator: it wraps every call.
+
+    The record's event is written on the way out, however the block ends. An RPCError (an answer
+    the gateway chose) and cancellation pass through; any other exception nobody anticipated is
+    logged with its details, recorded as an internal error, and reaches the agent only as an
+    RPCError naming the request id.
+    """
+
+    __slots__ = ("_record",)
+
+    def __init__(self, record: CallRecord):
+        self._record = record
+
+    def __enter__(self) -> CallRecord:
+        return self._record
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        record = self._record
+        if kind is None or issubclass(kind, RPCError) or not issubclass(kind, Exception):
+            record.__exit__(kind, exc, tb)
+            return
+        record.failed(Reason.INTERNAL_ERROR, "error", kind.__name__)
+        log.error("request %s (%s %s) failed", record.request_id, record.method, record.name, exc_info=exc)
+        refusal = RPCError(INTERNAL_ERROR, f"Internal error in the gateway (request {record.request_id}).")
+        record.__exit__(RPCError, refusal, None)
+        raise refusal from None
+
