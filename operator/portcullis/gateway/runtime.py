@@ -244,6 +244,10 @@ class Servers:
                     # load-balancer idle timeouts (60 s), so the balancer closes first, cleanly.
                     timeout_keep_alive=75,
                     http=http_protocol(self.header_timeout),
+                    # Nothing here reads the client address or scheme a balancer's X-Forwarded-*
+                    # would rewrite (tokens, not addresses, say who calls; `--url` is configured),
+                    # so uvicorn's middleware for them would only scan every request's headers.
+                    proxy_headers=False,
                 )
             )
             for index, listener in enumerate(self.listeners)
