@@ -141,8 +141,15 @@ def _short(frame: str) -> str:
 
 # A worker thread waiting for work (the audit store's writer between batches) blocks in C with the GIL
 # released, and py-spy still samples it as busy: measured from /proc, that thread costs ~9 µs a call
-# while such samples made up a fifth of a profile. They are dropped.
+# while such samples made up a fifth of a profile. They are dropped: in the Python pass its leaf is
+# `_worker`; in the --native pass the leaf is libc's wait, so the innermost Python frame is looked at.
 _IDLE_LEAF = re.compile(r"^_worker \(.*concurrent/futures/thread\.py")
+_PYTHON_FRAME = re.compile(r"\.py:\d+\)$")
+
+
+def _idle(frames: list[str]) -> bool:
+    innermost = next((frame for frame in reversed(frames) if _PYTHON_FRAME.search(frame)), "")
+    return bool(_IDLE_LEAF.match(innermost))
 
 
 def parse_raw(text: str) -> Profile:
@@ -153,7 +160,7 @@ def parse_raw(text: str) -> Profile:
         if not stacktext or not count.isdigit():
             continue
         frames = stacktext.split(";")
-        if _IDLE_LEAF.match(frames[-1]):
+        if _idle(frames):
             continue
         thread = frames[0] if frames and frames[0].startswith("thread ") else "?"
         if frames and frames[0].startswith("thread "):

@@ -163,3 +163,19 @@ def test_instruction_counts_are_read_from_callgrind_and_strace_output() -> None:
 100.00    0.290000          22     12546         3 total
 """
     assert strace_counts(summary) == {"write": 6062, "read": 4043, "getpid": 2441}
+
+
+def test_the_profile_drops_an_idle_worker_in_both_passes_and_keeps_busy_native_frames() -> None:
+    from benchmarks.gateway_profile import parse_raw
+
+    pool = "thread (2): uvloop_0;_bootstrap (/usr/lib/python3.11/threading.py:995);_worker (/usr/lib/python3.11/concurrent/futures/thread.py:69)"
+    busy = "thread (1): MainThread;Runner.run (/usr/lib/python3.11/asyncio/runners.py:86);_Connection.send (/x/portcullis/gateway/http1.py:500)"
+    raw = "\n".join([
+        f"{pool} 30",  # the Python pass: the worker's own frame is the leaf
+        f"{pool};0x7f00 (/usr/lib/x86_64-linux-gnu/libc.so.6) 40",  # --native: libc's wait below it
+        f"{busy};write (/usr/lib/x86_64-linux-gnu/libc.so.6) 5",
+        f"{busy} 7",
+    ])
+    profile = parse_raw(raw)
+    assert profile.total == 12
+    assert sum(profile.threads.values()) == 12 and all("MainThread" in t for t in profile.threads)
