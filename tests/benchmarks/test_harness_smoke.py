@@ -136,9 +136,10 @@ def test_session_requests_benchmark_measures_every_kind_of_request() -> None:
 
 def test_stack_floor_benchmark_reports_every_process() -> None:
     """benchmarks/stack_floor.py at its smallest, with a baseline (this same build): every row a figure, and the ratio."""
-    portcullis = Path(sys.executable).parent / "portcullis"
+    from benchmarks.stack import portcullis_executable
+
     argv = [sys.executable, str(REPO / "benchmarks" / "stack_floor.py"), "--seconds", "1", "--rounds", "1", "--connections", "4",
-            "--baseline", str(portcullis)]
+            "--baseline", portcullis_executable()]
     done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in done.stdout.splitlines() if line.startswith("| ") and "---" not in line}

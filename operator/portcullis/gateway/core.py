@@ -921,4 +921,3 @@ class _Request:
         refusal = RPCError(INTERNAL_ERROR, f"Internal error in the gateway (request {record.request_id}).")
         record.__exit__(RPCError, refusal, None)
         raise refusal from None
-
