@@ -37,6 +37,7 @@ from mcp_types import CLIENT_CAPABILITIES_META_KEY, LOG_LEVEL_META_KEY, SERVER_I
 from mcp_types import methods as _methods
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from portcullis.gateway import jsonwire
 from portcullis.gateway.catalog import Exposure
 from portcullis.gateway.core import Gateway, RPCError, complete_tool_result
 from portcullis.gateway.identity.tokens import SessionClaims
@@ -128,7 +129,7 @@ class FastToolCall:
             message, status = _error(request_id, MCPError(exc.code, exc.message, exc.data))
         except Exception as exc:  # the same boundary as the SDK's: internals never reach the wire
             message, status = _error(request_id, exc)
-        payload = json.dumps(message, separators=(",", ":")).encode()
+        payload = jsonwire.dumps(message)
         await send(
             {
                 "type": "http.response.start",
@@ -147,7 +148,7 @@ def _error(request_id: int | str, exc: Exception) -> tuple[dict[str, Any], int]:
 def _plain_call(body: bytes) -> dict[str, Any] | None:
     """The decoded request if it is exactly one ordinary tools/call, else None."""
     try:
-        request = json.loads(body)
+        request = jsonwire.loads(body)
     except (ValueError, RecursionError):
         return None
     if not isinstance(request, dict) or request.keys() - _ALLOWED_REQUEST_KEYS:

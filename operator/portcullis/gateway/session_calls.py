@@ -24,7 +24,6 @@ so its answers to bad requests stay the only ones.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Awaitable, Callable
 from typing import Any, Final
@@ -33,6 +32,7 @@ from starlette.types import Send
 
 from mcp_types import methods as _methods
 
+from portcullis.gateway import jsonwire
 from portcullis.gateway.core import INTERNAL_ERROR, Gateway, RPCError, complete_tool_result, incident
 from portcullis.gateway.inflight import InFlight
 from portcullis.gateway.relay import Relay
@@ -88,8 +88,8 @@ class _Stream:
             if not self._started:
                 self._started = True
                 await self._send({"type": "http.response.start", "status": 200, "headers": SSE_HEADERS})
-            data = json.dumps(message, separators=(",", ":"))
-            await self._send({"type": "http.response.body", "body": f"event: message\ndata: {data}\n\n".encode(), "more_body": True})
+            data = jsonwire.dumps(message)
+            await self._send({"type": "http.response.body", "body": b"event: message\ndata: " + data + b"\n\n", "more_body": True})
         except OSError:
             self.gone = True
 

@@ -46,7 +46,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from portcullis.gateway.core import INVALID_PARAMS, Gateway, RPCError
 from portcullis.gateway.inflight import InFlight
-from portcullis.gateway import paging
+from portcullis.gateway import jsonwire, paging
 from portcullis.gateway.relay import Relay
 from portcullis.gateway.fastpath import replay
 from portcullis.gateway.replayed import Replayed, initialize_request
@@ -450,7 +450,7 @@ async def _read_upto(receive: Receive, limit: int) -> tuple[bytes, bool]:
 
 def _json(body: bytes) -> Any:
     try:
-        return json.loads(body)
+        return jsonwire.loads(body)
     except ValueError:
         return None
 

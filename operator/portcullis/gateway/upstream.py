@@ -67,7 +67,7 @@ from mcp_types import CLIENT_CAPABILITIES_META_KEY, CLIENT_INFO_META_KEY, LOG_LE
 
 from portcullis import __version__
 from portcullis.api.config import ConnectionConfig
-from portcullis.gateway import http1, tracing
+from portcullis.gateway import http1, jsonwire, tracing
 
 MODERN_VERSION: Final = "2026-07-28"
 LEGACY_VERSION: Final = "2025-11-25"
@@ -545,7 +545,7 @@ class UpstreamClient:
                 MCP_METHOD_HEADER: "subscriptions/listen",
                 **(credential or {}),
             }
-            opened = self._http.post(self.config.url, data=json.dumps(body), headers=headers, timeout=self._stream_timeout())
+            opened = self._http.post(self.config.url, data=jsonwire.dumps(body), headers=headers, timeout=self._stream_timeout())
         else:
             # The listing session's own stream: an upstream tells the sessions it serves.
             key = _session_key(credential, RELAYED_CAPABILITIES)
@@ -873,7 +873,7 @@ class UpstreamClient:
         message: dict[str, Any] | None = None
         try:
             async with self._slots.hold(), self._deadline() as deadline, self._wire.request(
-                "POST", json.dumps(body, separators=(",", ":")).encode(), headers, self.config.timeout_seconds
+                "POST", jsonwire.dumps(body), headers, self.config.timeout_seconds
             ) as response:
                 deadline.touch()
                 budget = _Budget(response, self.config)
@@ -949,7 +949,7 @@ class UpstreamClient:
     async def _send_answer(self, reply: dict[str, Any], headers: dict[str, str]) -> None:
         """POST the client's answer on the call's session. No slot: the call it belongs to holds one."""
         try:
-            async with self._wire.request("POST", json.dumps(reply).encode(), headers, self.config.timeout_seconds) as response:
+            async with self._wire.request("POST", jsonwire.dumps(reply), headers, self.config.timeout_seconds) as response:
                 await _read_body(response, _Budget(response, self.config))
         except (http1.HTTPError, aiohttp.ClientError) as exc:
             raise UpstreamError(self.name, f"answering its request failed ({_failure(exc)})") from None
@@ -957,7 +957,7 @@ class UpstreamClient:
     async def _notify(self, body: dict[str, Any], headers: dict[str, str]) -> None:
         try:
             async with self._slots.hold(), self._deadline(), self._wire.request(
-                "POST", json.dumps(body).encode(), headers, self.config.timeout_seconds
+                "POST", jsonwire.dumps(body), headers, self.config.timeout_seconds
             ) as response:
                 await _read_body(response, _Budget(response, self.config))
         except (asyncio.TimeoutError, http1.HTTPError, aiohttp.ClientError) as exc:
@@ -1021,14 +1021,14 @@ async def _parse(data: bytes, loads: Callable[[bytes], Any]) -> Any:
 
 
 def _loads_event(data: bytes) -> Any:
-    return json.loads(data.decode("utf-8", "replace"))
+    return jsonwire.loads(data.decode("utf-8", "replace"))
 
 
 async def _decode(raw: bytes, connection: str) -> dict[str, Any] | None:
     if not raw:
         return None
     try:
-        message = await _parse(raw, json.loads)
+        message = await _parse(raw, jsonwire.loads)
     except (ValueError, RecursionError):
         raise UpstreamError(connection, "answered something that is not JSON") from None
     if not isinstance(message, dict):
