@@ -395,6 +395,57 @@ async def test_a_gzip_answer_is_decoded() -> None:
         assert server.accepted == 1
 
 
+async def test_an_answer_already_here_is_taken_whole_and_one_still_arriving_is_not() -> None:
+    """`arrived`, which `_read_body` tries before `iter_any`: all of a body, once, or None."""
+    packed = gzip.compress(b'{"packed":true}')
+    zipped = b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: " + str(len(packed)).encode() + b"\r\n\r\n" + packed
+    rest = asyncio.Event()
+
+    async def conversation(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await read_request(reader)
+        writer.write(OK)
+        await read_request(reader)
+        writer.write(OK[:-4])  # the head and part of the body
+        await rest.wait()
+        writer.write(OK[-4:])
+        await read_request(reader)
+        writer.write(zipped)
+
+    async with serve(conversation) as server, client() as wire:
+        with anyio.fail_after(10):
+            endpoint = wire.endpoint(server.url)
+            async with endpoint.request("POST", b"{}", {}, 5) as response:
+                while not response.done:  # wait for the whole answer
+                    await asyncio.sleep(0.001)
+                assert http1.arrived(response.content) == b'{"ok":true}'
+                assert b"".join([chunk async for chunk in response.content.iter_any()]) == b""
+            async with endpoint.request("POST", b"{}", {}, 5) as response:
+                await asyncio.sleep(0.05)
+                assert http1.arrived(response.content) is None
+                rest.set()
+                assert b"".join([chunk async for chunk in response.content.iter_any()]) == b'{"ok":true}'
+            async with endpoint.request("POST", b"{}", {}, 5) as response:
+                while not response.done:
+                    await asyncio.sleep(0.001)
+                assert http1.arrived(response.content) is None  # compressed: iter_any decodes it
+                assert b"".join([chunk async for chunk in response.content.iter_any()]) == b'{"packed":true}'
+        assert server.accepted == 1
+
+
+async def test_a_body_past_the_high_water_mark_taken_whole_leaves_its_connection_reading(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(http1, "_HIGH_WATER", 4)  # any answer's first read pauses the socket
+
+    async with serve(answer_each) as server, client() as wire:
+        with anyio.fail_after(10):
+            endpoint = wire.endpoint(server.url)
+            for _ in range(3):
+                async with endpoint.request("POST", b"{}", {}, 5) as response:
+                    while not response.done:
+                        await asyncio.sleep(0.001)
+                    assert http1.arrived(response.content) == b'{"ok":true}'
+        assert server.accepted == 1
+
+
 async def test_a_header_holding_a_line_break_is_never_sent() -> None:
     async with serve(answer_each) as server, client() as wire:
         with pytest.raises(http1.InvalidRequest):

@@ -402,6 +402,21 @@ class _Response:
         finally:
             self._head = None
 
+    def arrived(self) -> bytes | None:
+        """The whole body if all of it is here already (and not compressed), else None: a small
+        answer usually comes in the segment its head came in, and needs no `iter_any` (an async
+        generator, which the loop registers and forgets again for every answer)."""
+        if not self.done or self._decoder is not None or self._error is not None:
+            return None
+        chunks = self._chunks
+        body = chunks.popleft() if len(chunks) == 1 else b"".join(chunks)
+        chunks.clear()
+        self.buffered = 0
+        if self._paused:  # a body over the high-water mark in one read: the connection goes back reading
+            self._paused = False
+            self._connection.resume()
+        return body
+
     async def iter_any(self) -> AsyncIterator[bytes]:
         """The body as it arrives, each piece as soon as it is there."""
         while True:
@@ -477,6 +492,12 @@ class _Response:
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():
             self._waiter.set_result(None)
+
+
+def arrived(content: Body) -> bytes | None:
+    """The whole body of one of the pool's answers when all of it has arrived; None when it has
+    not, or `content` is aiohttp's (https and streams), which is then read with `iter_any`."""
+    return content.arrived() if type(content) is _Response else None
 
 
 class _Connection(asyncio.Protocol):

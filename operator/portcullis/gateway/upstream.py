@@ -999,6 +999,10 @@ async def _read_body(response: http1.Response, budget: _Budget) -> bytes:
     declared = response.content_length
     if declared is not None and declared > budget.limit and "content-encoding" not in response.headers:
         budget.spend(declared)  # refused before a byte of it is read
+    whole = http1.arrived(response.content)
+    if whole is not None:
+        budget.spend(len(whole))
+        return whole
     chunks: list[bytes] = []
     async for chunk in response.content.iter_any():
         budget.spend(len(chunk))
