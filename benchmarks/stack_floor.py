@@ -9,7 +9,14 @@ itself costs; the gateway's CPU per call minus it is what the gateway's own chec
 Both run pinned to the first core, in front of `fast_upstream.py` on the second, under wrk,
 alternating run by run so machine noise hits both alike.
 
-    python benchmarks/stack_floor.py [--seconds 5] [--rounds 3] [--connections 64]
+`--awake` runs a busy loop at the lowest priority (nice 19) on the gateway's core while it is
+measured, so the core never idles between one call's request and its upstream answer. At one
+connection that is what a call's latency is made of: on the 2-core VM of
+`benchmarks/results/instructions-2026-12-03.md` the same build answered at p50 0.39 ms with the
+core kept awake against 0.53 ms without, for the same instructions per call.
+
+    python benchmarks/stack_floor.py [--seconds 5] [--rounds 3] [--connections 64] [--awake]
+    python benchmarks/stack_floor.py --connections 1 --awake   # the core kept from idling between calls
     python benchmarks/stack_floor.py --serve-floor UPSTREAM_URL   # (the proxy process itself)
 """
 
@@ -88,6 +95,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--connections", type=int, default=64)
+    parser.add_argument("--awake", action="store_true",
+                        help="keep the measured processes' core from idling (a nice-19 busy loop beside them)")
     parser.add_argument("--baseline", metavar="EXECUTABLE",
                         help="also run this `portcullis` (an older build) as a gateway, interleaved, and report the ratio")
     parser.add_argument("--serve-floor", metavar="UPSTREAM_URL", help=argparse.SUPPRESS)
@@ -101,11 +110,14 @@ def main(argv: list[str] | None = None) -> int:
               "proxy; CPU per call is still each process's own", file=sys.stderr)
     two_cores = (os.cpu_count() or 1) > 1
     gateway_cores, other = ([0], [1]) if two_cores else (None, None)
-    figures: dict[str, list[tuple[float, float]]] = {"floor proxy": [], "gateway": []}
+    figures: dict[str, list[tuple[float, float, float]]] = {"floor proxy": [], "gateway": []}
     if args.baseline:
         figures["baseline gateway"] = []
     with tempfile.TemporaryDirectory(prefix="portcullis-floor-") as tmp, stack.upstream(other) as (_, upstream_url):
         floor, floor_url = _floor_process(upstream_url, gateway_cores or [])
+        spinner = None
+        if args.awake:
+            spinner = subprocess.Popen([*stack.pin_prefix(gateway_cores), "nice", "-n", "19", sys.executable, "-c", "while True: pass"])
         try:
             with contextlib.ExitStack() as gateways:
                 gw = gateways.enter_context(stack.gateway(upstream_url, Path(tmp) / "gw", gateway_cores))
@@ -130,21 +142,26 @@ def main(argv: list[str] | None = None) -> int:
                         result = run(target, args.connections, args.seconds)
                         if result.failures or not result.calls:
                             raise SystemExit(f"{name}: {result.failures} failures, e.g. {result.failure_samples[:1]}")
-                        figures[name].append(((load.cpu_seconds(pid) - before) / result.calls * 1e6, result.rps))
+                        figures[name].append(((load.cpu_seconds(pid) - before) / result.calls * 1e6, result.rps, result.p50_ms))
                     print(f"round {round_number + 1}/{args.rounds} done", file=sys.stderr, flush=True)
         finally:
+            if spinner is not None:
+                spinner.kill()
+                spinner.wait()
             floor.stop()
-    cpu = {name: statistics.median(c for c, _ in runs) for name, runs in figures.items()}
-    rps = {name: statistics.median(r for _, r in runs) for name, runs in figures.items()}
+    cpu = {name: statistics.median(c for c, _, _ in runs) for name, runs in figures.items()}
+    rps = {name: statistics.median(r for _, r, _ in runs) for name, runs in figures.items()}
+    p50 = {name: statistics.median(p for _, _, p in runs) for name, runs in figures.items()}
     generator = "wrk" if wrk else "the Python generator"
-    print(f"\n## CPU per call at {args.connections} connections (median of {args.rounds} runs of {args.seconds:g} s, {generator})\n")
-    print("| process | CPU µs/call | calls/s |")
-    print("|---|---:|---:|")
+    awake = ", the core kept awake (--awake)" if args.awake else ""
+    print(f"\n## CPU per call at {args.connections} connections (median of {args.rounds} runs of {args.seconds:g} s, {generator}{awake})\n")
+    print("| process | CPU µs/call | calls/s | p50 ms |")
+    print("|---|---:|---:|---:|")
     for name in figures:
-        print(f"| {name} | {cpu[name]:,.0f} | {rps[name]:,.0f} |")
+        print(f"| {name} | {cpu[name]:,.0f} | {rps[name]:,.0f} | {p50[name]:.3f} |")
     own = cpu["gateway"] - cpu["floor proxy"]
     if args.baseline:
-        ratios = [a / b for (a, _), (b, _) in zip(figures["gateway"], figures["baseline gateway"])]
+        ratios = [a / b for (a, _, _), (b, _, _) in zip(figures["gateway"], figures["baseline gateway"])]
         print(f"\nGateway CPU per call against the baseline: {statistics.median(ratios):.2f}x "
               f"(median of per-round ratios; rounds: {', '.join(f'{r:.2f}' for r in ratios)})")
     print(f"\nThe gateway's own checks and bookkeeping: {own:,.0f} µs per call "
