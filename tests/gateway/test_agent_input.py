@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import urllib.error
 import urllib.request
@@ -51,6 +52,35 @@ def test_a_body_that_is_not_utf8_json_is_a_parse_error_on_both_eras(stack: Stack
     status, _, answer = post(stack, json.dumps(CALL).encode(encoding), {"Authorization": f"Bearer {token}", "Mcp-Protocol-Version": era, **ERAS[era]})
     assert status == 400 and answer["error"]["code"] == -32700
     good_call_works(stack, token, era)
+
+
+DEEP = "[" * 5000 + "]" * 5000  # past the interpreter's recursion limit, which json.loads recurses on
+
+
+@pytest.mark.parametrize("era", list(ERAS))
+@pytest.mark.parametrize("where", ["initialize capabilities", "call arguments", "the whole body"])
+def test_a_body_nested_past_the_recursion_limit_is_a_parse_error_on_both_eras(stack: Stack, era: str, where: str) -> None:
+    token = stack.mint("alice@example.com")
+    meta = '"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientInfo":{"name":"t","version":"1"},"io.modelcontextprotocol/clientCapabilities":{}}'
+    body = {
+        "initialize capabilities": '{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":'
+        + DEEP + ',"clientInfo":{"name":"t","version":"1"}}}',
+        "call arguments": '{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"whoami","arguments":{"a":' + DEEP + "}"
+        + ("," + meta if era == "2026-07-28" else "") + "}}",
+        "the whole body": DEEP,
+    }[where]
+    status, _, answer = post(stack, body.encode(), {"Authorization": f"Bearer {token}", "Mcp-Protocol-Version": era, **ERAS[era]})
+    assert status == 400 and answer["error"]["code"] == -32700, (status, answer)
+    good_call_works(stack, token, era)
+
+
+def test_a_token_whose_header_is_nested_past_the_recursion_limit_is_malformed_not_unavailable(stack: Stack) -> None:
+    head = base64.urlsafe_b64encode(DEEP.encode()).decode().rstrip("=")
+    before = len(stack.audit.events)
+    status, response_headers, answer = post(stack, json.dumps(CALL).encode(), {"Authorization": f"Bearer {head}.e30.c2ln", "Mcp-Method": "tools/call"})
+    assert status == 401 and 'error_description="malformed"' in response_headers["www-authenticate"], (status, answer)
+    [event] = list(stack.audit.events)[before:]
+    assert event.outcome == "unauthenticated" and event.reason == "malformed"
 
 
 @pytest.mark.parametrize("origin", ["http://[::1].evil.example", "http://localhost@evil.example", "http://localhost.evil.example", "null"])

@@ -9,6 +9,7 @@ the MCP SDK client with a minted session token.
 
 from __future__ import annotations
 
+import base64
 import json
 import subprocess
 import sys
@@ -270,6 +271,10 @@ def test_replayed_forged_and_mismatched_states_are_refused(stack: Stack) -> None
         assert forged.status_code == 400
         garbage = httpx2.get(callback, params={"code": "x", "state": "%%%"}, timeout=15)
         assert garbage.status_code == 400 and "damaged" in garbage.text
+        # Within the state's 2,048 characters, JSON opened deeper than json.loads can recurse.
+        deep = base64.urlsafe_b64encode(b"[" * 1500).decode().rstrip("=") + ".x"
+        nested = httpx2.get(callback, params={"code": "x", "state": deep}, timeout=15)
+        assert nested.status_code == 400 and "damaged" in nested.text
         missing = httpx2.get(callback, timeout=15)
         assert missing.status_code == 400
         # Nothing of that reached grace's vault entry, and ada's own link still works once.
@@ -337,8 +342,6 @@ def spoil_access_token(state: Path, user: str) -> None:
 
 
 def _state_for(user: str, connection: str, state_id: str) -> str:
-    import base64
-
     named = base64.urlsafe_b64encode(json.dumps([user, connection]).encode()).rstrip(b"=").decode()
     return f"{named}.{state_id}"
 

@@ -103,3 +103,11 @@ def test_what_is_not_json_is_refused_as_json_refuses_it(text: bytes) -> None:
         json.loads(text)
     with pytest.raises(ValueError):
         jsonwire.loads(text)
+
+
+def test_a_document_nested_too_deeply_to_read_is_a_value_error() -> None:
+    with pytest.raises(RecursionError):  # what the standard library does
+        json.loads(b"[" * 5000 + b"]" * 5000)
+    with pytest.raises(ValueError, match="nested too deeply"):
+        jsonwire.loads(b"[" * 5000 + b"]" * 5000)
+    assert jsonwire.loads(b"[" * 200 + b"]" * 200) == json.loads(b"[" * 200 + b"]" * 200)

@@ -8,6 +8,7 @@ connects (connected accounts): the person signed in is the vault's user.
 
 from __future__ import annotations
 
+import base64
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -138,6 +139,7 @@ def test_a_signed_in_person_lists_and_calls_as_themselves(stack: Stack) -> None:
         ("missing scope", 403, "insufficient_scope"),
         ("missing group", 403, "mcp-users"),
         ("garbage", 401, None),
+        ("a body nested past the recursion limit", 401, None),
     ],
 )
 def test_tokens_that_are_not_for_this_server_are_refused(stack: Stack, case: str, status: int, error: str | None) -> None:
@@ -150,8 +152,10 @@ def test_tokens_that_are_not_for_this_server_are_refused(stack: Stack, case: str
         token = stack.token("ada", scope="mail.read")
     elif case == "missing group":
         token = stack.token("eve")
-    else:
+    elif case == "garbage":
         token = "not.a.token"
+    else:
+        token = "e30." + base64.urlsafe_b64encode(b"[" * 5000).decode().rstrip("=") + ".c2ln"
     answer = refusal(stack, token)
     assert answer.status_code == status, answer.text
     challenge = answer.headers["www-authenticate"]

@@ -8,7 +8,7 @@ would not, so the gateway reads exactly what it read with `json` alone, and writ
   lone surrogate, escaped as `"\\ud800"` or in a str, a byte-order mark, UTF-16 or UTF-32 bytes); those
   are read again by `json.loads`, which also has the last word on what is not JSON (its
   `ValueError`). Both keep the last of duplicated keys, read big integers whole and read
-  `NaN`/`Infinity` as floats.
+  `NaN`/`Infinity` as floats. A document nested too deeply for either is a `ValueError` too.
 - `dumps` writes compact JSON (`","` and `":"`, no spaces) in UTF-8, with non-ASCII characters
   as themselves rather than `\\u` escapes (RFC 8259's default for JSON on a network), and a float
   may be spelled another way for the same number (`0.00001` for `1e-05`). A string
@@ -38,8 +38,16 @@ def dumps(value: Any) -> bytes:
 
 
 def loads(data: bytes | str) -> Any:
-    """What `json.loads(data)` gives; its `ValueError` for what is not JSON."""
+    """What `json.loads(data)` gives; a `ValueError` for what is not JSON, or nested too deeply to read.
+
+    `json.loads` raises `RecursionError` for a document nested past the interpreter's recursion
+    limit (about 1,000 levels: a thousand `[` in a request body or a token). Every caller here
+    reads something a client or another server sent, and treats `ValueError` as "not JSON"."""
     try:
         return from_json(data, cache_strings="keys")
     except (ValueError, TypeError):  # TypeError: a str holding a lone surrogate, which it reads only as UTF-8
+        pass
+    try:
         return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None

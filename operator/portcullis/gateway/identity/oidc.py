@@ -37,7 +37,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
-import json
 import re
 import time
 from collections.abc import Awaitable, Callable
@@ -48,6 +47,7 @@ import jwt
 
 from portcullis.api.config import GatewayConfig, OIDCConfig
 from portcullis.api.resources import SecretKeyReference
+from portcullis.gateway import jsonwire
 from portcullis.gateway.identity.tokens import SessionClaims, TokenError, jwt_refusals, unverified_header
 from portcullis.gateway.oauth.server import basic_auth, well_known
 
@@ -106,7 +106,7 @@ class OIDCVerifier:
         if not dot or not dot2:
             return oidc.introspection_client_id is not None  # opaque: only introspection can tell
         try:
-            payload = json.loads(_b64decode(body))
+            payload = jsonwire.loads(_b64decode(body))
         except ValueError:
             return False
         return isinstance(payload, dict) and payload.get("iss") == oidc.issuer
@@ -297,7 +297,7 @@ class OIDCVerifier:
         except (aiohttp.ClientError, TimeoutError) as exc:
             raise ProviderUnavailable(f"cannot read {what} ({type(exc).__name__})") from None
         try:
-            body = json.loads(raw)
+            body = jsonwire.loads(raw)
         except ValueError:
             raise ProviderUnavailable(f"{what} is not JSON") from None
         return body if isinstance(body, dict) else None

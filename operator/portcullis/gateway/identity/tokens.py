@@ -33,6 +33,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from portcullis.gateway import jsonwire
 from portcullis.vault.local import create_private_file_once, make_private_dir
 
 ALGORITHM = "EdDSA"
@@ -276,8 +277,8 @@ def unverified_header(token: str) -> dict[str, Any]:
     """
     head, dot, _ = token.partition(".")
     try:
-        header = json.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
-    except (ValueError, TypeError):  # binascii.Error and JSONDecodeError are ValueErrors
+        header = jsonwire.loads(base64.urlsafe_b64decode(head + "=" * (-len(head) % 4)))
+    except (ValueError, TypeError):  # binascii.Error, JSONDecodeError and too deep a nesting are ValueErrors
         raise TokenError("malformed") from None
     if not dot or not isinstance(header, dict):
         raise TokenError("malformed")

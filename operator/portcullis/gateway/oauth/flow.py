@@ -37,6 +37,7 @@ from typing import Any
 
 from portcullis.api.config import ConnectionConfig, GatewayConfig
 from portcullis.api.resources import OAuthSpec, SecretKeyReference
+from portcullis.gateway import jsonwire
 from portcullis.gateway.oauth.record import FLOW_SECONDS, Grant, Pending, Record, loads
 from portcullis.gateway.oauth.server import AuthorizationServers, Client, Endpoints, OAuthFailure, Refused, Unreachable
 from portcullis.vault.base import Vault
@@ -359,7 +360,7 @@ def _parse_state(state: str) -> tuple[str, str, str] | None:
     if not named or not state_id or len(state) > 2048:
         return None
     try:
-        user, connection = json.loads(base64.urlsafe_b64decode(named + "=" * (-len(named) % 4)))
+        user, connection = jsonwire.loads(base64.urlsafe_b64decode(named + "=" * (-len(named) % 4)))
     except (ValueError, binascii.Error, TypeError):
         return None
     if not isinstance(user, str) or not isinstance(connection, str) or not user or user != user.strip():

@@ -18,7 +18,6 @@ try later). No message carries a token, a code or a client secret.
 from __future__ import annotations
 
 import base64
-import json
 import time
 import urllib.parse
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from typing import Any
 import aiohttp
 
 from portcullis.api.resources import OAuthSpec
+from portcullis.gateway import jsonwire
 from portcullis.gateway.oauth.record import Grant
 
 TIMEOUT = aiohttp.ClientTimeout(total=10)
@@ -232,7 +232,7 @@ async def _json(response: aiohttp.ClientResponse, what: str) -> dict[str, Any]:
     if len(raw) > MAX_ANSWER_BYTES:
         raise Unreachable(f"{what}: the answer is larger than {MAX_ANSWER_BYTES} bytes")
     try:
-        body = json.loads(raw)
+        body = jsonwire.loads(raw)
     except ValueError:
         raise Unreachable(f"{what}: HTTP {response.status}, not JSON") from None
     if not isinstance(body, dict):
