@@ -24,7 +24,7 @@ from tests.support.agent import MODES, Mode, agent, result_text
 from tests.support.servers import run_asgi
 
 pytestmark = pytest.mark.anyio
-FAULTS = ["garbage", "html_500", "no_result", "hang", "empty"]
+FAULTS = ["garbage", "nested", "html_500", "no_result", "hang", "empty"]
 
 
 def faulty_upstream() -> Starlette:
@@ -44,6 +44,8 @@ def faulty_upstream() -> Starlette:
         name = body["params"]["name"]
         if name == "garbage":
             return PlainTextResponse("this is not JSON-RPC", media_type="application/json")
+        if name == "nested":  # deeper than json.loads can recurse
+            return Response(b"[" * 5000, media_type="application/json")
         if name == "html_500":
             return Response("<html>boom</html>", status_code=500, media_type="text/html")
         if name == "no_result":

@@ -149,7 +149,7 @@ def _plain_call(body: bytes) -> dict[str, Any] | None:
     """The decoded request if it is exactly one ordinary tools/call, else None."""
     try:
         request = jsonwire.loads(body)
-    except (ValueError, RecursionError):
+    except ValueError:  # jsonwire.loads: too deep a nesting is one too
         return None
     if not isinstance(request, dict) or request.keys() - _ALLOWED_REQUEST_KEYS:
         return None

@@ -1033,7 +1033,7 @@ async def _decode(raw: bytes, connection: str) -> dict[str, Any] | None:
         return None
     try:
         message = await _parse(raw, jsonwire.loads)
-    except (ValueError, RecursionError):
+    except ValueError:  # jsonwire.loads: too deep a nesting is one too
         raise UpstreamError(connection, "answered something that is not JSON") from None
     if not isinstance(message, dict):
         raise UpstreamError(connection, "answered JSON that is not a JSON-RPC response")
@@ -1068,7 +1068,7 @@ async def _sse_messages(
             payload, data_lines = b"\n".join(data_lines), []
             try:
                 message = await _parse(payload, _loads_event)
-            except (ValueError, RecursionError):
+            except ValueError:
                 continue
             if isinstance(message, dict):
                 yield message
